@@ -1,0 +1,246 @@
+"""Moments: exactness against a NumPy float64 reference, shard merging, torchrun, file format."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_bn, run_cli
+from tiny_models import TinyCNN
+
+from tvsprune.calibration import LayerMoments, Moments, collect_moments, reduce_map
+from tvsprune.models.probe import probe_model
+
+
+def _batches(n: int = 50, classes: int = 3, seed: int = 0, bs: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 2 + 1
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)], x, y
+
+
+@pytest.mark.parametrize("resolution", ["global", "pool:2", "full"])
+def test_moments_match_numpy_reference(resolution):
+    model = randomize_bn(TinyCNN())
+    batches, x, y = _batches()
+    probe = probe_model(model, x[:1])
+    moments = collect_moments(model, probe, batches, ["a", "b", "c"], resolution)
+    # Reference: the same activations, captured separately, reduced in float64 with NumPy.
+    acts: dict[str, list] = {l.name: [] for l in probe.layers}
+    modules = dict(model.named_modules())
+    hooks = [modules[l.stat_module].register_forward_hook(
+        lambda m, i, o, name=l.name: acts[name].append(reduce_map(o, resolution).double().numpy()))
+        for l in probe.layers]
+    with torch.no_grad():
+        for xb, _ in batches:  # same batches, so the float32 activations are bit-identical
+            model(xb)
+    for h in hooks:
+        h.remove()
+    acts = {k: np.concatenate(v) for k, v in acts.items()}
+    yn = y.numpy()
+    assert set(acts) == set(moments.layers) == {"features.0", "features.4", "classifier.0"}
+    for name, a in acts.items():
+        lm = moments.layers[name]
+        for k in range(3):
+            sel = a[yn == k]
+            assert int(lm.count[k]) == len(sel)
+            np.testing.assert_allclose(lm.mean[k].numpy(), sel.mean(0), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(lm.var[k].numpy(), sel.var(0, ddof=1), rtol=1e-9, atol=1e-12)
+
+
+def test_stat_point_is_batchnorm_after_conv():
+    probe = probe_model(TinyCNN(), torch.zeros(1, 3, 16, 16))
+    stats = {l.name: l.stat_module for l in probe.layers}
+    assert stats == {"features.0": "features.1", "features.4": "features.5", "classifier.0": "classifier.0"}
+    assert probe.logits_layer == "classifier.2"
+
+
+def test_merge_uneven_shards_one_missing_a_class_equals_one_pass():
+    model = randomize_bn(TinyCNN())
+    batches, x, y = _batches(n=60)
+    probe = probe_model(model, x[:1])
+    whole = collect_moments(model, probe, [(x, y)], ["a", "b", "c"], "pool:2")
+    # Three uneven shards; the second holds no sample of class 2.
+    no2 = torch.nonzero(y != 2).flatten()
+    second = no2[:11]
+    rest = torch.tensor([i for i in range(60) if i not in set(second.tolist())])
+    shards = [rest[:5], second, rest[5:]]
+    parts = [collect_moments(model, probe, [(x[s], y[s])], ["a", "b", "c"], "pool:2") for s in shards]
+    assert int(parts[1].layers["features.0"].count[2]) == 0
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    regrouped = parts[0].merge(parts[1].merge(parts[2]))  # associativity
+    for name, lm in whole.layers.items():
+        for other in (merged, regrouped):
+            assert torch.equal(other.layers[name].count, lm.count)
+            torch.testing.assert_close(other.layers[name].mean, lm.mean, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(other.layers[name].var, lm.var, rtol=1e-9, atol=1e-12)
+
+
+def test_file_roundtrip_loads_with_safetensors_alone(tmp_path):
+    model = randomize_bn(TinyCNN())
+    batches, x, _ = _batches()
+    m = collect_moments(model, probe_model(model, x[:1]), batches, ["a", "b", "c"], "global",
+                        meta={"weights_sha256": "x"})
+    path = tmp_path / "m.safetensors"
+    m.save(path)
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(path))
+    assert raw["features.0/count"].dtype == np.int64 and raw["features.0/mean"].dtype == np.float64
+    assert raw["features.0/mean"].shape == (3, 8, 1) and raw["features.0/var"].shape == (3, 8, 1)
+    back = Moments.load(path)
+    assert back.meta["resolution"] == "global" and back.classes == ["a", "b", "c"]
+    torch.testing.assert_close(back.layers["features.4"].var, m.layers["features.4"].var, rtol=0, atol=0)
+    # merging a loaded file (m2 rebuilt from var) stays exact
+    torch.testing.assert_close(back.merge(back).layers["features.4"].mean, m.layers["features.4"].mean)
+
+
+def test_dead_filter_and_single_sample_class_do_not_produce_nan():
+    lm = LayerMoments.zeros(2, 3, 1)
+    lm = lm.add_batch(torch.zeros(3, 3, 1), torch.tensor([0, 0, 1]))
+    assert torch.isfinite(lm.var).all() and float(lm.var.abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------ CLI-level behaviour
+@pytest.fixture
+def tiny_setup(tmp_path, image_folder):
+    """A user model file with saved weights, and an image folder of 3 classes."""
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(Path(__file__).parent / "tiny_models.py", src)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
+                "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}, weights)
+    return f"{src}:TinyCNN", weights, image_folder
+
+
+def test_cli_calibrate_writes_file(tiny_setup, tmp_path):
+    spec, weights, data = tiny_setup
+    out = tmp_path / "m.safetensors"
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out, "--samples-per-class", "4")
+    assert r.returncode == 0, r.stderr
+    m = Moments.load(out)
+    assert m.meta["class_counts"] == [4, 4, 4]
+    assert m.meta["model"]["spec"] == spec and len(m.meta["weights_sha256"]) == 64
+    assert m.meta["data"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # from the checkpoint
+
+
+def _assert_one_line_failure(r, out: Path, *needles: str):
+    assert r.returncode != 0
+    err_lines = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(err_lines) == 1, r.stderr
+    for n in needles:
+        assert n in err_lines[0], err_lines[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no temp left
+
+
+def test_corrupt_image_is_named(tiny_setup, tmp_path):
+    spec, weights, data = tiny_setup
+    bad = data / "class1" / "001.png"
+    bad.write_bytes(b"not an image at all")
+    out = tmp_path / "m.safetensors"
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out)
+    _assert_one_line_failure(r, out, "001.png", "corrupt")
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out, "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert Moments.load(out).meta["skipped"] == 1
+
+
+def test_empty_folder(tiny_setup, tmp_path):
+    spec, weights, _ = tiny_setup
+    empty = tmp_path / "empty"
+    (empty / "class0").mkdir(parents=True)
+    out = tmp_path / "m.safetensors"
+    _assert_one_line_failure(run_cli("calibrate", spec, "--weights", weights, "--data", empty, "--out", out),
+                             out, "no images", str(empty))
+
+
+def test_wrong_checkpoint(tiny_setup, tmp_path):
+    spec, _, data = tiny_setup
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"state_dict": TinyCNN(width=4).state_dict()}, wrong)
+    out = tmp_path / "m.safetensors"
+    _assert_one_line_failure(run_cli("calibrate", spec, "--weights", wrong, "--data", data, "--out", out),
+                             out, "does not fit the model", "mis-shaped", "features.0.weight")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    _assert_one_line_failure(run_cli("calibrate", spec, "--weights", garbage, "--data", data, "--out", out),
+                             out, "garbage.pt")
+
+
+class Payload:
+    """Stands for arbitrary code a malicious pickle would run."""
+
+
+def test_pickled_code_in_checkpoint_is_refused(tiny_setup, tmp_path):
+    spec, _, data = tiny_setup
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": TinyCNN().state_dict(), "hook": Payload()}, evil)  # an arbitrary class: refused
+    out = tmp_path / "m.safetensors"
+    _assert_one_line_failure(run_cli("calibrate", spec, "--weights", evil, "--data", data, "--out", out),
+                             out, "weights_only")
+
+
+def test_wrong_input_size_and_class_count(tiny_setup, tmp_path):
+    _, _, data = tiny_setup
+    out = tmp_path / "m.safetensors"
+    # the zoo's VGG expects 32x32 inputs; 16x16 images break its classifier
+    _assert_one_line_failure(run_cli("calibrate", "vgg11_bn", "--data", data, "--out", out,
+                                     "--model-kwargs", "num_classes=3"), out, "input of shape [3, 16, 16]")
+    _assert_one_line_failure(run_cli("calibrate", "resnet20", "--data", data, "--out", out),
+                             out, "3 classes", "10 logits")
+
+
+def test_torchrun_two_processes_equal_one(tiny_setup, tmp_path):
+    spec, weights, data = tiny_setup
+    single, dual = tmp_path / "single.safetensors", tmp_path / "dual.safetensors"
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", single,
+                "--resolution", "pool:2", "--batch-size", "1")  # per-image kernels: bit-identical activations
+    assert r.returncode == 0, r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "-m", "tvsprune", "calibrate", spec, "--weights", str(weights), "--data", str(data),
+                "--out", str(dual), "--resolution", "pool:2", "--batch-size", "1"]
+    r = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TVSPRUNE_DIST_BACKEND": "gloo"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = Moments.load(single), Moments.load(dual)
+    assert b.meta["world_size"] == 2
+    for name in a.layers:
+        assert torch.equal(a.layers[name].count, b.layers[name].count)
+        torch.testing.assert_close(b.layers[name].mean, a.layers[name].mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.layers[name].var, a.layers[name].var, rtol=1e-9, atol=1e-12)
+
+
+def test_merge_moments_cli(tiny_setup, tmp_path):
+    spec, weights, data = tiny_setup
+    paths = []
+    for seed in (1, 2):
+        p = tmp_path / f"s{seed}.safetensors"
+        r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", p,
+                    "--samples-per-class", "2", "--seed", str(seed))
+        assert r.returncode == 0, r.stderr
+        paths.append(p)
+    out = tmp_path / "merged.safetensors"
+    r = run_cli("merge-moments", *paths, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert Moments.load(out).meta["class_counts"] == [4, 4, 4]
+
+
+@pytest.mark.slow
+def test_acceptance_resnet20_on_cifar(shared_models, cifar_dir, tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = run_cli("calibrate", "resnet20", "--weights", shared_models / "resnet20_cifar10.pt",
+                "--data", cifar_dir / "test", "--samples-per-class", "100", "--out", out)
+    assert r.returncode == 0, r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="numpy") as f:
+        assert f.get_tensor("conv1/count").tolist() == [100] * 10
+        assert f.get_tensor("layers.8.conv2/mean").shape == (10, 64, 1)

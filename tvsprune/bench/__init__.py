@@ -1,0 +1,1 @@
+"""Runners, latency / memory / accuracy measurement and report rendering."""

@@ -1,0 +1,160 @@
+"""Per-layer, per-class, per-filter streaming moments and their file format.
+
+For each layer: ``count`` [K] (samples per class), ``mean`` [K, C, D] and ``m2`` [K, C, D]
+(sum of squared deviations), all float64 except the counts. Batches and shards combine
+with the parallel-variance update of Chan et al., which is exact and associative up to
+float64 rounding, unlike a naive sum of squares.
+
+File layout (safetensors): ``L/count`` int64 [K], ``L/mean`` float64 [K, C, D],
+``L/var`` float64 [K, C, D] (unbiased; 0 where count < 2) for every layer name ``L``;
+JSON metadata under the metadata key ``tvsprune``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import atomic_path
+from ..errors import TvsError
+
+FORMAT = "tvsprune.moments/1"
+
+
+@dataclass
+class LayerMoments:
+    """Moments of one layer's filters, split by class."""
+
+    count: torch.Tensor  # [K] int64
+    mean: torch.Tensor   # [K, C, D] float64
+    m2: torch.Tensor     # [K, C, D] float64
+
+    @classmethod
+    def zeros(cls, classes: int, channels: int, dim: int, device: torch.device | str = "cpu") -> "LayerMoments":
+        z = torch.zeros(classes, channels, dim, dtype=torch.float64, device=device)
+        return cls(torch.zeros(classes, dtype=torch.int64, device=device), z, z.clone())
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance; 0 for classes with fewer than two samples."""
+        denom = (self.count - 1).clamp(min=1).to(torch.float64).view(-1, 1, 1)
+        return torch.where(self.count.view(-1, 1, 1) > 1, self.m2 / denom, torch.zeros_like(self.m2))
+
+    def merge(self, other: "LayerMoments") -> "LayerMoments":
+        """Combine two disjoint sets of samples (Chan et al. parallel update)."""
+        if self.mean.shape != other.mean.shape:
+            raise TvsError(f"cannot merge moments of shapes {tuple(self.mean.shape)} and {tuple(other.mean.shape)}")
+        na = self.count.to(torch.float64).view(-1, 1, 1)
+        nb = other.count.to(torch.float64).view(-1, 1, 1)
+        n = na + nb
+        safe_n = torch.where(n > 0, n, torch.ones_like(n))
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (nb / safe_n)
+        m2 = self.m2 + other.m2 + delta * delta * (na * nb / safe_n)
+        return LayerMoments(self.count + other.count, mean, m2)
+
+    def add_batch(self, y: torch.Tensor, labels: torch.Tensor) -> "LayerMoments":
+        """Fold a batch ``y`` [B, C, D] (any float dtype) with ``labels`` [B] in."""
+        k = self.count.numel()
+        y = y.to(torch.float64)
+        b = y.shape[0]
+        flat = y.reshape(b, -1)
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros(k, flat.shape[1], dtype=torch.float64, device=y.device).index_add_(0, labels, flat)
+        denom = counts.clamp(min=1).to(torch.float64).unsqueeze(1)
+        mean_b = sums / denom
+        dev = flat - mean_b[labels]
+        m2_b = torch.zeros_like(sums).index_add_(0, labels, dev * dev)
+        shape = self.mean.shape
+        batch = LayerMoments(counts, mean_b.view(shape), m2_b.view(shape))
+        return self.merge(batch)
+
+    def to(self, device: torch.device | str) -> "LayerMoments":
+        return LayerMoments(self.count.to(device), self.mean.to(device), self.m2.to(device))
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """All classes merged: (mean [C, D], unbiased var [C, D], count)."""
+        total = LayerMoments(self.count[:1] * 0, self.mean[:1] * 0, self.m2[:1] * 0)
+        for c in range(self.count.numel()):
+            total = total.merge(LayerMoments(self.count[c:c + 1], self.mean[c:c + 1], self.m2[c:c + 1]))
+        return total.mean[0], total.var[0], int(total.count[0])
+
+
+@dataclass
+class Moments:
+    """Moments of every calibrated layer, plus metadata describing where they came from."""
+
+    layers: dict[str, LayerMoments]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.get("classes", []))
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Exact, associative combination of two shards (same model, layers, resolution)."""
+        for key in ("resolution", "classes"):
+            if self.meta.get(key) != other.meta.get(key):
+                raise TvsError(f"cannot merge moments with different {key}: "
+                               f"{self.meta.get(key)!r} vs {other.meta.get(key)!r}")
+        if self.meta.get("weights_sha256") != other.meta.get("weights_sha256"):
+            raise TvsError("cannot merge moments collected from different weights (weights_sha256 differs)")
+        if list(self.layers) != list(other.layers):
+            raise TvsError("cannot merge moments of different layer sets")
+        layers = {n: self.layers[n].merge(other.layers[n]) for n in self.layers}
+        meta = dict(self.meta)
+        first = next(iter(layers.values()), None)
+        if first is not None:
+            meta["class_counts"] = [int(c) for c in first.count.tolist()]
+            meta["samples"] = int(first.count.sum())
+        meta["skipped"] = int(self.meta.get("skipped", 0)) + int(other.meta.get("skipped", 0))
+        return Moments(layers, meta)
+
+    def save(self, path: str | Path) -> None:
+        """Write the safetensors file atomically."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name, lm in self.layers.items():
+            tensors[f"{name}/count"] = lm.count.cpu().contiguous()
+            tensors[f"{name}/mean"] = lm.mean.cpu().contiguous()
+            tensors[f"{name}/var"] = lm.var.cpu().contiguous()
+        meta = dict(self.meta, format=FORMAT, layers=self.meta.get("layers") or {n: {} for n in self.layers})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"tvsprune": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Moments":
+        """Read a moments file (no pickle)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise TvsError(f"moments file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("tvsprune")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise TvsError(f"{path} is not a readable safetensors file: {e}") from None
+        if raw is None:
+            raise TvsError(f"{path} has no 'tvsprune' metadata: not a tvsprune moments file")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT:
+            raise TvsError(f"{path}: unsupported moments format {meta.get('format')!r} (expected {FORMAT})")
+        layers = {}
+        for name in meta["layers"]:
+            try:
+                count, mean, var = (tensors[f"{name}/{t}"] for t in ("count", "mean", "var"))
+            except KeyError as e:
+                raise TvsError(f"{path}: tensor {e.args[0]} missing") from None
+            m2 = var * (count - 1).clamp(min=0).to(torch.float64).view(-1, 1, 1)
+            layers[name] = LayerMoments(count, mean, m2)
+        return cls(layers, meta)

@@ -1,0 +1,146 @@
+"""The calibrate stage: model + data -> moments file."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+from .. import __version__
+from ..data import BatchStream, Preprocess, Source, open_source, stratified_indices
+from ..errors import TvsError
+from ..models import LoadedModel, load_model
+from ..models.probe import probe_model
+from .collector import collect_moments
+from .moments import Moments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataOptions:
+    """Where calibration / evaluation images come from and how they are preprocessed."""
+
+    path: str
+    resize: int | None = None
+    crop: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    split: str = "test"
+    samples_per_class: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+    workers: int = 0
+    skip_bad: bool = False
+
+    def preprocess(self, model: LoadedModel | None = None) -> Preprocess:
+        mean, std = self.mean, self.std
+        if (mean is None or std is None) and model is not None and model.normalize:
+            mean, std = model.normalize["mean"], model.normalize["std"]
+        return Preprocess(self.resize, self.crop, mean, std)
+
+    def open(self, model: LoadedModel | None = None) -> Source:
+        return open_source(self.path, self.preprocess(model), self.split)
+
+
+def _dist_context() -> tuple[int, int, bool]:
+    """(rank, world, initialised_here): joins a torchrun group when the env asks for one."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and
+                                os.environ.get("TVSPRUNE_DIST_BACKEND") != "gloo" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def calibrate(model: str | LoadedModel, data: DataOptions, out: str | Path | None,
+              resolution: str = "global", layers: str | None = None, device: str = "cpu",
+              progress: Callable[[int], None] | None = None,
+              on_total: Callable[[int], None] | None = None) -> Moments:
+    """Collect class-conditional moments of every prunable layer and write them to ``out``.
+
+    Under ``torchrun`` each rank reads its shard (every world-size-th sample) and rank 0
+    writes the merged result.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TvsError("--device cuda asked for, but torch sees no CUDA GPU (tvsprune doctor tells more)")
+    source = data.open(loaded)
+    if data.mean is None and loaded.normalize is None:
+        log.warning("no normalisation given (--mean/--std) and none in the checkpoint: using raw [0, 1] pixels")
+    indices = stratified_indices(source.labels, data.samples_per_class, data.seed)
+    rank, world, own_group = _dist_context()
+    shard = indices[rank::world]
+    try:
+        first = source.load(int(indices[0]))
+    except Exception as e:  # a bad first file is reported by the stream below with its name
+        first = None
+        log.debug("first sample failed: %s", e)
+    import torch
+
+    example = first[None] if first is not None else torch.zeros(1, *(loaded.input_shape or (3, 32, 32)))
+    probe = probe_model(loaded.module, example, what=f"model {loaded.spec.spec}")
+    chosen = probe.select(layers)
+    if on_total:
+        on_total(len(shard))
+    stream = BatchStream(source, shard, data.batch_size, data.workers, data.skip_bad)
+    meta = {
+        "tvsprune_version": __version__,
+        "model": loaded.spec.to_dict(),
+        "weights_sha256": loaded.weights_sha256,
+        "input_shape": list(example.shape[1:]),
+        "data": source.describe() | {"samples_per_class": data.samples_per_class, "seed": data.seed},
+    }
+    try:
+        moments = collect_moments(loaded.module, probe, stream, source.classes, resolution, chosen,
+                                  device, progress, meta)
+        moments.meta["skipped"] = len(stream.skipped)
+        if stream.skipped:
+            moments.meta["skipped_files"] = stream.skipped[:100]
+        if out is not None and rank == 0:
+            moments.save(out)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return moments
+
+
+def merge_moment_files(paths: list[str | Path], out: str | Path) -> Moments:
+    """Merge shards written by separate calibrate runs into one file."""
+    if len(paths) < 2:
+        raise TvsError("merge-moments needs at least two files")
+    result = Moments.load(paths[0])
+    for p in paths[1:]:
+        result = result.merge(Moments.load(p))
+    result.save(out)
+    return result
+
+
+def moments_table(moments: Moments) -> list[dict[str, Any]]:
+    """One row per layer, for the CLI's summary table."""
+    rows = []
+    for name, lm in moments.layers.items():
+        info = moments.meta.get("layers", {}).get(name, {})
+        var = lm.var
+        rows.append({"layer": name, "stat": info.get("stat_module", name), "channels": lm.mean.shape[1],
+                     "dim": lm.mean.shape[2], "mean|mu|": float(lm.mean.abs().mean()),
+                     "mean var": float(var.mean()),
+                     "dead filters": int((var.amax(dim=(0, 2)) <= 1e-12).sum())})
+    return rows
+
+
+__all__ = ["DataOptions", "calibrate", "merge_moment_files", "moments_table"]

@@ -1,0 +1,183 @@
+"""The ``tvsprune`` command line: parse, call the library, print, exit.
+
+Exit codes: 0 success, 1 user error (bad input), 2 missing optional dependency / hardware,
+3 a check failed (e.g. parity outside tolerance with --strict).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+from . import __version__
+from .errors import TvsError
+
+log = logging.getLogger("tvsprune")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="zoo name (resnet20, vgg11_bn, ...), file.py:Name, module:Name, "
+                        "torchvision:NAME, timm:NAME, or a pruned artifact directory")
+    p.add_argument("--weights", help="checkpoint (.pt/.pth via torch.load(weights_only=True), or .safetensors)")
+    p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
+                   help="keyword arguments for the model constructor (key=value pairs or one JSON object)")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(flag, dest="data", required=required,
+                   help="image folder (root/<class>/*.jpg), .npz with x and y, or CIFAR python batches")
+    g.add_argument("--split", default="test", choices=["train", "test"], help="split for CIFAR batch folders")
+    g.add_argument("--samples-per-class", type=int, help="seeded stratified subset of N images per class")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    g.add_argument("--resize", type=int, help="resize the shorter side to N pixels")
+    g.add_argument("--crop", type=int, help="center-crop to N x N")
+    g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: checkpoint's)")
+    g.add_argument("--std", type=_floats, help="normalisation std (default: checkpoint's)")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--skip-bad", action="store_true", help="skip and count undecodable files instead of failing")
+
+
+def data_options(args: argparse.Namespace):
+    from .calibration import DataOptions
+
+    return DataOptions(path=args.data, resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
+                       split=args.split, samples_per_class=args.samples_per_class, seed=args.seed,
+                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
+
+
+def loaded_model(args: argparse.Namespace):
+    from .models import load_model, parse_kwargs
+
+    return load_model(args.model, args.weights, parse_kwargs(args.model_kwargs))
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate
+    from .calibration.stage import moments_table
+    from .console import print_table, progress_bar
+
+    model = loaded_model(args)
+    with progress_bar("calibrate") as bar:
+        moments = calibrate(model, data_options(args), args.out, args.resolution, args.layers, args.device,
+                            progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    print_table(moments_table(moments), title=f"moments at {args.resolution} ({moments.meta['samples']} images, "
+                f"{moments.meta['elapsed_s']:.1f} s)")
+    counts = moments.meta["class_counts"]
+    print(f"classes: {len(counts)}; samples per class min {min(counts)} max {max(counts)}"
+          + (f"; skipped files: {moments.meta['skipped']}" if moments.meta.get("skipped") else "")
+          + (f"; EMPTY classes: {', '.join(moments.meta['empty_classes'])}" if moments.meta.get("empty_classes") else ""))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_merge_moments(args: argparse.Namespace) -> int:
+    from .calibration import merge_moment_files
+
+    m = merge_moment_files(args.inputs, args.out)
+    print(f"merged {len(args.inputs)} files ({m.meta['samples']} samples) -> {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .bench.accuracy import evaluate
+    from .calibration.stage import DataOptions  # noqa: F401
+    from .console import print_table, progress_bar
+
+    model = loaded_model(args)
+    with progress_bar("eval") as bar:
+        res = evaluate(model, data_options(args), device=args.device, progress=bar.update)
+    print(f"top-1 {res['top1'] * 100:.2f} %   top-5 {res['top5'] * 100:.2f} %   on {res['samples']} images")
+    print_table([{"class": c, "images": n, "top-1 %": a * 100}
+                 for c, n, a in zip(res["classes"], res["class_counts"], res["per_class"])], title="per-class accuracy")
+    if args.json:
+        from .artifacts import write_json
+
+        write_json(args.json, res)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"tvsprune {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("calibrate", help="collect class-conditional filter moments in one streaming pass")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="moments file to write (.safetensors)")
+    p.add_argument("--resolution", default="global", help="global | pool:K | full (default global)")
+    p.add_argument("--layers", help="comma-separated globs of layer names (default: every prunable layer)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; moments accumulate on that device")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("merge-moments", help="merge moments files collected on disjoint shards")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_moments)
+
+    p = sub.add_parser("eval", help="top-1 / top-5 / per-class accuracy of a model or pruned artifact")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    try:
+        code = args.func(args)
+    except TvsError as e:
+        print(f"tvsprune {args.command}: error: {e}", file=sys.stderr)
+        print(f"FAILED | {args.command} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"tvsprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    status = "PASSED" if code == 0 else "FAILED"
+    print(f"{status} | {args.command} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

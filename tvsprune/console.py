@@ -1,0 +1,34 @@
+"""Terminal output for the CLI only: progress bars and tables (library code only logs)."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+
+@contextmanager
+def progress_bar(desc: str, unit: str = "img", total: int | None = None) -> Iterator[Any]:
+    """A tqdm bar on stderr showing items/s; yields an object with ``update(n)`` and ``total``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+               disable=None, mininterval=0.5, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, floatfmt: str = "{:.4g}") -> None:
+    """Render dict rows as a table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title=title, show_lines=False)
+    for key in rows[0]:
+        table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left")
+    for row in rows:
+        table.add_row(*[floatfmt.format(v) if isinstance(v, float) else str(v) for v in row.values()])
+    Console(width=max(100, Console().width)).print(table)

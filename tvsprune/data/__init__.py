@@ -1,0 +1,7 @@
+"""Data sources, preprocessing and stratified sampling."""
+from .loader import BatchStream
+from .sources import (ArraySource, ImageFolderSource, Preprocess, Source, open_source,
+                      stratified_indices)
+
+__all__ = ["ArraySource", "BatchStream", "ImageFolderSource", "Preprocess", "Source",
+           "open_source", "stratified_indices"]

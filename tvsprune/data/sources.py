@@ -1,0 +1,269 @@
+"""Calibration / evaluation sources: image folders, ``.npz`` arrays, CIFAR python batches.
+
+Every source exposes ``classes``, ``labels`` (one int per sample) and ``load(i)``, which
+returns a preprocessed ``float32`` CHW tensor. Nothing here unpickles arbitrary objects:
+``.npz`` is read with ``allow_pickle=False`` and CIFAR python batches through an
+unpickler that accepts only plain containers and numpy arrays.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import TvsError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+@dataclass
+class Preprocess:
+    """Resize (shorter side), center-crop, scale to [0, 1] and normalise, on tensors."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: float CHW in [0, 1]."""
+        if self.resize:
+            h, w = x.shape[-2:]
+            s = self.resize / min(h, w)
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            if size != (h, w):
+                x = F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        if self.crop:
+            h, w = x.shape[-2:]
+            if h < self.crop or w < self.crop:
+                raise TvsError(f"cannot center-crop {h}x{w} images to {self.crop}; add --resize")
+            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+            x = x[..., top:top + self.crop, left:left + self.crop]
+        if self.mean is not None and self.std is not None:
+            mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+            x = (x - mean) / std
+        return x.contiguous()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop,
+                "mean": list(self.mean) if self.mean is not None else None,
+                "std": list(self.std) if self.std is not None else None}
+
+
+class BadSample(Exception):
+    """A sample that cannot be decoded; carries the file (or index) it came from."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+class Source:
+    """Base class: a labelled, indexable set of images."""
+
+    name: str
+    classes: list[str]
+    labels: np.ndarray
+    preprocess: Preprocess
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.name, "kind": type(self).__name__, "samples": len(self),
+                "classes": len(self.classes), "preprocess": self.preprocess.to_dict()}
+
+
+class ImageFolderSource(Source):
+    """``root/<class>/<image>``, classes in sorted order (label = index)."""
+
+    def __init__(self, root: str | Path, preprocess: Preprocess) -> None:
+        root = Path(root)
+        self.name, self.preprocess = str(root), preprocess
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise TvsError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        self.classes = [p.name for p in class_dirs]
+        files: list[Path] = []
+        labels: list[int] = []
+        self.empty_classes: list[str] = []
+        for k, d in enumerate(class_dirs):
+            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                self.empty_classes.append(d.name)
+            files += found
+            labels += [k] * len(found)
+        if not files:
+            raise TvsError(f"no images in {root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        if self.empty_classes:
+            log.warning("classes with no images in %s: %s", root, ", ".join(self.empty_classes))
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise BadSample(str(path), f"cannot decode image ({type(e).__name__}: {e})") from None
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        return self.preprocess(x)
+
+
+class ArraySource(Source):
+    """In-memory arrays: ``x`` as (N, H, W, C) uint8 or (N, C, H, W) float, ``y`` labels."""
+
+    def __init__(self, name: str, x: np.ndarray, y: np.ndarray, classes: list[str] | None,
+                 preprocess: Preprocess) -> None:
+        self.name, self.preprocess = name, preprocess
+        if x.ndim != 4:
+            raise TvsError(f"{name}: x must have 4 dimensions (N,H,W,C uint8 or N,C,H,W float), got shape {x.shape}")
+        if len(x) != len(y):
+            raise TvsError(f"{name}: x has {len(x)} samples but y has {len(y)}")
+        if len(x) == 0:
+            raise TvsError(f"{name}: holds no samples")
+        self.channels_last = x.dtype == np.uint8
+        self.x = x
+        self.labels = np.asarray(y, dtype=np.int64).reshape(-1)
+        if self.labels.min() < 0:
+            raise TvsError(f"{name}: negative labels")
+        n_classes = int(self.labels.max()) + 1
+        self.classes = list(classes) if classes is not None else [str(k) for k in range(n_classes)]
+        if n_classes > len(self.classes):
+            raise TvsError(f"{name}: label {n_classes - 1} but only {len(self.classes)} class names")
+        present = set(np.unique(self.labels).tolist())
+        self.empty_classes = [c for k, c in enumerate(self.classes) if k not in present]
+
+    def load(self, i: int) -> torch.Tensor:
+        a = self.x[i]
+        if self.channels_last:
+            x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
+        else:
+            x = torch.from_numpy(np.asarray(a, dtype=np.float32).copy())
+        return self.preprocess(x)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other global."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def read_cifar_batch(path: Path) -> dict[str, Any]:
+    """Read one CIFAR python batch without running arbitrary code."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArraysOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except Exception as e:
+        raise TvsError(f"{path} is not a readable CIFAR python batch: {e}") from None
+    if not isinstance(obj, dict):
+        raise TvsError(f"{path} is not a CIFAR python batch (no dict inside)")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def cifar_batches_source(path: Path, preprocess: Preprocess, split: str = "test") -> ArraySource:
+    """CIFAR-10 (``data_batch_*``, ``test_batch``) or CIFAR-100 (``train``, ``test``) batches."""
+    if path.is_file():
+        files = [path]
+        meta_dir = path.parent
+    else:
+        if split == "train":
+            files = sorted(path.glob("data_batch_*")) or ([path / "train"] if (path / "train").exists() else [])
+        else:
+            files = [p for p in (path / "test_batch", path / "test") if p.exists()]
+        meta_dir = path
+        if not files:
+            raise TvsError(f"no CIFAR {split} batches in {path}")
+    xs, ys = [], []
+    for f in files:
+        b = read_cifar_batch(f)
+        data = np.asarray(b["data"], dtype=np.uint8)
+        labels = b.get("labels", b.get("fine_labels"))
+        if labels is None:
+            raise TvsError(f"{f}: no 'labels' or 'fine_labels' entry")
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(labels, dtype=np.int64))
+    classes = None
+    for meta_name, key in (("batches.meta", "label_names"), ("meta", "fine_label_names")):
+        if (meta_dir / meta_name).exists():
+            names = read_cifar_batch(meta_dir / meta_name).get(key)
+            if names:
+                classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+            break
+    return ArraySource(str(path), np.concatenate(xs), np.concatenate(ys), classes, preprocess)
+
+
+def npz_source(path: Path, preprocess: Preprocess) -> ArraySource:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z or "y" not in z:
+                raise TvsError(f"{path}: an .npz source needs arrays 'x' and 'y' (found {', '.join(z.files)})")
+            x, y = z["x"], z["y"]
+            classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    except TvsError:
+        raise
+    except Exception as e:
+        raise TvsError(f"{path} is not a readable .npz file (without pickle): {e}") from None
+    return ArraySource(str(path), x, y, classes, preprocess)
+
+
+def open_source(path: str | Path, preprocess: Preprocess | None = None, split: str = "test") -> Source:
+    """Open a data source by path: image folder, ``.npz`` file, or CIFAR python batches."""
+    path = Path(path)
+    preprocess = preprocess or Preprocess()
+    if not path.exists():
+        raise TvsError(f"data not found: {path}")
+    if path.is_file() and path.suffix == ".npz":
+        return npz_source(path, preprocess)
+    if path.is_file() or (path / "batches.meta").exists() or (path / "meta").exists() \
+            or any(path.glob("data_batch_*")):
+        return cifar_batches_source(path, preprocess, split)
+    if path.is_dir():
+        return ImageFolderSource(path, preprocess)
+    raise TvsError(f"unsupported data source: {path}")
+
+
+def stratified_indices(labels: np.ndarray, per_class: int | None, seed: int = 0,
+                       exclude: np.ndarray | None = None) -> np.ndarray:
+    """Up to ``per_class`` seeded random indices of each class (all when ``None``).
+
+    ``exclude`` removes indices first (to draw a validation split disjoint from
+    the calibration samples). The result is sorted, so reading is sequential.
+    """
+    idx_all = np.arange(len(labels))
+    if exclude is not None and len(exclude):
+        idx_all = np.setdiff1d(idx_all, exclude)
+    if per_class is None:
+        return idx_all
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for k in np.unique(labels[idx_all]):
+        members = idx_all[labels[idx_all] == k]
+        chosen.append(rng.permutation(members)[:per_class])
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)

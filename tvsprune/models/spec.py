@@ -1,0 +1,230 @@
+"""Model specs: turn a user's string into an ``nn.Module``, and load checkpoints safely.
+
+Spec forms
+----------
+- ``resnet20``, ``vgg11_bn``, ...            the built-in CIFAR zoo
+- ``path/to/file.py:Name``                   a class or factory in the user's file
+- ``package.module:Name``                    a class or factory in an importable module
+- ``torchvision:resnet18`` / ``timm:resnet18`` when those packages import
+- a pruned artifact: a ``tvsprune prune`` output directory or its ``pruned.safetensors``
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..artifacts import sha256_file
+from ..errors import TvsError
+from .zoo import ZOO, ZOO_INPUT_SHAPE
+
+
+@dataclass
+class ModelSpec:
+    """What builds a model: the spec string, its keyword arguments and optional weights."""
+
+    spec: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kwargs": dict(self.kwargs), "weights": self.weights}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        return cls(spec=d["spec"], kwargs=dict(d.get("kwargs") or {}), weights=d.get("weights"))
+
+
+@dataclass
+class LoadedModel:
+    """A built model plus what the later stages need to know about it."""
+
+    module: nn.Module
+    spec: ModelSpec
+    weights_sha256: str | None = None
+    normalize: dict[str, list[float]] | None = None
+    input_shape: tuple[int, ...] | None = None  # (C, H, W) when known
+    plan: dict[str, Any] | None = None  # set for pruned artifacts
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_kwargs(items: list[str] | str | None) -> dict[str, Any]:
+    """Parse ``key=value`` pairs (values as JSON when they parse) or one JSON object."""
+    if not items:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        try:
+            return dict(json.loads(items[0]))
+        except json.JSONDecodeError as e:
+            raise TvsError(f"--model-kwargs: not valid JSON: {e}") from None
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise TvsError(f"--model-kwargs: expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _load_user_file(path: Path) -> Any:
+    if not path.is_file():
+        raise TvsError(f"model file not found: {path}")
+    name = "tvsprune_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TvsError(f"cannot import model file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code failed to import
+        del sys.modules[name]
+        raise TvsError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+    return module
+
+
+def build_module(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build an untrained ``nn.Module`` from a spec string (see module docstring)."""
+    kwargs = dict(kwargs or {})
+    if spec in ZOO:
+        try:
+            return ZOO[spec](**kwargs)
+        except TypeError as e:
+            raise TvsError(f"zoo model {spec!r}: bad keyword arguments {kwargs}: {e}") from None
+    if spec.startswith(("torchvision:", "timm:")):
+        lib, name = spec.split(":", 1)
+        try:
+            mod = importlib.import_module("torchvision.models" if lib == "torchvision" else "timm")
+        except Exception as e:
+            raise TvsError(f"model {spec!r} needs the {lib} package, which does not import here ({e})") from None
+        if lib == "timm":
+            return mod.create_model(name, **kwargs)
+        return mod.get_model(name, **kwargs)
+    if ":" in spec:
+        target, attr = spec.rsplit(":", 1)
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            module = _load_user_file(Path(target))
+        else:
+            try:
+                module = importlib.import_module(target)
+            except ImportError as e:
+                raise TvsError(f"cannot import module {target!r} for model spec {spec!r}: {e}") from None
+        factory = getattr(module, attr, None)
+        if factory is None or not callable(factory):
+            raise TvsError(f"{target} has no class or function named {attr!r}")
+        try:
+            model = factory(**kwargs)
+        except Exception as e:
+            raise TvsError(f"building {spec} with {kwargs} failed: {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise TvsError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    known = ", ".join(sorted(ZOO))
+    raise TvsError(f"unknown model {spec!r}: use a zoo name ({known}), file.py:Name, module:Name, "
+                   "torchvision:NAME or timm:NAME")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint without unpickling arbitrary objects.
+
+    Accepts a bare state_dict or a dict holding one under ``state_dict`` or ``model``
+    (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``).
+    Returns the state_dict and the other top-level entries (e.g. ``normalize``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TvsError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path))), {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise TvsError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip, pickle with forbidden globals, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TvsError(f"checkpoint {path} cannot be loaded safely (weights_only): {first}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                extras = {k: v for k, v in obj.items() if k != key}
+                return obj[key], extras
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj, {}
+    raise TvsError(f"checkpoint {path} holds no state_dict (expected a dict of tensors, "
+                   "or a dict with 'state_dict' or 'model')")
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, turning missing / unexpected / mis-shaped keys into one error."""
+    own = model.state_dict()
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shaped = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise TvsError(f"checkpoint {source} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def _normalize_from(extras: dict[str, Any]) -> dict[str, list[float]] | None:
+    norm = extras.get("normalize")
+    if isinstance(norm, dict) and "mean" in norm and "std" in norm:
+        return {"mean": [float(x) for x in norm["mean"]], "std": [float(x) for x in norm["std"]]}
+    return None
+
+
+def is_pruned_artifact(spec: str) -> bool:
+    p = Path(spec)
+    return (p.is_dir() and (p / "pruned.safetensors").is_file()) or (
+        p.suffix == ".safetensors" and p.is_file())
+
+
+def load_model(spec: str | ModelSpec, weights: str | None = None,
+               kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """Resolve a spec (zoo, user code, hub, or pruned artifact) and load its weights.
+
+    The model is returned in eval mode on the CPU.
+    """
+    if isinstance(spec, ModelSpec):
+        ms = spec
+    else:
+        ms = ModelSpec(spec=spec, kwargs=dict(kwargs or {}), weights=weights)
+    if is_pruned_artifact(ms.spec):
+        from ..pruning.artifact import load_pruned
+
+        return load_pruned(ms.spec)
+    module = build_module(ms.spec, ms.kwargs)
+    loaded = LoadedModel(module=module, spec=ms,
+                         input_shape=ZOO_INPUT_SHAPE if ms.spec in ZOO else None)
+    if ms.weights:
+        sd, extras = read_checkpoint(ms.weights)
+        load_state_dict_strict(module, sd, ms.weights)
+        loaded.weights_sha256 = sha256_file(ms.weights)
+        loaded.normalize = _normalize_from(extras)
+    module.eval()
+    return loaded
