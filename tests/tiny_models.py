@@ -37,6 +37,15 @@ class ViewNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class DynamicViewNet(ViewNet):
+    """The same network flattening with x.view(x.size(0), -1): the width may change."""
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 4)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
 class ConcatNet(nn.Module):
     """Two branches concatenated along channels, then a 1x1 convolution."""
 
@@ -77,4 +86,4 @@ class DepthwiseNet(nn.Module):
 
 
 def build(name: str = "tiny", num_classes: int = 3):
-    return {"tiny": TinyCNN, "view": ViewNet, "concat": ConcatNet, "depthwise": DepthwiseNet}[name](num_classes)
+    return {"tiny": TinyCNN, "view": ViewNet, "dynview": DynamicViewNet, "concat": ConcatNet, "depthwise": DepthwiseNet}[name](num_classes)

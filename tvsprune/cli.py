@@ -179,5 +179,97 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .console import print_table
+    from .pruning import Guards, PruneOptions, prune
+
+    opts = PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
+                        threshold=args.threshold, allocation=args.allocation,
+                        guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
+                        pair_reduce=args.pair_reduce, seed=args.seed, bn_recalibrate=args.bn_recalibrate,
+                        mean_compensation=args.mean_compensation,
+                        repair_samples_per_class=args.repair_samples_per_class,
+                        max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
+    calib = val = None
+    if args.calib_data:
+        calib = data_options(argparse.Namespace(**{**vars(args), "data": args.calib_data}))
+    if args.val_data:
+        val = data_options(argparse.Namespace(**{**vars(args), "data": args.val_data,
+                                                "samples_per_class": args.val_samples_per_class}))
+    report = prune(loaded_model(args), args.moments, args.out, opts, calib, val,
+                   log_round=lambda r: print("round " + "  ".join(f"{k}={v}" for k, v in r.items())))
+    print_table([{k: v for k, v in row.items() if k != "score_quantiles"} for row in report["layers"]],
+                title=f"{args.method}: channels per layer")
+    p, m = report["params"], report["macs"]
+    print(f"params {p['before']:,} -> {p['after']:,} ({p['removed_frac'] * 100:.1f} % removed); "
+          f"MACs {m['before']:,} -> {m['after']:,} ({m['removed_frac'] * 100:.1f} % removed)")
+    if "accuracy" in report:
+        a = report["accuracy"]
+        print(f"accuracy {a['before'] * 100:.2f} % -> {a['after'] * 100:.2f} % "
+              f"({a['drop_points']:.2f} points lost) on {a['samples']} held-out images")
+    if (report.get("budget") or {}).get("unmet"):
+        print(f"note: {report['budget']['unmet']}")
+    print(f"wrote {args.out}/plan.json, pruned.safetensors, prune.json")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .pruning import replay
+
+    module = replay(loaded_model(args), args.plan, args.out)
+    print(f"plan applied: {sum(p.numel() for p in module.parameters()):,} parameters; wrote {args.out}")
+    return 0
+
+
+def _register_prune(sub: Any) -> None:
+    from .pruning.plan import ALLOCATIONS
+    from .pruning.stage import METHODS
+
+    p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
+    add_model_args(p)
+    p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
+    p.add_argument("--method", default="tvs", choices=METHODS)
+    p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
+    b = p.add_argument_group("budget")
+    b.add_argument("--target-params", type=float, help="fraction of parameters to remove, e.g. 0.5")
+    b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
+    b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
+    b.add_argument("--allocation", default="alpha", choices=ALLOCATIONS,
+                   help="how the budget is spread over layers (default alpha: the reference rule "
+                        "t_j <= alpha * mean(t), alpha found by bisection)")
+    b.add_argument("--min-keep-frac", type=float, default=0.1, help="keep at least this fraction per layer")
+    b.add_argument("--min-keep", type=int, default=1, help="keep at least this many channels per layer")
+    b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple (8/16/32)")
+    p.add_argument("--pair-reduce", default="min", choices=["min", "mean"], help="reduction over class pairs")
+    p.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("repairs (no fine-tuning)")
+    r.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm statistics")
+    r.add_argument("--mean-compensation", action="store_true",
+                   help="fold removed channels' mean input into the consumers' biases")
+    r.add_argument("--calib-data", help="images for the repairs (default: the moments file's data)")
+    r.add_argument("--repair-samples-per-class", type=int, default=100)
+    i = p.add_argument_group("iter-tvs / validation")
+    i.add_argument("--val-data", help="held-out labelled images (accuracy before/after; required by iter-tvs)")
+    i.add_argument("--val-samples-per-class", type=int)
+    i.add_argument("--max-acc-drop", type=float, default=2.0, help="accuracy points iter-tvs may lose")
+    i.add_argument("--step", type=float, default=0.05, help="fraction removed per iter-tvs round")
+    for flag, kw in (("--resize", int), ("--crop", int), ("--mean", _floats), ("--std", _floats)):
+        p.add_argument(flag, type=kw, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--device", default="cpu", help="device for scoring")
+    p.set_defaults(func=cmd_prune, split="test", samples_per_class=None)
+
+    p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model (no repairs)")
+    add_model_args(p)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_replay)
+
+
+_EXTRA_COMMANDS.append(_register_prune)
+
+
 if __name__ == "__main__":
     sys.exit(main())

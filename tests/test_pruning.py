@@ -1,0 +1,332 @@
+"""Pruning: physical removal == masking, mean compensation, planted filters, plans, scores."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import randomize_bn, run_cli
+from tiny_models import ConcatNet, DepthwiseNet, DynamicViewNet, TinyCNN, ViewNet
+
+from tvsprune.calibration import LayerMoments, collect_moments
+from tvsprune.errors import TvsError
+from tvsprune.models import build_module, load_model
+from tvsprune.models.probe import probe_model
+from tvsprune.pruning import Guards, Plan, apply_plan, hellinger_pairs, layer_scores, make_plan, spearman
+from tvsprune.pruning.graph import ChannelGraph, CostModel
+from tvsprune.pruning.repairs import consumer_input_means
+from tvsprune.pruning.surgery import consumers_of
+
+TINY = Path(__file__).parent / "tiny_models.py"
+
+
+def _setup(model: nn.Module, shape=(3, 16, 16)):
+    example = torch.zeros(1, *shape)
+    probe = probe_model(model, example)
+    graph = ChannelGraph(model, example, probe.logits_layer)
+    graph.find_rigid_groups(example)
+    cost = CostModel(model, graph, {l.name: l.out_shape for l in probe.layers})
+    return example, probe, graph, cost
+
+
+def _random_plan(model, frac=0.4, seed=0, shape=(3, 16, 16), only=None):
+    example, probe, graph, cost = _setup(model, shape)
+    scores = layer_scores("random", model, None, [l.name for l in probe.layers], seed=seed)
+    if only is not None:
+        scores = {k: v for k, v in scores.items() if k in only}
+    plan = make_plan(graph, cost, scores, target=frac, allocation="uniform")
+    return plan, example, probe, cost
+
+
+def _masked_reference(model, plan, probe):
+    """The unpruned model with the plan's channels zeroed after their BatchNorm."""
+    ref = copy.deepcopy(model)
+    stat = {l.name: l.stat_module for l in probe.layers}
+    modules = dict(ref.named_modules())
+    for g, rm in zip(plan.groups, plan.removed()):
+        if len(rm) == 0:
+            continue
+        mask = torch.ones(g["channels"])
+        mask[rm] = 0
+        for member in g["members"]:
+            modules[stat[member]].register_forward_hook(
+                lambda m, i, o, mask=mask: o * mask.view(1, -1, *([1] * (o.dim() - 2))))
+    return ref
+
+
+CASES = {
+    "vgg": (lambda: randomize_bn(build_module("vgg11_bn")), (3, 32, 32)),
+    "resnet": (lambda: randomize_bn(build_module("resnet20")), (3, 32, 32)),
+    "concat": (lambda: randomize_bn(ConcatNet()), (3, 16, 16)),
+    "view": (lambda: randomize_bn(ViewNet()), (3, 16, 16)),
+    "dynview": (lambda: randomize_bn(DynamicViewNet()), (3, 16, 16)),
+    "depthwise": (lambda: randomize_bn(DepthwiseNet()), (3, 16, 16)),
+    "tiny": (lambda: randomize_bn(TinyCNN()), (3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_physical_removal_equals_masking(case):
+    torch.manual_seed(0)
+    make, shape = CASES[case]
+    model = make()
+    plan, example, probe, cost = _random_plan(model, 0.4, shape=shape)
+    assert any(len(r) for r in plan.removed())
+    ref = _masked_reference(model, plan, probe)
+    pruned = apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer)
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        diff = (ref(x) - pruned(x)).abs().max().item()
+    assert diff <= 1e-5
+    # the cost model predicts the real parameter count exactly
+    assert cost.cost(plan.removed())[0] == sum(p.numel() for p in pruned.parameters())
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_hardcoded_view_group_is_left_intact_and_flatten_couples_otherwise():
+    plan, *_ = _random_plan(randomize_bn(ViewNet()), 0.3)
+    assert "forward pass fails" in plan.meta["rigid_groups"]["conv2"]
+    assert len(plan.layers()["conv2"]) == 8 and len(plan.layers()["fc1"]) < 12
+    plan, example, probe, _ = _random_plan(randomize_bn(DynamicViewNet()), 0.4)
+    assert not plan.meta.get("rigid_groups") and len(plan.layers()["conv2"]) < 8
+    graph = ChannelGraph(DynamicViewNet(), example, probe.logits_layer)
+    fc1_in = next(it for g in graph.groups if g.root == "conv2" for it in g.items if it.module == "fc1")
+    assert len(fc1_in.idxs) == 8 * 16  # each channel feeds 4x4 flattened features
+
+
+def test_residual_coupling_keeps_shared_channels_together():
+    model = randomize_bn(build_module("resnet20"))
+    plan, *_ = _random_plan(model, 0.3, shape=(3, 32, 32))
+    stage3 = next(g for g in plan.groups if "layers.8.conv2" in g["members"])
+    assert {"layers.6.conv2", "layers.7.conv2", "layers.8.conv2", "layers.6.shortcut.0"} <= set(stage3["members"])
+
+
+def test_user_model_file_roundtrip(tmp_path):
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(TINY, src)
+    loaded = load_model(f"{src}:build", kwargs={"name": "view"})
+    randomize_bn(loaded.module)
+    plan, example, probe, _ = _random_plan(loaded.module, 0.3)
+    ref = _masked_reference(loaded.module, plan, probe)
+    pruned = apply_plan(copy.deepcopy(loaded.module), plan, example, probe.logits_layer)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert (ref(x) - pruned(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case,only", [("tiny", {"features.4", "classifier.0"}), ("dynview", {"conv2", "fc1"}),
+                                       ("concat", {"a", "b", "mix"})])
+def test_mean_compensation_equals_replacing_by_mean(case, only):
+    """Consumers here are Linear or 1x1 convolutions, where the bias fold is exact.
+
+    (Behind a zero-padded KxK convolution the fold is exact in the interior only.)
+    """
+    torch.manual_seed(1)
+    model = CASES[case][0]()
+    plan, example, probe, _ = _random_plan(model, 0.3, only=only)
+    graph = ChannelGraph(model, example, probe.logits_layer)
+    calib = [(torch.randn(8, 3, 16, 16) + 0.5, torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    consumers = consumers_of(graph, plan)
+    means = consumer_input_means(model, consumers, calib)
+    # reference: the unpruned model whose consumers see removed inputs replaced by their mean
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    removed_inputs: dict[str, np.ndarray] = {}
+    rm_by_root = dict(zip([p["root"] for p in plan.groups], plan.removed()))
+    for g in graph.groups:
+        rm = rm_by_root.get(g.root, [])
+        for it in g.items:
+            if it.dim == "in" and it.module in consumers:
+                sel = it.idxs[np.isin(it.root_idxs, rm)]
+                removed_inputs[it.module] = np.concatenate([removed_inputs.get(it.module, []), sel]).astype(int)
+
+    def replace(name):
+        def fn(m, inp):
+            x = inp[0].clone()
+            idx = torch.as_tensor(removed_inputs[name])
+            mu = torch.as_tensor(means[name][removed_inputs[name]], dtype=x.dtype)
+            x[:, idx] = mu.view(1, -1, *([1] * (x.dim() - 2)))
+            return (x,)
+        return fn
+
+    for name in removed_inputs:
+        modules[name].register_forward_pre_hook(replace(name))
+    pruned = apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer, means,
+                        {l.name: l.stat_module for l in probe.layers})
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert (ref(x) - pruned(x)).abs().max().item() <= 1e-5
+        assert (ref(x) - apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer)(x)).abs().max() > 1e-4
+
+
+class Planted(nn.Module):
+    """Filters 0-3 read the class-carrying input channel with small weights; filters 4-7
+    read pure noise channels with large weights (so magnitude criteria keep them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            for j in range(4):
+                self.conv.weight[j, 0] = 0.2 + 0.1 * j
+            for j in range(4, 8):
+                self.conv.weight[j, 1:] = 5.0 * (1 if j % 2 else -1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_planted_nondiscriminative_filters():
+    torch.manual_seed(0)
+    model = Planted().eval()
+    n = 300
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 4, 6, 6)
+    x[:, 0] += y.view(-1, 1, 1).float() * 3.0  # class signal in channel 0 only
+    example, probe, graph, cost = _setup(model, (4, 6, 6))
+    moments = collect_moments(model, probe, [(x[i:i + 50], y[i:i + 50]) for i in range(0, n, 50)],
+                              ["a", "b", "c"], "global")
+    base = cost.cost()[0]
+    target = (base - cost.cost([np.arange(4)])[0]) / base  # exactly four filters' worth
+    for criterion, expect_removed in (("tvs", [4, 5, 6, 7]), ("l1", [0, 1, 2, 3])):
+        scores = layer_scores(criterion, model, moments, ["conv"])
+        plan = make_plan(graph, cost, scores, target=target - 1e-9, allocation="uniform")
+        assert sorted(plan.removed()[0].tolist()) == expect_removed, criterion
+
+
+def test_plan_replay_is_exact_and_bad_plans_fail(tmp_path):
+    model = randomize_bn(build_module("resnet20"))
+    plan, example, probe, _ = _random_plan(model, 0.3, shape=(3, 32, 32))
+    path = tmp_path / "plan.json"
+    plan.meta["logits_layer"] = probe.logits_layer
+    plan.save(path)
+    a = apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer)
+    b = apply_plan(copy.deepcopy(model), Plan.load(path), example, probe.logits_layer)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # corrupt JSON, wrong format, out-of-range index, plan for another model
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TvsError, match="corrupt plan"):
+        Plan.load(tmp_path / "bad.json")
+    d = json.loads(path.read_text())
+    d["groups"][0]["kept"] = [0, 999]
+    with pytest.raises(TvsError, match="invalid channel indices"):
+        Plan.from_dict(d)
+    with pytest.raises(TvsError, match="another model|not a prunable group"):
+        apply_plan(randomize_bn(build_module("vgg11_bn")), Plan.load(path), torch.zeros(1, 3, 32, 32), "classifier.6")
+
+
+def test_guards_and_round_to():
+    model = randomize_bn(build_module("vgg11_bn"))
+    example, probe, graph, cost = _setup(model, (3, 32, 32))
+    scores = layer_scores("l1", model, None, [l.name for l in probe.layers])
+    plan = make_plan(graph, cost, scores, target=0.6, allocation="global", guards=Guards(0.25, 8, 8))
+    for g in plan.groups:
+        kept = len(g["kept"])
+        assert kept >= max(8, int(np.ceil(0.25 * g["channels"])))
+        assert kept % 8 == 0 or kept == g["channels"]
+    assert "classifier.6" not in plan.layers()  # the logits layer is never pruned
+
+
+def test_hellinger_matches_closed_form_and_handles_dead_filters():
+    mu = torch.tensor([[[0.0], [0.0], [1.0]], [[1.0], [0.0], [1.0]]], dtype=torch.float64)  # [K=2, C=3, D=1]
+    var = torch.tensor([[[1.0], [0.0], [2.0]], [[1.0], [0.0], [0.5]]], dtype=torch.float64)
+    lm = LayerMoments(torch.tensor([10, 10]), mu, var * 9)
+    h2 = hellinger_pairs(lm).numpy()
+    s2 = 2.0
+    expected0 = 1 - np.exp(0.5 * np.log(2 * 1 * 1 / s2) - 1 / (4 * s2))
+    sa, sb = np.sqrt(2.0), np.sqrt(0.5)
+    expected2 = 1 - np.exp(0.5 * np.log(2 * sa * sb / 2.5))
+    np.testing.assert_allclose(h2, [expected0, 0.0, expected2], rtol=1e-12, atol=1e-15)
+
+
+def test_many_classes_chunked_min_equals_bruteforce():
+    g = torch.Generator().manual_seed(0)
+    K, C, D = 60, 5, 2
+    lm = LayerMoments(torch.full((K,), 5), torch.randn(K, C, D, generator=g, dtype=torch.float64),
+                      torch.rand(K, C, D, generator=g, dtype=torch.float64) + 0.1)
+    from tvsprune.pruning import scores as sc
+
+    got = hellinger_pairs(lm).numpy()
+    var = lm.var
+    brute = np.full(C, np.inf)
+    for a in range(K):
+        for b in range(a + 1, K):
+            s2 = var[a] + var[b]
+            lbc = (0.5 * torch.log(2 * var[a].sqrt() * var[b].sqrt() / s2) - (lm.mean[a] - lm.mean[b]) ** 2 / (4 * s2)).sum(-1)
+            brute = np.minimum(brute, (1 - torch.exp(lbc)).numpy())
+    np.testing.assert_allclose(got, brute, rtol=1e-10, atol=1e-14)
+    old = sc._pair_chunks
+    try:  # force tiny chunks: same answer
+        sc._pair_chunks = lambda n, b, budget=0: old(n, b, budget_bytes=b * 7)
+        np.testing.assert_allclose(hellinger_pairs(lm).numpy(), got, rtol=0, atol=0)
+    finally:
+        sc._pair_chunks = old
+
+
+def test_spearman():
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.fixture
+def tiny_calibrated(tmp_path, image_folder):
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(TINY, src)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict()}, weights)
+    moments = tmp_path / "m.safetensors"
+    r = run_cli("calibrate", f"{src}:TinyCNN", "--weights", weights, "--data", image_folder, "--out", moments,
+                "--samples-per-class", "3")
+    assert r.returncode == 0, r.stderr
+    return f"{src}:TinyCNN", weights, image_folder, moments
+
+
+@pytest.mark.parametrize("method", ["tvs", "l1", "l2", "random", "bn-scale", "fpgm", "mean-distance"])
+def test_cli_prune_every_criterion(tiny_calibrated, tmp_path, method):
+    spec, weights, data, moments = tiny_calibrated
+    out = tmp_path / f"out-{method}"
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--method", method,
+                "--target-params", "0.3", "--out", out, "--val-data", data, "--bn-recalibrate", "--mean-compensation")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "prune.json").read_text())
+    assert report["params"]["removed_frac"] >= 0.3
+    assert "accuracy" in report and len(report["per_class"]) == 3
+    assert set(report["spearman_tvs_vs"]) == {"l1", "l2", "random", "bn-scale", "fpgm"}
+    r = run_cli("eval", out, "--data", data)
+    assert r.returncode == 0 and "top-1" in r.stdout, r.stderr
+    # replaying the plan on a fresh model gives the same structure
+    r = run_cli("replay", spec, "--weights", weights, "--plan", out / "plan.json", "--out", tmp_path / "replay")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_iter_tvs_logs_rounds(tiny_calibrated, tmp_path):
+    spec, weights, data, moments = tiny_calibrated
+    out = tmp_path / "iter"
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--method", "iter-tvs",
+                "--target-params", "0.2", "--out", out, "--val-data", data, "--max-acc-drop", "100",
+                "--step", "0.1")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "prune.json").read_text())
+    assert report["rounds"] and report["rounds"][0]["round"] == 1
+    assert "round" in r.stdout
+    assert report["params"]["removed_frac"] >= 0.2 - 1e-9
+
+
+def test_cli_prune_errors_leave_nothing(tiny_calibrated, tmp_path):
+    spec, weights, data, moments = tiny_calibrated
+    out = tmp_path / "none"
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--out", out)
+    assert r.returncode == 1 and "budget" in r.stderr and not out.exists()
+    r = run_cli("prune", "resnet20", "--moments", moments, "--target-params", "0.2", "--out", out)
+    assert r.returncode == 1 and "error:" in r.stderr and not out.exists()

@@ -1,0 +1,231 @@
+"""Plans: which channels each coupled group keeps, decided from scores and a budget.
+
+A plan is data (JSON): per group its root layer, member layers, original width and the
+kept root-channel indices. It can be saved, diffed and re-applied to a fresh model built
+from the same spec and weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import write_json
+from ..errors import TvsError
+from .graph import ChannelGraph, CostModel
+
+FORMAT = "tvsprune.plan/1"
+ALLOCATIONS = ("alpha", "global", "uniform", "ldiff")
+
+
+@dataclass
+class Guards:
+    """Limits that keep a pruned network usable."""
+
+    min_keep_frac: float = 0.1
+    min_keep: int = 1
+    round_to: int = 1
+
+    def max_removable(self, channels: int) -> int:
+        keep = max(self.min_keep, math.ceil(self.min_keep_frac * channels))
+        return max(0, channels - min(channels, keep))
+
+    def clamp(self, channels: int, n_remove: int) -> int:
+        n = min(max(0, n_remove), self.max_removable(channels))
+        if self.round_to > 1 and n > 0:
+            kept = channels - n
+            kept = min(channels, int(math.ceil(kept / self.round_to) * self.round_to))
+            n = channels - kept
+        return n
+
+
+@dataclass
+class Plan:
+    groups: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def layers(self) -> dict[str, list[int]]:
+        """Kept root-channel indices per member layer (coupled members share them)."""
+        return {m: g["kept"] for g in self.groups for m in g["members"]}
+
+    def removed(self) -> list[np.ndarray]:
+        return [np.setdiff1d(np.arange(g["channels"]), np.asarray(g["kept"], dtype=np.int64)) for g in self.groups]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **self.meta, "groups": self.groups}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise TvsError(f"{source}: not a tvsprune plan (format {d.get('format') if isinstance(d, dict) else None!r},"
+                           f" expected {FORMAT})")
+        groups = d.get("groups")
+        if not isinstance(groups, list):
+            raise TvsError(f"{source}: 'groups' must be a list")
+        for i, g in enumerate(groups):
+            try:
+                c, kept = int(g["channels"]), [int(k) for k in g["kept"]]
+                str(g["root"]), list(g["members"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise TvsError(f"{source}: group {i} is malformed ({e})") from None
+            if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= c:
+                raise TvsError(f"{source}: group {g['root']!r} keeps invalid channel indices for width {c}")
+            g["kept"] = sorted(kept)
+        meta = {k: v for k, v in d.items() if k not in ("format", "groups")}
+        return cls(groups, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TvsError(f"plan not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise TvsError(f"{path}: corrupt plan (invalid JSON: {e})") from None
+        return cls.from_dict(d, str(path))
+
+
+def group_scores(graph: ChannelGraph, scores: dict[str, np.ndarray], normalise: bool = True) -> list[np.ndarray | None]:
+    """One score per root channel of each group: the max over its members' (normalised) scores.
+
+    A channel survives when any layer that shares it needs it. With ``normalise``, each
+    layer's scores are divided by their maximum first, so layers are comparable.
+    """
+    out: list[np.ndarray | None] = []
+    for g in graph.groups:
+        t = np.full(g.channels, -np.inf)
+        for it in g.items:
+            if it.dim != "out" or it.module not in scores:
+                continue
+            s = np.asarray(scores[it.module], dtype=np.float64)
+            if len(s) <= int(it.idxs.max(initial=-1)):
+                raise TvsError(f"scores for {it.module} have {len(s)} entries; the layer has more channels")
+            if normalise:
+                top = s.max()
+                s = s / top if top > 0 else np.zeros_like(s)
+            np.maximum.at(t, it.root_idxs, s[it.idxs])
+        out.append(t if np.isfinite(t).all() and g.root not in graph.rigid else None)
+    return out
+
+
+def _order(t: np.ndarray) -> np.ndarray:
+    return np.argsort(t, kind="stable")
+
+
+class Allocator:
+    """Maps one scalar ``lam`` in [0, 1] to a number of channels to remove per group (monotone)."""
+
+    def __init__(self, allocation: str, gscores: list[np.ndarray | None], channels: list[int],
+                 guards: Guards, ldiffs: list[float] | None = None) -> None:
+        if allocation not in ALLOCATIONS:
+            raise TvsError(f"unknown allocation {allocation!r} (one of {', '.join(ALLOCATIONS)})")
+        self.allocation, self.gscores, self.channels, self.guards = allocation, gscores, channels, guards
+        self.orders = [None if t is None else _order(t) for t in gscores]
+        means = [float(t.mean()) if t is not None else 0.0 for t in gscores]
+        self.means = means
+        self.alpha_max = max([1.0 / m for m in means if m > 0] or [1.0]) * 1.0001
+        if allocation == "ldiff":
+            ld = np.asarray(ldiffs if ldiffs is not None else [0.0] * len(gscores), dtype=np.float64)
+            valid = [l for l, t in zip(ld, gscores) if t is not None]
+            mean = float(np.mean(valid)) if valid and np.mean(valid) > 0 else 1.0
+            self.weights = ld / mean
+        else:
+            self.weights = np.ones(len(gscores))
+
+    def counts(self, lam: float) -> list[int]:
+        counts = []
+        for t, c, mean, w in zip(self.gscores, self.channels, self.means, self.weights):
+            if t is None:
+                counts.append(0)
+                continue
+            if self.allocation == "alpha":
+                n = int((t <= lam * self.alpha_max * mean).sum())
+            elif self.allocation == "global":
+                n = int((t <= lam).sum())
+            elif self.allocation == "uniform":
+                n = int(math.floor(lam * c + 1e-9))
+            else:  # ldiff-weighted uniform
+                n = int(math.floor(min(1.0, lam * w) * c + 1e-9))
+            counts.append(self.guards.clamp(c, n))
+        return counts
+
+    def removed(self, counts: list[int]) -> list[np.ndarray]:
+        return [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64)
+                for o, n in zip(self.orders, counts)]
+
+
+def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
+              target: float | None = None, metric: str = "params", threshold: float | None = None,
+              allocation: str = "alpha", guards: Guards | None = None, meta: dict[str, Any] | None = None,
+              ldiffs: dict[str, float] | None = None) -> Plan:
+    """Decide the kept channels of every group.
+
+    - ``target`` (fraction of ``metric`` = params or macs to remove): bisection on the
+      allocation's scalar until the removed fraction reaches the target;
+    - ``threshold`` (absolute score): remove channels whose group score is below it.
+    """
+    guards = guards or Guards()
+    channels = [g.channels for g in graph.groups]
+    base_params, base_macs = cost.cost()
+    base = base_params if metric == "params" else base_macs
+    if metric not in ("params", "macs"):
+        raise TvsError(f"unknown budget metric {metric!r} (params or macs)")
+    if threshold is not None:
+        raw = group_scores(graph, scores, normalise=False)
+        counts = [0 if t is None else guards.clamp(len(t), int((t < threshold).sum())) for t in raw]
+        orders = [None if t is None else _order(t) for t in raw]
+        removed = [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64) for o, n in zip(orders, counts)]
+        lam = None
+    else:
+        if target is None or not (0.0 <= target < 1.0):
+            raise TvsError(f"the budget must be a fraction in [0, 1), got {target}")
+        gs = group_scores(graph, scores)
+        gl = [max((ldiffs or {}).get(m, 0.0) for m in g.members) if g.members else 0.0 for g in graph.groups]
+        alloc = Allocator(allocation, gs, channels, guards, gl)
+
+        def frac(lam: float) -> float:
+            p, m = cost.cost(alloc.removed(alloc.counts(lam)))
+            return 1.0 - (p if metric == "params" else m) / base
+
+        lo, hi = 0.0, 1.0
+        if frac(hi) < target:
+            lam = hi
+            removed = alloc.removed(alloc.counts(hi))
+        else:
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                if frac(mid) >= target:
+                    hi = mid
+                else:
+                    lo = mid
+            lam = hi
+            removed = alloc.removed(alloc.counts(hi))
+    params, macs = cost.cost(removed)
+    groups = []
+    for g, rm in zip(graph.groups, removed):
+        kept = np.setdiff1d(np.arange(g.channels), rm)
+        groups.append({"root": g.root, "members": list(g.members), "channels": g.channels,
+                       "kept": [int(k) for k in kept]})
+    info = dict(meta or {})
+    if graph.rigid:
+        info["rigid_groups"] = dict(graph.rigid)
+    info.update({"allocation": allocation if threshold is None else "threshold",
+                 "budget": {"metric": metric, "target": target, "threshold": threshold, "lambda": lam},
+                 "guards": {"min_keep_frac": guards.min_keep_frac, "min_keep": guards.min_keep,
+                            "round_to": guards.round_to},
+                 "params": {"before": base_params, "after": params, "removed_frac": 1 - params / base_params},
+                 "macs": {"before": base_macs, "after": macs, "removed_frac": 1 - macs / base_macs if base_macs else 0.0}})
+    if target is not None and threshold is None:
+        achieved = info[metric]["removed_frac"]
+        if achieved + 1e-9 < target:
+            info["budget"]["unmet"] = (f"guards allow removing only {achieved:.3f} of {metric} "
+                                       f"(asked {target:.3f})")
+    return Plan(groups, info)

@@ -1,0 +1,339 @@
+"""The prune stage: model + moments -> plan.json, pruned.safetensors, prune.json."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..artifacts import sha256_file, write_json
+from ..calibration.collector import collect_moments
+from ..calibration.moments import Moments
+from ..calibration.stage import DataOptions
+from ..data import BatchStream, open_source, stratified_indices
+from ..errors import TvsError
+from ..models import LoadedModel, load_model
+from ..models.probe import ModelProbe, probe_model
+from .artifact import WEIGHTS_FILE, save_pruned
+from .graph import ChannelGraph, CostModel
+from .plan import Guards, Plan, make_plan
+from .repairs import consumer_input_means, recalibrate_batchnorm
+from .scores import CRITERIA, WEIGHT_CRITERIA, layer_scores, ldiff, spearman
+from .surgery import apply_plan, consumers_of
+
+log = logging.getLogger(__name__)
+METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA if c != "tvs")
+
+
+@dataclass
+class PruneOptions:
+    method: str = "tvs"
+    target_params: float | None = None
+    target_flops: float | None = None
+    threshold: float | None = None
+    allocation: str = "alpha"
+    guards: Guards = field(default_factory=Guards)
+    pair_reduce: str = "min"
+    seed: int = 0
+    bn_recalibrate: bool = False
+    mean_compensation: bool = False
+    repair_samples_per_class: int | None = 100
+    # iterative
+    max_acc_drop: float = 2.0     # points
+    step: float = 0.05            # fraction of the original metric removed per round
+    step_decrease: float = 0.025  # the reference code's step shrink on rejection
+    max_rounds: int = 50
+    compare_criteria: bool = True
+    device: str = "cpu"
+
+    def budget(self) -> tuple[float | None, str]:
+        if self.target_params is not None and self.target_flops is not None:
+            raise TvsError("give --target-params or --target-flops, not both")
+        if self.target_flops is not None:
+            return self.target_flops, "macs"
+        return self.target_params, "params"
+
+
+@dataclass
+class Context:
+    """What every step needs: the model, its probe, graph and cost model."""
+
+    loaded: LoadedModel
+    example: torch.Tensor
+    probe: ModelProbe
+    graph: ChannelGraph
+    cost: CostModel
+
+    @classmethod
+    def build(cls, loaded: LoadedModel, input_shape: list[int]) -> "Context":
+        example = torch.zeros(1, *input_shape)
+        probe = probe_model(loaded.module, example, what=f"model {loaded.spec.spec}")
+        graph = ChannelGraph(loaded.module, example, probe.logits_layer)
+        for root, reason in graph.find_rigid_groups(example).items():
+            log.warning("not pruning %s: %s", root, reason)
+        shapes = {l.name: l.out_shape for l in probe.layers}
+        return cls(loaded, example, probe, graph, CostModel(loaded.module, graph, shapes))
+
+    @property
+    def stat_modules(self) -> dict[str, str]:
+        return {l.name: l.stat_module for l in self.probe.layers}
+
+
+def calib_options_from(moments: Moments, override: DataOptions | None) -> DataOptions | None:
+    """The calibration data recorded in the moments file, unless the user gave other data."""
+    if override is not None:
+        return override
+    d = moments.meta.get("data") or {}
+    src, pre = d.get("source"), d.get("preprocess") or {}
+    if not src or not Path(src).exists():
+        return None
+    return DataOptions(path=src, resize=pre.get("resize"), crop=pre.get("crop"), mean=pre.get("mean"),
+                       std=pre.get("std"), samples_per_class=d.get("samples_per_class"), seed=d.get("seed", 0))
+
+
+def _batches(data: DataOptions, model: LoadedModel, per_class: int | None, exclude: np.ndarray | None = None):
+    source = data.open(model)
+    idx = stratified_indices(source.labels, per_class, data.seed, exclude)
+    return source, BatchStream(source, idx, data.batch_size, data.workers, data.skip_bad)
+
+
+def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOptions | None) -> torch.nn.Module:
+    """Copy the model, apply the plan, run the requested repairs."""
+    model = copy.deepcopy(ctx.loaded.module).eval()
+    means = None
+    if opts.mean_compensation or opts.bn_recalibrate:
+        if calib is None:
+            raise TvsError("--bn-recalibrate / --mean-compensation need calibration images: give --calib-data "
+                           "(the moments file's data folder was not found)")
+    if opts.mean_compensation:
+        _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
+        means = consumer_input_means(ctx.loaded.module, consumers_of(ctx.graph, plan), stream, "cpu")
+    graph = ChannelGraph(model, ctx.example, ctx.probe.logits_layer)
+    apply_plan(model, plan, ctx.example, ctx.probe.logits_layer, means, ctx.stat_modules, graph=graph)
+    if opts.bn_recalibrate:
+        _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
+        recalibrate_batchnorm(model, stream)
+    return model.eval()
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], classes: int
+              ) -> tuple[float, list[float], np.ndarray]:
+    preds, labels = [], []
+    for x, y in batches:
+        preds.append(model(x).argmax(1))
+        labels.append(y)
+    p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    per = [float((p[y == k] == k).mean()) if (y == k).any() else float("nan") for k in range(classes)]
+    return float((p == y).mean()), per, p
+
+
+def _compose(prev: Plan, step: Plan) -> Plan:
+    """A plan made on an already-pruned model, expressed on the original model's channels."""
+    by_root = {g["root"]: g for g in step.groups}
+    groups = []
+    for g in prev.groups:
+        s = by_root.get(g["root"])
+        kept = g["kept"] if s is None else [g["kept"][i] for i in s["kept"]]
+        groups.append({**g, "kept": kept})
+    return Plan(groups, dict(step.meta))
+
+
+def _full_plan(ctx: Context) -> Plan:
+    return Plan([{"root": g.root, "members": g.members, "channels": g.channels, "kept": list(range(g.channels))}
+                 for g in ctx.graph.groups], {})
+
+
+def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOptions,
+              val: list[tuple[torch.Tensor, torch.Tensor]], base_acc: float,
+              log_round: Callable[[dict[str, Any]], None] | None = None) -> tuple[Plan, list[dict[str, Any]]]:
+    """IterTVSPrune: collect -> step -> evaluate, accepting steps within the accuracy budget."""
+    target, metric = opts.budget()
+    if target is None:
+        raise TvsError("iter-tvs needs a budget: --target-params or --target-flops")
+    base_cost = ctx.cost.cost()[0 if metric == "params" else 1]
+    plan = _full_plan(ctx)
+    current = ctx.loaded
+    current_ctx = ctx
+    removed_frac, step = 0.0, opts.step
+    rounds: list[dict[str, Any]] = []
+    n_classes = len(moments.classes)
+    source = calib.open(ctx.loaded)
+    cal_idx = stratified_indices(source.labels, calib.samples_per_class, calib.seed)
+    resolution = moments.meta.get("resolution", "global")
+    for r in range(1, opts.max_rounds + 1):
+        if removed_frac >= target - 1e-9 or step <= 1e-9:
+            break
+        t0 = time.perf_counter()
+        mom = moments if r == 1 else collect_moments(
+            current.module, current_ctx.probe, BatchStream(source, cal_idx, calib.batch_size, calib.workers),
+            source.classes, resolution)
+        scores = layer_scores("tvs", None, mom, [l.name for l in current_ctx.probe.layers],
+                              pair_reduce=opts.pair_reduce)
+        goal = min(target, removed_frac + step)
+        # the budget of this round, relative to the current (already pruned) model
+        cur_cost = current_ctx.cost.cost()[0 if metric == "params" else 1]
+        local = max(0.0, 1.0 - (1.0 - goal) * base_cost / cur_cost)
+        step_plan = make_plan(current_ctx.graph, current_ctx.cost, scores, target=local, metric=metric,
+                              allocation=opts.allocation, guards=opts.guards)
+        candidate = _compose(plan, step_plan)
+        model = build_pruned(ctx, candidate, opts, calib)
+        acc, _, _ = _accuracy(model, val, n_classes)
+        new_cost = CostModel(model, ChannelGraph(model, ctx.example, ctx.probe.logits_layer),
+                             {l.name: l.out_shape for l in ctx.probe.layers}).cost()[0 if metric == "params" else 1]
+        frac = 1.0 - new_cost / base_cost
+        accepted = (base_acc - acc) * 100 <= opts.max_acc_drop and frac > removed_frac + 1e-9
+        row = {"round": r, "step": round(step, 4), "removed_frac": round(frac, 4), "accuracy": round(acc, 4),
+               "drop_points": round((base_acc - acc) * 100, 3), "accepted": accepted,
+               "seconds": round(time.perf_counter() - t0, 2)}
+        rounds.append(row)
+        log.info("iter-tvs round %s", row)
+        if log_round:
+            log_round(row)
+        if accepted:
+            plan, removed_frac = candidate, frac
+            current = LoadedModel(module=model, spec=ctx.loaded.spec, normalize=ctx.loaded.normalize)
+            current_ctx = Context.build(current, list(ctx.example.shape[1:]))
+        else:
+            step -= opts.step_decrease
+    return plan, rounds
+
+
+def _quantiles(s: np.ndarray) -> dict[str, float]:
+    q = np.quantile(s, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return dict(zip(["min", "q25", "median", "q75", "max"], map(float, q)))
+
+
+def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: str | Path,
+          opts: PruneOptions, calib: DataOptions | None = None, val: DataOptions | None = None,
+          log_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one pruning method end to end and write its three artifacts into ``out_dir``."""
+    t_start = time.perf_counter()
+    if opts.method not in METHODS:
+        raise TvsError(f"unknown method {opts.method!r} (one of {', '.join(METHODS)})")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    moments = Moments.load(moments_path) if moments_path else None
+    needs_moments = opts.method in ("tvs", "iter-tvs", "mean-distance")
+    if needs_moments and moments is None:
+        raise TvsError(f"method {opts.method!r} needs --moments (from tvsprune calibrate)")
+    if moments is not None and loaded.weights_sha256 and moments.meta.get("weights_sha256") \
+            and moments.meta["weights_sha256"] != loaded.weights_sha256:
+        raise TvsError(f"{moments_path} was collected from other weights than {loaded.spec.weights} "
+                       "(weights_sha256 differs): calibrate again")
+    input_shape = (moments.meta.get("input_shape") if moments else None) or list(loaded.input_shape or [])
+    if not input_shape:
+        raise TvsError("the input shape is unknown: calibrate first, or use a zoo model")
+    ctx = Context.build(loaded, input_shape)
+    calib = calib_options_from(moments, calib) if moments is not None else calib
+    target, metric = opts.budget()
+    if target is None and opts.threshold is None:
+        raise TvsError("give a budget (--target-params F or --target-flops F) or --threshold ETA")
+    layers = [l.name for l in ctx.probe.layers]
+    criterion = "tvs" if opts.method == "iter-tvs" else opts.method
+    scores = layer_scores(criterion, loaded.module, moments, layers, ctx.stat_modules, opts.seed,
+                          opts.pair_reduce, opts.device)
+    if not scores:
+        raise TvsError("no layer has scores: the moments file covers none of the model's prunable layers")
+    tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce) if moments else {}
+    ldiffs = {n: ldiff(s) for n, s in (tv or scores).items()}
+
+    val_batches: list | None = None
+    source_classes = moments.classes if moments else None
+    if val is not None:
+        exclude = None
+        vsrc = val.open(loaded)
+        if calib is not None and Path(val.path).resolve() == Path(calib.path).resolve():
+            csrc = calib.open(loaded)
+            exclude = stratified_indices(csrc.labels, calib.samples_per_class, calib.seed)
+            log.info("validation data is the calibration folder: excluding its %d calibration images", len(exclude))
+        vidx = stratified_indices(vsrc.labels, val.samples_per_class, val.seed, exclude)
+        val_batches = list(BatchStream(vsrc, vidx, val.batch_size, val.workers, val.skip_bad))
+        source_classes = vsrc.classes
+    n_classes = ctx.probe.num_outputs
+    base_acc = base_per = None
+    if val_batches is not None:
+        base_acc, base_per, _ = _accuracy(loaded.module, val_batches, n_classes)
+
+    meta = {"tvsprune_version": __version__, "model": loaded.spec.to_dict(), "weights_sha256": loaded.weights_sha256,
+            "input_shape": input_shape, "logits_layer": ctx.probe.logits_layer,
+            "moments_sha256": sha256_file(moments_path) if moments_path else None,
+            "criterion": {"method": opts.method, "pair_reduce": opts.pair_reduce, "seed": opts.seed,
+                          "resolution": moments.meta.get("resolution") if moments else None},
+            "repairs": {"bn_recalibrate": opts.bn_recalibrate, "mean_compensation": opts.mean_compensation}}
+    rounds: list[dict[str, Any]] = []
+    if opts.method == "iter-tvs":
+        if val_batches is None or calib is None:
+            raise TvsError("iter-tvs needs --val-data (held-out images) and calibration data")
+        plan, rounds = iterative(ctx, moments, opts, calib, val_batches, base_acc, log_round)
+        p, m = ctx.cost.cost(plan.removed())
+        bp, bm = ctx.cost.cost()
+        plan.meta = {"allocation": opts.allocation, "budget": {"metric": metric, "target": target},
+                     "params": {"before": bp, "after": p, "removed_frac": 1 - p / bp},
+                     "macs": {"before": bm, "after": m, "removed_frac": 1 - m / bm}}
+    else:
+        plan = make_plan(ctx.graph, ctx.cost, scores, target=target, metric=metric, threshold=opts.threshold,
+                         allocation=opts.allocation, guards=opts.guards, ldiffs=ldiffs)
+    plan.meta = {**meta, **plan.meta}
+    pruned = build_pruned(ctx, plan, opts, calib)
+
+    out_dir = Path(out_dir)
+    report: dict[str, Any] = {"tvsprune_version": __version__, "method": opts.method,
+                              "model": loaded.spec.to_dict(), "params": plan.meta["params"],
+                              "macs": plan.meta["macs"], "budget": plan.meta.get("budget"),
+                              "allocation": plan.meta.get("allocation"), "repairs": meta["repairs"]}
+    kept = plan.layers()
+    layers_report = []
+    for l in ctx.probe.layers:
+        s = scores.get(l.name)
+        row = {"layer": l.name, "channels_before": l.channels,
+               "channels_after": len(kept[l.name]) if l.name in kept else l.channels,
+               "ldiff": ldiffs.get(l.name)}
+        if s is not None:
+            row["score_quantiles"] = _quantiles(s)
+        layers_report.append(row)
+    report["layers"] = layers_report
+    if opts.compare_criteria and tv:
+        corr: dict[str, dict[str, float]] = {}
+        for c in WEIGHT_CRITERIA:
+            other = layer_scores(c, loaded.module, None, list(tv), ctx.stat_modules, opts.seed)
+            corr[c] = {n: spearman(tv[n], other[n]) for n in tv}
+        report["spearman_tvs_vs"] = corr
+    if val_batches is not None:
+        acc, per, _ = _accuracy(pruned, val_batches, n_classes)
+        report["accuracy"] = {"before": base_acc, "after": acc, "drop_points": (base_acc - acc) * 100,
+                              "samples": sum(len(y) for _, y in val_batches)}
+        report["per_class"] = [{"class": c, "before": b, "after": a, "change_points": (a - b) * 100}
+                               for c, b, a in zip(source_classes or range(n_classes), base_per, per)]
+    if rounds:
+        report["rounds"] = rounds
+    report["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_pruned(out_dir / WEIGHTS_FILE, pruned, plan, loaded, input_shape, {"repairs": meta["repairs"]})
+    plan.save(out_dir / "plan.json")
+    report["artifacts"] = {"plan": str(out_dir / "plan.json"), "weights": str(out_dir / WEIGHTS_FILE),
+                           "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE)}
+    write_json(out_dir / "prune.json", report)
+    return report
+
+
+def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
+    """Apply a saved plan to a fresh model (structure only; repairs are not re-run)."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    plan = Plan.load(plan_path)
+    if plan.meta.get("weights_sha256") and loaded.weights_sha256 and plan.meta["weights_sha256"] != loaded.weights_sha256:
+        raise TvsError(f"{plan_path} was made for other weights (weights_sha256 differs)")
+    shape = plan.meta.get("input_shape") or list(loaded.input_shape or [])
+    module = apply_plan(copy.deepcopy(loaded.module), plan, torch.zeros(1, *shape), plan.meta.get("logits_layer"))
+    if out_dir is not None:
+        save_pruned(Path(out_dir) / WEIGHTS_FILE, module, plan, loaded, shape)
+    return module
+
+
+__all__ = ["METHODS", "PruneOptions", "prune", "replay"]
