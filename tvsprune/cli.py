@@ -184,7 +184,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pruning import Guards, PruneOptions, prune
 
     opts = PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
-                        threshold=args.threshold, allocation=args.allocation,
+                        threshold=args.threshold, allocation=args.allocation, cost_power=args.cost_power,
                         guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
                         pair_reduce=args.pair_reduce, seed=args.seed, bn_recalibrate=args.bn_recalibrate,
                         mean_compensation=args.mean_compensation,
@@ -234,9 +234,11 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--target-params", type=float, help="fraction of parameters to remove, e.g. 0.5")
     b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
-    b.add_argument("--allocation", default="alpha", choices=ALLOCATIONS,
-                   help="how the budget is spread over layers (default alpha: the reference rule "
-                        "t_j <= alpha * mean(t), alpha found by bisection)")
+    b.add_argument("--allocation", default="cost", choices=ALLOCATIONS,
+                   help="how the budget is spread over layers: cost (default; a channel goes when its "
+                        "normalised score is low relative to what removing it saves), alpha (the reference "
+                        "rule t_j <= alpha * mean(t)), global, uniform, ldiff")
+    b.add_argument("--cost-power", type=float, default=2.0, help="exponent of the saving in --allocation cost")
     b.add_argument("--min-keep-frac", type=float, default=0.1, help="keep at least this fraction per layer")
     b.add_argument("--min-keep", type=int, default=1, help="keep at least this many channels per layer")
     b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple (8/16/32)")
@@ -269,6 +271,165 @@ def _register_prune(sub: Any) -> None:
 
 
 _EXTRA_COMMANDS.append(_register_prune)
+
+
+def _onnx_data(args: argparse.Namespace, path: str, meta: dict[str, str]):
+    """Data options for an ONNX model: normalisation from flags, else from the file's metadata."""
+    from .calibration import DataOptions
+
+    mean = args.mean or ([float(v) for v in meta["normalize_mean"].split(",")] if "normalize_mean" in meta else None)
+    std = args.std or ([float(v) for v in meta["normalize_std"].split(",")] if "normalize_std" in meta else None)
+    return DataOptions(path=path, resize=args.resize, crop=args.crop, mean=mean, std=std, split=args.split,
+                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .data import take_images
+    from .exporters import export_onnx
+
+    model = loaded_model(args)
+    shape = args.input_shape or (list(model.input_shape) if model.input_shape else None)
+    inputs = None
+    if args.data:
+        src = data_options(args).open(model)
+        inputs, _ = take_images(src, args.parity_samples)
+        shape = shape or list(inputs.shape[1:])
+    batch = "dynamic" if args.batch == "dynamic" else int(args.batch)
+    rep = export_onnx(model, args.out, args.opset, batch, shape, inputs, args.tolerance, args.exporter)
+    p = rep["parity"]
+    print(f"wrote {args.out} ({rep['size_bytes'] / 1e6:.2f} MB, {rep['parameters']:,} parameters, opset {rep['opset']}, "
+          f"{rep['exporter']} exporter); checker {rep['checker']}")
+    print(f"parity vs PyTorch on {p['samples']} {p['inputs']}: max |diff| {p['max_abs_diff']:.3g} "
+          f"(tolerance {p['tolerance']:g}), top-1 agreement {p['top1_agreement'] * 100:.2f} %, "
+          f"batch sizes {p['batch_sizes']}")
+    if not p["within_tolerance"]:
+        print("WARNING: parity outside tolerance (recorded in the report)")
+        return 3 if args.strict else 0
+    return 0
+
+
+def cmd_export_int8(args: argparse.Namespace) -> int:
+    from .bench.ort_eval import compare_int8
+    from .data import take_images
+    from .exporters.int8 import quantize_int8, write_report
+    from .exporters.onnx_export import onnx_metadata
+
+    meta = onnx_metadata(args.model)
+    src = _onnx_data(args, args.calib_data, meta).open()
+    x, _ = take_images(src, args.calib_samples, seed=args.seed)
+    batches = [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
+    rep = quantize_int8(args.model, batches, args.out, args.method, per_channel=not args.per_tensor)
+    if args.eval_data:
+        esrc = _onnx_data(args, args.eval_data, meta).open()
+        rep["evaluation"] = compare_int8(args.model, args.out, esrc, args.eval_samples)
+    write_report(args.out, rep)
+    print(f"wrote {args.out} (QDQ, {rep['calibration_method']}, {rep['calibration_images']} calibration images, "
+          f"{rep['size_bytes'] / 1e6:.2f} MB)")
+    if "evaluation" in rep:
+        e = rep["evaluation"]
+        print(f"top-1 FP32 {e['fp32_top1'] * 100:.2f} % -> INT8 {e['int8_top1'] * 100:.2f} % "
+              f"({e['change_points']:+.2f} points) on {e['samples']} images; CPU latency INT8/FP32 at batch "
+              f"{e['latency_batch']}: {e['latency_ratio_int8_over_fp32']:.2f}")
+    return 0
+
+
+def cmd_export_trt(args: argparse.Namespace) -> int:
+    from .exporters.tensorrt import build_engine
+
+    rep = build_engine(args.model, args.out, args.precision, args.min_batch, args.opt_batch, args.max_batch,
+                       args.workspace, args.timing_cache, args.opt_level, args.strongly_typed)
+    print(f"wrote {args.out}: TensorRT {rep['tensorrt']} on {rep['gpu']} (sm {rep['compute_capability']}), "
+          f"{rep['precision']}, {rep['size_bytes'] / 1e6:.2f} MB, built in {rep['build_seconds']:.1f} s")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .exporters.probe import ort_providers_that_load, probe_environment
+
+    env = probe_environment()
+    rows = [{"component": "python", "status": env.get("python", "?")},
+            {"component": "torch", "status": f"{env.get('torch', 'missing')} (CUDA {env.get('torch_cuda') or 'none'})"}]
+    for g in env.get("gpus", []):
+        rows.append({"component": "GPU", "status": f"{g['name']} sm {g['compute_capability']}, "
+                                                   f"{g['memory_bytes'] / 2**30:.0f} GiB"})
+    if not env.get("gpus"):
+        rows.append({"component": "GPU", "status": "none visible to torch"})
+    rows.append({"component": "onnxruntime", "status": env.get("onnxruntime", env.get("onnxruntime_error", "missing"))})
+    try:
+        for p, st in ort_providers_that_load().items():
+            rows.append({"component": f"  ORT {p}", "status": st})
+    except Exception as e:  # reported, not fatal
+        rows.append({"component": "  ORT providers", "status": f"probe failed: {e}"})
+    trt_status = env.get("tensorrt") or "missing"
+    if env.get("tensorrt") and not env.get("tensorrt_builder"):
+        trt_status += f" (builder unusable: {env.get('tensorrt_error')})"
+    rows.append({"component": "tensorrt", "status": trt_status})
+    needs = []
+    if not env.get("gpus"):
+        needs.append("torch-cuda / ort-cuda / TensorRT backends need an NVIDIA GPU")
+    if "tensorrt" not in env:
+        needs.append("TensorRT engines: pip install tensorrt (NVIDIA index) or use the container")
+    if "CUDAExecutionProvider" not in env.get("ort_providers", []):
+        needs.append("ONNX Runtime on GPU: pip install 'tvsprune[gpu]' (onnxruntime-gpu)")
+    from .console import print_table
+
+    print_table(rows, title="tvsprune doctor")
+    for n in needs:
+        print(f"missing: {n}")
+    return 0
+
+
+def _register_export(sub: Any) -> None:
+    from .exporters.int8 import METHODS as INT8_METHODS
+    from .exporters.tensorrt import PRECISIONS
+
+    exp = sub.add_parser("export", help="export to ONNX, INT8 (QDQ) ONNX, or a TensorRT engine")
+    esub = exp.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    p = esub.add_parser("onnx", help="ONNX with checker, graphsurgeon clean-up and ORT parity")
+    add_model_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument("--input-shape", type=_ints, help="C,H,W (default: the model's, or the data's)")
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="auto: torch.export-based, TorchScript when that fails")
+    p.add_argument("--parity-samples", type=int, default=512)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference (default 1e-4)")
+    p.add_argument("--strict", action="store_true", help="exit 3 when parity is outside tolerance")
+    add_data_args(p, required=False)
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = esub.add_parser("int8", help="static INT8 quantization to a QDQ model (ONNX Runtime)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--calib-data", required=True)
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--method", default="minmax", choices=INT8_METHODS)
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    p.add_argument("--eval-data", help="labelled images: FP32 vs INT8 accuracy and CPU latency")
+    p.add_argument("--eval-samples", type=int, help="limit evaluation images (default all)")
+    add_data_args(p, required=False, flag="--data-unused")
+    p.set_defaults(func=cmd_export_int8)
+
+    p = esub.add_parser("trt", help="TensorRT engine (needs TensorRT and an NVIDIA GPU; see the Dockerfile)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--workspace", type=int, help="workspace limit in MiB")
+    p.add_argument("--timing-cache", help="timing cache file, read and updated (kept across builds)")
+    p.add_argument("--opt-level", type=int, help="builder optimization level 0-5")
+    p.add_argument("--strongly-typed", action="store_true", help="TensorRT 10: build a strongly typed network")
+    p.set_defaults(func=cmd_export_trt)
+
+    p = sub.add_parser("doctor", help="what this machine has for each backend, and what is missing")
+    p.set_defaults(func=cmd_doctor)
+
+
+_EXTRA_COMMANDS.append(_register_export)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ class BatchStream:
                     log.warning("skipped %s", b)
             if x is not None:
                 yield x, y
+
+
+def take_images(source: Source, n: int, seed: int = 0, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images spread evenly over the classes (seeded), decoded into one tensor."""
+    from .sources import stratified_indices
+
+    per_class = -(-n // max(1, len(source.classes)))
+    idx = stratified_indices(source.labels, per_class, seed)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.permutation(idx)[:n])
+    xs, ys = zip(*BatchStream(source, idx, batch_size))
+    return torch.cat(xs), torch.cat(ys)

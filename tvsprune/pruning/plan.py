@@ -19,7 +19,7 @@ from ..errors import TvsError
 from .graph import ChannelGraph, CostModel
 
 FORMAT = "tvsprune.plan/1"
-ALLOCATIONS = ("alpha", "global", "uniform", "ldiff")
+ALLOCATIONS = ("alpha", "global", "uniform", "ldiff", "cost")
 
 
 @dataclass
@@ -124,7 +124,8 @@ class Allocator:
     """Maps one scalar ``lam`` in [0, 1] to a number of channels to remove per group (monotone)."""
 
     def __init__(self, allocation: str, gscores: list[np.ndarray | None], channels: list[int],
-                 guards: Guards, ldiffs: list[float] | None = None) -> None:
+                 guards: Guards, ldiffs: list[float] | None = None, unit_costs: list[float] | None = None,
+                 cost_power: float = 1.0) -> None:
         if allocation not in ALLOCATIONS:
             raise TvsError(f"unknown allocation {allocation!r} (one of {', '.join(ALLOCATIONS)})")
         self.allocation, self.gscores, self.channels, self.guards = allocation, gscores, channels, guards
@@ -137,6 +138,12 @@ class Allocator:
             valid = [l for l, t in zip(ld, gscores) if t is not None]
             mean = float(np.mean(valid)) if valid and np.mean(valid) > 0 else 1.0
             self.weights = ld / mean
+        elif allocation == "cost":
+            # a channel goes when its score is low relative to what removing it saves
+            uc = np.asarray(unit_costs, dtype=np.float64)
+            valid = uc[[t is not None for t in gscores]]
+            self.weights = (uc / valid.mean()) ** cost_power if len(valid) else np.ones(len(gscores))
+            self.lam_max = 1.0001 / max(float(self.weights[[t is not None for t in gscores]].min()), 1e-12)
         else:
             self.weights = np.ones(len(gscores))
 
@@ -150,6 +157,8 @@ class Allocator:
                 n = int((t <= lam * self.alpha_max * mean).sum())
             elif self.allocation == "global":
                 n = int((t <= lam).sum())
+            elif self.allocation == "cost":
+                n = int((t <= lam * self.lam_max * w).sum())
             elif self.allocation == "uniform":
                 n = int(math.floor(lam * c + 1e-9))
             else:  # ldiff-weighted uniform
@@ -165,7 +174,7 @@ class Allocator:
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
               target: float | None = None, metric: str = "params", threshold: float | None = None,
               allocation: str = "alpha", guards: Guards | None = None, meta: dict[str, Any] | None = None,
-              ldiffs: dict[str, float] | None = None) -> Plan:
+              ldiffs: dict[str, float] | None = None, cost_power: float = 1.0) -> Plan:
     """Decide the kept channels of every group.
 
     - ``target`` (fraction of ``metric`` = params or macs to remove): bisection on the
@@ -189,7 +198,13 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
             raise TvsError(f"the budget must be a fraction in [0, 1), got {target}")
         gs = group_scores(graph, scores)
         gl = [max((ldiffs or {}).get(m, 0.0) for m in g.members) if g.members else 0.0 for g in graph.groups]
-        alloc = Allocator(allocation, gs, channels, guards, gl)
+        unit = []
+        for i, g in enumerate(graph.groups):  # what removing one channel of each group saves
+            one = [np.empty(0, dtype=np.int64)] * len(graph.groups)
+            one[i] = np.array([0])
+            p1, m1 = cost.cost(one)
+            unit.append(float(base - (p1 if metric == "params" else m1)))
+        alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power)
 
         def frac(lam: float) -> float:
             p, m = cost.cost(alloc.removed(alloc.counts(lam)))

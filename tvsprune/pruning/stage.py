@@ -37,7 +37,8 @@ class PruneOptions:
     target_params: float | None = None
     target_flops: float | None = None
     threshold: float | None = None
-    allocation: str = "alpha"
+    allocation: str = "cost"
+    cost_power: float = 2.0
     guards: Guards = field(default_factory=Guards)
     pair_reduce: str = "min"
     seed: int = 0
@@ -152,7 +153,8 @@ def _full_plan(ctx: Context) -> Plan:
 
 def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOptions,
               val: list[tuple[torch.Tensor, torch.Tensor]], base_acc: float,
-              log_round: Callable[[dict[str, Any]], None] | None = None) -> tuple[Plan, list[dict[str, Any]]]:
+              log_round: Callable[[dict[str, Any]], None] | None = None,
+              on_accept: Callable[[Plan, float], None] | None = None) -> tuple[Plan, list[dict[str, Any]]]:
     """IterTVSPrune: collect -> step -> evaluate, accepting steps within the accuracy budget."""
     target, metric = opts.budget()
     if target is None:
@@ -181,7 +183,7 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
         cur_cost = current_ctx.cost.cost()[0 if metric == "params" else 1]
         local = max(0.0, 1.0 - (1.0 - goal) * base_cost / cur_cost)
         step_plan = make_plan(current_ctx.graph, current_ctx.cost, scores, target=local, metric=metric,
-                              allocation=opts.allocation, guards=opts.guards)
+                              allocation=opts.allocation, guards=opts.guards, cost_power=opts.cost_power)
         candidate = _compose(plan, step_plan)
         model = build_pruned(ctx, candidate, opts, calib)
         acc, _, _ = _accuracy(model, val, n_classes)
@@ -198,6 +200,8 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
             log_round(row)
         if accepted:
             plan, removed_frac = candidate, frac
+            if on_accept:
+                on_accept(plan, frac)
             current = LoadedModel(module=model, spec=ctx.loaded.spec, normalize=ctx.loaded.normalize)
             current_ctx = Context.build(current, list(ctx.example.shape[1:]))
         else:
@@ -278,7 +282,7 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
                      "macs": {"before": bm, "after": m, "removed_frac": 1 - m / bm}}
     else:
         plan = make_plan(ctx.graph, ctx.cost, scores, target=target, metric=metric, threshold=opts.threshold,
-                         allocation=opts.allocation, guards=opts.guards, ldiffs=ldiffs)
+                         allocation=opts.allocation, guards=opts.guards, ldiffs=ldiffs, cost_power=opts.cost_power)
     plan.meta = {**meta, **plan.meta}
     pruned = build_pruned(ctx, plan, opts, calib)
 

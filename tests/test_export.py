@@ -1,0 +1,171 @@
+"""Export: ONNX checker/parity/size/batches, INT8 QDQ, TensorRT (marker) and its clean failure."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import randomize_bn, run_cli
+from tiny_models import TinyCNN
+
+from tvsprune.exporters import export_onnx
+from tvsprune.exporters.onnx_export import ort_session
+from tvsprune.exporters.probe import probe_environment
+from tvsprune.models import LoadedModel, ModelSpec
+
+TINY = Path(__file__).parent / "tiny_models.py"
+
+
+def _tiny_loaded() -> LoadedModel:
+    torch.manual_seed(0)
+    return LoadedModel(module=randomize_bn(TinyCNN()), spec=ModelSpec("tiny"), input_shape=(3, 16, 16))
+
+
+def test_onnx_export_checked_cleaned_and_dynamic(tmp_path):
+    out = tmp_path / "m.onnx"
+    rep = export_onnx(_tiny_loaded(), out)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["parameters"] == str(sum(p.numel() for p in _tiny_loaded().module.parameters()))
+    assert {"tvsprune_version", "source_spec", "macs", "weights_sha256", "plan_sha256"} <= set(meta)
+    assert rep["parity"]["within_tolerance"] and rep["parity"]["batch_sizes"] == [1, 7, 64]
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node) or rep["exporter"] == "torchscript"
+    sidecar = json.loads(out.with_suffix(".export.json").read_text())
+    assert sidecar["sha256"] and sidecar["checker"].startswith("passed")
+    sess = ort_session(out)
+    for bs in (1, 3, 64):
+        assert sess.run(None, {"input": np.zeros((bs, 3, 16, 16), np.float32)})[0].shape == (bs, 3)
+
+
+def test_torchscript_exporter_switch(tmp_path):
+    rep = export_onnx(_tiny_loaded(), tmp_path / "ts.onnx", exporter="torchscript")
+    assert rep["exporter"] == "torchscript" and rep["parity"]["within_tolerance"]
+
+
+def test_parity_shape_mismatch_is_fatal_and_leaves_no_file(tmp_path, monkeypatch):
+    from tvsprune.errors import TvsError
+    from tvsprune.exporters import onnx_export
+
+    def broken(model, path, inputs, tolerance, batch_sizes):
+        raise onnx_export.ParityShapeError("ONNX Runtime output shape [1, 4] differs from PyTorch's [1, 3]")
+
+    monkeypatch.setattr(onnx_export, "parity_check", broken)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(TvsError, match="differs"):
+        onnx_export.export_onnx(_tiny_loaded(), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_qdq_is_symmetric(tmp_path, image_folder):
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(TINY, src)
+    weights = tmp_path / "w.pt"
+    torch.save(randomize_bn(TinyCNN()).state_dict(), weights)
+    fp32 = tmp_path / "m.onnx"
+    r = run_cli("export", "onnx", f"{src}:TinyCNN", "--weights", weights, "--out", fp32, "--data", image_folder,
+                "--parity-samples", "16")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "m.int8.onnx"
+    r = run_cli("export", "int8", fp32, "--calib-data", image_folder, "--out", out, "--eval-data", image_folder,
+                "--calib-samples", "12")
+    assert r.returncode == 0, r.stderr
+    model = onnx.load(str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(np.all(z == 0) for z in zero_points)
+    rep = json.loads((tmp_path / "m.int8.json").read_text())
+    assert "evaluation" in rep and 0.0 <= rep["evaluation"]["int8_top1"] <= 1.0
+
+
+def test_tensorrt_absent_fails_cleanly_with_exit_code_2(tmp_path):
+    env = probe_environment()
+    if "tensorrt" in env and env.get("gpus"):
+        pytest.skip("TensorRT and a GPU are present: the clean-failure path does not apply")
+    onnx_file = tmp_path / "m.onnx"
+    export_onnx(_tiny_loaded(), onnx_file)
+    r = run_cli("export", "trt", onnx_file, "--out", tmp_path / "m.engine", "--precision", "fp16")
+    assert r.returncode == 2
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and ("TensorRT" in errors[0]) and ("container" in errors[0])
+    assert "Traceback" not in r.stderr and not (tmp_path / "m.engine").exists()
+
+
+def test_doctor_runs():
+    r = run_cli("doctor")
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime" in r.stdout and "tensorrt" in r.stdout
+
+
+def _trt_ready() -> str | None:
+    env = probe_environment()
+    if "tensorrt" not in env:
+        return "TensorRT is not installed (run in the container)"
+    if not env.get("gpus"):
+        return "no CUDA GPU visible"
+    return None
+
+
+@pytest.mark.trt
+def test_tensorrt_fp16_engine_matches_onnxruntime(tmp_path):
+    reason = _trt_ready()
+    if reason:
+        pytest.skip(reason)
+    import tensorrt as trt
+
+    from tvsprune.bench.runners import make_runner
+    from tvsprune.exporters.tensorrt import build_engine
+
+    loaded = LoadedModel(module=randomize_bn(TinyCNN()), spec=ModelSpec("tiny"), input_shape=(3, 16, 16))
+    onnx_file = tmp_path / "m.onnx"
+    export_onnx(loaded, onnx_file)
+    rep = build_engine(onnx_file, tmp_path / "m.engine", "fp16", 1, 4, 8, timing_cache=tmp_path / "cache")
+    assert rep["tensorrt"] == trt.__version__ and rep["device_memory_size_v2"] is not None
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ref = ort_session(onnx_file).run(None, {"input": x})[0]
+    with make_runner("tensorrt", tmp_path / "m.engine") as runner:
+        got = runner.infer(x)
+    assert np.abs(got - ref).max() < 5e-2 and (got.argmax(1) == ref.argmax(1)).all()
+
+
+# ------------------------------------------------------------------ acceptance on shared models
+@pytest.fixture(scope="module")
+def pruned_pair(tmp_path_factory, shared_models, cifar_dir):
+    """vgg11_bn and resnet20, unpruned and ~40 % pruned (l1, no repair: fast and deterministic)."""
+    out = {}
+    root = tmp_path_factory.mktemp("pruned")
+    for name, ckpt in (("vgg11_bn", "vgg11_bn_cifar10.pt"), ("resnet20", "resnet20_cifar10.pt")):
+        d = root / name
+        r = run_cli("prune", name, "--weights", shared_models / ckpt, "--method", "l1", "--target-params", "0.4",
+                    "--out", d)
+        assert r.returncode == 0, r.stderr
+        out[name] = (shared_models / ckpt, d)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet20"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_acceptance_onnx_parity_on_cifar(pruned_pair, cifar_dir, tmp_path, name, pruned):
+    ckpt, pdir = pruned_pair[name]
+    out = tmp_path / "m.onnx"
+    args = (pdir,) if pruned else (name, "--weights", ckpt)
+    r = run_cli("export", "onnx", *args, "--out", out, "--data", cifar_dir / "test", "--parity-samples", "512")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.with_suffix(".export.json").read_text())
+    onnx.checker.check_model(str(out), full_check=True)
+    assert rep["parity"]["samples"] == 512 and rep["parity"]["inputs"] == "calibration images"
+    assert rep["parity"]["max_abs_diff"] <= 1e-4 and rep["parity"]["top1_agreement"] == 1.0
+    assert rep["parity"]["batch_sizes"] == [1, 7, 64]
+    if pruned:
+        params = rep["parameters"]
+        assert abs(out.stat().st_size - 4 * params) <= 0.05 * 4 * params + 64 * 1024
+        prune_report = json.loads((pdir / "prune.json").read_text())
+        assert 0.39 <= prune_report["params"]["removed_frac"] <= 0.45

@@ -1,0 +1,80 @@
+"""INT8 by explicit quantization: ONNX Runtime static quantization to a QDQ model.
+
+Symmetric activations and weights (zero point 0, as TensorRT requires), per-channel
+weights; the QDQ model is also what TensorRT consumes for INT8.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..artifacts import atomic_path, sha256_file, write_json
+from ..errors import TvsError
+
+log = logging.getLogger(__name__)
+METHODS = ("minmax", "entropy", "percentile")
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over batches of images."""
+
+    def __init__(self, name: str, batches: Iterator[np.ndarray]) -> None:
+        self.name, self.batches = name, iter(batches)
+
+    def get_next(self):
+        x = next(self.batches, None)
+        return None if x is None else {self.name: x}
+
+    def rewind(self) -> None:  # pragma: no cover - only used by some calibrators
+        pass
+
+
+def quantize_int8(onnx_path: str | Path, calib_batches: list[np.ndarray], out: str | Path, method: str = "minmax",
+                  per_channel: bool = True) -> dict[str, Any]:
+    """Write a QDQ INT8 model calibrated on ``calib_batches``; returns a report."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in METHODS:
+        raise TvsError(f"unknown calibration method {method!r} (one of {', '.join(METHODS)})")
+    onnx_path, out = Path(onnx_path), Path(out)
+    if not onnx_path.is_file():
+        raise TvsError(f"ONNX model not found: {onnx_path}")
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    name = model.graph.input[0].name
+    t0 = time.perf_counter()
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory() as td:
+        src = Path(td) / "pre.onnx"
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            quant_pre_process(str(onnx_path), str(src), skip_symbolic_shape=True)
+        except Exception as e:  # pre-processing is an optimisation; quantize the original if it fails
+            log.warning("quant_pre_process failed (%s); quantizing the model as exported", e)
+            src = onnx_path
+        with atomic_path(out) as tmp:
+            quantize_static(str(src), str(tmp), _Reader(name, calib_batches), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=calib,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+            onnx.checker.check_model(str(tmp))
+    report = {"file": str(out), "source": str(onnx_path), "source_sha256": sha256_file(onnx_path),
+              "format": "QDQ", "activations": "int8 symmetric", "weights": "int8 symmetric" +
+              (" per-channel" if per_channel else ""), "calibration_method": method,
+              "calibration_images": int(sum(len(b) for b in calib_batches)),
+              "size_bytes": out.stat().st_size, "sha256": sha256_file(out),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    return report
+
+
+def write_report(out: str | Path, report: dict[str, Any]) -> None:
+    write_json(Path(str(out).removesuffix(".onnx") + ".int8.json") if not str(out).endswith(".int8.onnx")
+               else Path(str(out).removesuffix(".onnx") + ".json"), report)

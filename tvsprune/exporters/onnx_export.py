@@ -1,0 +1,231 @@
+"""Export to ONNX: torch.onnx (torch.export-based, TorchScript fallback), checker, shape
+inference, onnx-graphsurgeon clean-up, metadata, and parity against ONNX Runtime (CPU)."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..artifacts import atomic_path, sha256_file, sha256_json, write_json
+from ..errors import TvsError
+from ..models import LoadedModel
+
+log = logging.getLogger(__name__)
+TWO_GB = 2 * 1024 ** 3
+INPUT, OUTPUT = "input", "logits"
+
+
+class ParityShapeError(TvsError):
+    """ONNX Runtime and PyTorch disagree on the output shape: the export is wrong."""
+
+
+@dataclass
+class ParityResult:
+    samples: int
+    max_abs_diff: float
+    top1_agreement: float
+    tolerance: float
+    batch_sizes: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement,
+                "tolerance": self.tolerance, "batch_sizes": self.batch_sizes, "within_tolerance": self.ok}
+
+
+def count_params_macs(model: torch.nn.Module, input_shape: list[int]) -> tuple[int, int]:
+    """Parameters, and multiply-accumulates of Conv2d / Linear layers for one image."""
+    macs = 0
+
+    def hook(m, inp, out):
+        nonlocal macs
+        if isinstance(m, torch.nn.Conv2d):
+            macs += m.weight.numel() * out.shape[2] * out.shape[3]
+        elif isinstance(m, torch.nn.Linear):
+            macs += m.weight.numel() * (out.numel() // out.shape[-1] // out.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(p.numel() for p in model.parameters()), int(macs)
+
+
+def _export_dynamo(model, example, opset, dynamic) -> Any:
+    from torch.export import Dim
+
+    shapes = ({0: Dim("batch", min=1, max=65536)},) if dynamic else None
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                    opset_version=opset, dynamic_shapes=shapes, optimize=True, verbose=False)
+    return program.model_proto
+
+
+def _export_torchscript(model, example, opset, dynamic, tmpdir: Path):
+    import onnx
+
+    f = tmpdir / "ts.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(f), dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
+                          opset_version=opset or 17,
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic else None)
+    return onnx.load(str(f))
+
+
+def clean_graph(model_proto):
+    """Shape inference, then graphsurgeon: fold constants, drop dead nodes, toposort."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    model_proto = onnx.shape_inference.infer_shapes(model_proto)
+    graph = gs.import_onnx(model_proto)
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    cleaned.ir_version = model_proto.ir_version
+    del cleaned.opset_import[:]
+    cleaned.opset_import.extend(model_proto.opset_import)
+    return onnx.shape_inference.infer_shapes(cleaned)
+
+
+def ort_session(path: str | Path, providers: list[str] | None = None, provider_options: list[dict] | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
+                                provider_options=provider_options)
+
+
+def parity_check(model: torch.nn.Module, onnx_path: str | Path, inputs: torch.Tensor, tolerance: float = 1e-4,
+                 batch_sizes: tuple[int, ...] = (1, 7, 64)) -> ParityResult:
+    """Compare PyTorch and ONNX Runtime (CPU) logits on ``inputs``, at several batch sizes."""
+    sess = ort_session(onnx_path)
+    name = sess.get_inputs()[0].name
+    model.eval()
+    worst, agree, n = 0.0, 0, 0
+    used = []
+    with torch.no_grad():
+        for bs in batch_sizes:
+            chunk = inputs[:bs] if bs <= len(inputs) else inputs.repeat((bs + len(inputs) - 1) // len(inputs), 1, 1, 1)[:bs]
+            ref = model(chunk).numpy()
+            got = sess.run(None, {name: chunk.numpy()})[0]
+            if got.shape != ref.shape:
+                raise ParityShapeError(f"ONNX Runtime output shape {list(got.shape)} differs from PyTorch's "
+                                       f"{list(ref.shape)} at batch {bs}")
+            worst = max(worst, float(np.abs(got - ref).max()))
+            used.append(bs)
+        step = 64
+        for i in range(0, len(inputs), step):
+            chunk = inputs[i:i + step]
+            ref = model(chunk).numpy()
+            got = sess.run(None, {name: chunk.numpy()})[0]
+            if got.shape != ref.shape:
+                raise ParityShapeError(f"ONNX Runtime output shape {list(got.shape)} differs from PyTorch's {list(ref.shape)}")
+            worst = max(worst, float(np.abs(got - ref).max()))
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+            n += len(chunk)
+    return ParityResult(n, worst, agree / max(1, n), tolerance, used)
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise TvsError(f"{path} is not a readable ONNX model: {e}") from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, batch: str | int = "dynamic",
+                input_shape: list[int] | None = None, parity_inputs: torch.Tensor | None = None,
+                tolerance: float = 1e-4, exporter: str = "auto") -> dict[str, Any]:
+    """Write ``out`` (ONNX) and ``out``'s ``export.json`` sidecar; returns the sidecar's content."""
+    import onnx
+
+    out = Path(out)
+    shape = list(input_shape or loaded.input_shape or [])
+    if not shape:
+        raise TvsError("the input shape is unknown: pass --input-shape C,H,W")
+    dynamic = batch == "dynamic"
+    n = 2 if dynamic else int(batch)
+    model = loaded.module.eval()
+    example = torch.randn(n, *shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as e:
+        raise TvsError(f"input of shape {shape} does not fit the model: {str(e).splitlines()[0]}") from None
+    t0 = time.perf_counter()
+    fallback_reason = None
+    used = exporter
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as td:
+        if exporter in ("auto", "dynamo"):
+            try:
+                proto = _export_dynamo(model, example, opset, dynamic)
+                used = "dynamo"
+            except Exception as e:  # torch.export cannot capture every model
+                if exporter == "dynamo":
+                    raise TvsError(f"torch.export-based ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+                fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("torch.export-based exporter failed (%s); using the TorchScript exporter", fallback_reason)
+                proto = _export_torchscript(model, example, opset, dynamic, Path(td))
+                used = "torchscript"
+        else:
+            proto = _export_torchscript(model, example, opset, dynamic, Path(td))
+            used = "torchscript"
+    proto = clean_graph(proto)
+    params, macs = count_params_macs(model, shape)
+    meta = {"tvsprune_version": __version__, "source_spec": loaded.spec.spec,
+            "weights_sha256": loaded.weights_sha256 or "", "plan_sha256": sha256_json(loaded.plan) if loaded.plan else "",
+            "parameters": str(params), "macs": str(macs), "input_shape": ",".join(map(str, shape))}
+    if loaded.normalize:
+        meta["normalize_mean"] = ",".join(map(str, loaded.normalize["mean"]))
+        meta["normalize_std"] = ",".join(map(str, loaded.normalize["std"]))
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    proto.producer_name = "tvsprune"
+    proto.producer_version = __version__
+    if proto.ByteSize() >= TWO_GB:
+        raise TvsError("the model is larger than 2 GB: external-data export is not supported yet")
+    report: dict[str, Any] = {"file": str(out), "exporter": used, "fallback_reason": fallback_reason,
+                              "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+                              "batch": batch, "input_shape": shape, "input": INPUT, "output": OUTPUT,
+                              "parameters": params, "macs": macs, "metadata": meta}
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        report["checker"] = "passed (full_check)"
+        inputs = parity_inputs if parity_inputs is not None else torch.randn(64, *shape)
+        sizes = (1, 7, 64) if dynamic else (n,)
+        parity = parity_check(model, tmp, inputs, tolerance, sizes)  # a shape mismatch raises: no file is kept
+        report["parity"] = parity.to_dict() | {"inputs": "calibration images" if parity_inputs is not None else
+                                               "random normal inputs"}
+        if not parity.ok:
+            log.warning("parity outside tolerance: max abs diff %.3g (tolerance %.1g), top-1 agreement %.4f",
+                        parity.max_abs_diff, tolerance, parity.top1_agreement)
+            report["warnings"] = [f"parity outside tolerance: max abs diff {parity.max_abs_diff:.3g}"]
+    report["size_bytes"] = out.stat().st_size
+    report["sha256"] = sha256_file(out)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(out.with_suffix(".export.json") if out.suffix == ".onnx" else Path(str(out) + ".export.json"), report)
+    return report
