@@ -432,5 +432,47 @@ def _register_export(sub: Any) -> None:
 _EXTRA_COMMANDS.append(_register_export)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.latency import LatencyConfig
+    from .bench.report import summary_rows
+    from .bench.stage import BenchOptions, bench
+    from .console import print_table
+
+    opts = BenchOptions(backends=args.backend.split(",") if args.backend else None, batch_sizes=args.batch_sizes,
+                        latency=LatencyConfig(rounds=args.rounds, iters=args.iters),
+                        eval_samples=args.eval_samples, trt_precision=args.trt_precision, threads=args.threads,
+                        input_shape=args.input_shape)
+    data = data_options(args) if args.data else None
+    report = bench([args.base, *args.pruned], args.out, data, args.weights, opts,
+                   progress=lambda s: print(f"... {s}", file=sys.stderr))
+    print_table(summary_rows(report), title="tvsprune bench")
+    for b, why in report["skipped_backends"].items():
+        print(f"skipped {b}: {why}")
+    print(f"wrote {args.out}/report.json, report.md, report.html")
+    return 0
+
+
+def _register_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="latency, memory and accuracy of base vs pruned models on every backend")
+    p.add_argument("base", metavar="BASE", help="the unpruned model (zoo name / spec / .onnx)")
+    p.add_argument("pruned", nargs="*", metavar="PRUNED", help="pruned artifact directories or .onnx files")
+    p.add_argument("--weights", help="checkpoint of BASE")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--backend", help="comma-separated: " + ", ".join(__import__("tvsprune.bench.runners",
+                   fromlist=["REGISTRY"]).REGISTRY) + " (default: every backend present)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
+    p.add_argument("--rounds", type=int, default=5, help="A/B interleaved rounds")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per model per round")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--eval-samples", type=int, default=2000, help="images for accuracy (stratified)")
+    p.add_argument("--trt-precision", default="fp16")
+    p.add_argument("--input-shape", type=_ints, help="C,H,W when neither the models nor --data tell it")
+    add_data_args(p, required=False)
+    p.set_defaults(func=cmd_bench)
+
+
+_EXTRA_COMMANDS.append(_register_bench)
+
+
 if __name__ == "__main__":
     sys.exit(main())

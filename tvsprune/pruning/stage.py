@@ -257,6 +257,9 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
             exclude = stratified_indices(csrc.labels, calib.samples_per_class, calib.seed)
             log.info("validation data is the calibration folder: excluding its %d calibration images", len(exclude))
         vidx = stratified_indices(vsrc.labels, val.samples_per_class, val.seed, exclude)
+        if len(vidx) == 0:
+            raise TvsError(f"no validation images left in {val.path} once the {len(exclude or [])} calibration "
+                           "images are excluded: give --val-data a held-out folder")
         val_batches = list(BatchStream(vsrc, vidx, val.batch_size, val.workers, val.skip_bad))
         source_classes = vsrc.classes
     n_classes = ctx.probe.num_outputs

@@ -1,0 +1,177 @@
+"""Bench: statistics against a synthetic runner with known delays, skipped backends, report in Chromium."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_bn
+from tiny_models import TinyCNN
+
+from tvsprune.bench.latency import LatencyConfig, measure_interleaved, summarize
+from tvsprune.bench.runners import Runner, make_runner, register
+from tvsprune.errors import TvsError
+from tvsprune.models import LoadedModel, ModelSpec
+
+
+class Synthetic(Runner):
+    """Reports fixed, known delays instead of measuring (no sleeping, no clocks)."""
+
+    name = "synthetic"
+
+    def __init__(self, artifact, **kw):
+        super().__init__(artifact, **kw)
+        self.delays = list(artifact)  # seconds, cycled
+        self.i = 0
+        self.input_shape = (3, 4, 4)
+
+    def _activate(self):
+        pass
+
+    def _infer(self, x):
+        return np.zeros((len(x), 2), np.float32)
+
+    def _timed(self, x):
+        d = self.delays[self.i % len(self.delays)]
+        self.i += 1
+        return {"h2d": 0.001, "compute": d, "d2h": 0.002}
+
+
+register("synthetic", "synthetic", lambda a, **k: Synthetic(a, **k))
+
+
+def test_summary_statistics_exact():
+    delays = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    st = summarize(delays, batch=8)
+    assert st["n"] == 100 and st["min_ms"] == pytest.approx(1) and st["max_ms"] == pytest.approx(100)
+    assert st["mean_ms"] == pytest.approx(50.5)
+    assert st["p50_ms"] == pytest.approx(50.5) and st["p90_ms"] == pytest.approx(90.1)
+    assert st["p99_ms"] == pytest.approx(99.01)
+    assert st["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert st["cv"] == pytest.approx(st["std_ms"] / 50.5)
+    assert st["throughput_ips"] == pytest.approx(8 / 0.0505)
+
+
+def test_interleaved_ratio_and_transfer_times_from_synthetic_runners():
+    a = make_runner("synthetic", [0.004])  # base: 4 ms
+    b = make_runner("synthetic", [0.001, 0.003])  # pruned: 1 or 3 ms (median 2)
+    cfg = LatencyConfig(warmup_iters=0, warmup_s=0.0, rounds=4, iters=10, cv_warn=10)
+    with a, b:
+        res = measure_interleaved({"base": a, "pruned": b}, np.zeros((2, 3, 4, 4), np.float32), cfg)
+    assert res["stats"]["base"]["p50_ms"] == pytest.approx(4.0)
+    assert res["stats"]["pruned"]["mean_ms"] == pytest.approx(2.0)
+    assert res["stats"]["pruned"]["h2d_ms"] == pytest.approx(1.0) and res["stats"]["pruned"]["d2h_ms"] == pytest.approx(2.0)
+    sp = res["speedup_vs_base"]["pruned"]
+    assert sp["speedup_median"] == pytest.approx(2.0) and sp["rounds"] == 4
+
+
+def test_unstable_timings_are_repeated_and_flagged():
+    noisy = make_runner("synthetic", [0.001, 0.010])
+    steady = make_runner("synthetic", [0.002])
+    cfg = LatencyConfig(warmup_iters=0, warmup_s=0.0, rounds=2, iters=4, cv_warn=0.1, max_repeats=1)
+    with noisy, steady:
+        res = measure_interleaved({"a": steady, "b": noisy}, np.zeros((1, 3, 4, 4), np.float32), cfg)
+    assert res["warnings"] and "b" in res["warnings"][0]
+
+
+def test_runner_validates_inputs_once_in_base_class():
+    r = make_runner("synthetic", [0.001])
+    with pytest.raises(TvsError, match="before activate"):
+        r.infer(np.zeros((1, 3, 4, 4), np.float32))
+    with r:
+        with pytest.raises(TvsError, match="float32"):
+            r.infer(np.zeros((1, 3, 4, 4), np.float64))
+        with pytest.raises(TvsError, match="does not match"):
+            r.infer(np.zeros((1, 3, 5, 5), np.float32))
+        assert r.infer(np.zeros((2, 3, 4, 4), np.float32)).shape == (2, 2)
+
+
+def test_torch_and_ort_cpu_runners_agree(tmp_path):
+    from tvsprune.exporters import export_onnx
+
+    loaded = LoadedModel(module=randomize_bn(TinyCNN()), spec=ModelSpec("tiny"), input_shape=(3, 16, 16))
+    export_onnx(loaded, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    with make_runner("torch-cpu", loaded) as t, make_runner("ort-cpu", tmp_path / "m.onnx") as o:
+        assert np.abs(t.infer(x) - o.infer(x)).max() < 1e-4
+        assert o.info["providers_loaded"] == ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed here when missing (needs root and the package registry)."""
+    path = shutil.which("chromium")
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                       capture_output=True, timeout=900, env=env)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed and could not be installed (apt-get chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """A bench run of a tiny base model and two pruned variants on torch-cpu and ort-cpu."""
+    import shutil as sh
+
+    from conftest import run_cli, write_image_folder
+
+    root = tmp_path_factory.mktemp("bench")
+    src = root / "tiny_models.py"
+    sh.copy(Path(__file__).parent / "tiny_models.py", src)
+    torch.manual_seed(0)
+    weights = root / "w.pt"
+    torch.save(randomize_bn(TinyCNN()).state_dict(), weights)
+    data = write_image_folder(root / "images", per_class=8)
+    spec = f"{src}:TinyCNN"
+    assert run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", root / "m.safetensors",
+                   "--samples-per-class", "4").returncode == 0
+    outs = []
+    for frac in ("0.2", "0.5"):
+        d = root / f"pruned{frac}"
+        r = run_cli("prune", spec, "--weights", weights, "--moments", root / "m.safetensors", "--target-params",
+                    frac, "--out", d, "--val-data", data)
+        assert r.returncode == 0, r.stderr
+        outs.append(d)
+    out = root / "report"
+    r = run_cli("bench", spec, *outs, "--weights", weights, "--data", data, "--out", out, "--batch-sizes", "1,8",
+                "--rounds", "2", "--iters", "3", "--backend", "torch-cpu,ort-cpu,tensorrt")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_report_json_lists_skipped_backends_and_measurements(tiny_report):
+    rep = json.loads((tiny_report / "report.json").read_text())
+    assert set(rep["latency"]) == {"torch-cpu", "ort-cpu"}
+    assert "tensorrt" in rep["skipped_backends"] and rep["skipped_backends"]["tensorrt"]
+    assert "torch-cuda" in rep["skipped_backends"]
+    assert rep["latency"]["ort-cpu"]["8"]["stats"]["base"]["n"] >= 6
+    assert {m["label"] for m in rep["models"]} == {"base", "pruned0.2", "pruned0.5"}
+    assert rep["accuracy"]["models"]["base"]["agreement_with_base"] == 1.0
+    assert rep["memory"]["ort-cpu"]["base"]["peak_rss_bytes"] > 0
+    assert rep["machine"]["cpu_count"] and rep["versions"]["torch"]
+    md = (tiny_report / "report.md").read_text()
+    assert "## Summary" in md and "plots/latency_vs_batch.png" in md and "Backends skipped" in md
+
+
+def test_report_html_plots_render_in_headless_chromium(tiny_report, chromium, tmp_path):
+    html = tiny_report / "report.html"
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                        html.as_uri()], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    start = r.stdout.index('<pre id="render-check">') + len('<pre id="render-check">')
+    sizes = json.loads(r.stdout[start:r.stdout.index("</pre>", start)].replace("&quot;", '"'))
+    names = {s["plot"] for s in sizes}
+    assert {"latency_vs_batch", "accuracy_vs_params", "per_class_change"} <= names
+    assert any(n.startswith("channels_") for n in names)
+    assert all(s["width"] > 0 and s["height"] > 0 for s in sizes)

@@ -1,0 +1,281 @@
+"""The bench stage: base vs pruned models on every backend present -> report.json (+ md/html)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..artifacts import versions, write_json
+from ..calibration.stage import DataOptions
+from ..data import take_images
+from ..errors import MissingDependencyError, TvsError
+from ..models import LoadedModel, load_model
+from .latency import LatencyConfig, measure_interleaved
+from .memory import peak_rss
+from .runners import REGISTRY, backend_availability, make_runner
+
+log = logging.getLogger(__name__)
+DEFAULT_ORDER = ["torch-cpu", "ort-cpu", "torch-cuda", "torch-cuda-graphs", "ort-cuda", "ort-trt", "tensorrt"]
+
+
+@dataclass
+class BenchOptions:
+    backends: list[str] | None = None       # None: every backend present
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    eval_samples: int | None = 2000
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2])
+    trt_precision: str = "fp16"
+    threads: int | None = None
+    seed: int = 0
+    input_shape: list[int] | None = None
+
+
+@dataclass
+class Entry:
+    label: str
+    spec: str
+    loaded: LoadedModel | None = None
+    onnx: Path | None = None
+    engine: Path | None = None
+    prune_report: dict[str, Any] | None = None
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def _label_for(spec: str, i: int, used: set[str]) -> str:
+    base = "base" if i == 0 else Path(spec.rstrip("/")).name.replace(".onnx", "") or f"pruned{i}"
+    label, k = base, 2
+    while label in used:
+        label, k = f"{base}-{k}", k + 1
+    used.add(label)
+    return label
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        info["cpu"] = platform.processor()
+    if shutil.which("nvidia-smi"):
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm",
+                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            info["gpus"] = [dict(zip(["name", "driver", "sm_clock", "mem_clock", "max_sm_clock"],
+                                     [v.strip() for v in line.split(",")])) for line in q.stdout.strip().splitlines()]
+        except Exception as e:  # reported, never fatal
+            info["gpus_error"] = str(e)
+    elif torch.cuda.is_available():
+        info["gpus"] = [{"name": torch.cuda.get_device_name(i)} for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _load_entries(specs: list[str], weights: str | None) -> list[Entry]:
+    entries, used = [], set()
+    for i, spec in enumerate(specs):
+        e = Entry(_label_for(spec, i, used), spec)
+        if spec.endswith(".onnx"):
+            e.onnx = Path(spec)
+        else:
+            e.loaded = load_model(spec, weights if i == 0 else None)
+            pdir = Path(spec)
+            if (pdir / "prune.json").is_file():
+                e.prune_report = json.loads((pdir / "prune.json").read_text())
+                e.files["weights"] = (pdir / "pruned.safetensors").stat().st_size
+            elif weights and i == 0:
+                e.files["weights"] = Path(weights).stat().st_size
+        entries.append(e)
+    return entries
+
+
+def _input_shape(entries: list[Entry], data: DataOptions | None, given: list[int] | None) -> list[int]:
+    """From --input-shape, a model that knows it, an ONNX file, or the data's first image."""
+    if given:
+        return list(given)
+    for e in entries:
+        if e.loaded is not None and e.loaded.input_shape:
+            return list(e.loaded.input_shape)
+    for e in entries:
+        if e.onnx is not None:
+            from ..exporters.onnx_export import ort_session
+
+            dims = ort_session(e.onnx).get_inputs()[0].shape[1:]
+            if all(isinstance(d, int) for d in dims):
+                return [int(d) for d in dims]
+    if data is not None:
+        ref = next((e.loaded for e in entries if e.loaded is not None), None)
+        src = data.open(ref)
+        return list(src.load(0).shape)
+    raise TvsError("the input shape is unknown: pass --input-shape C,H,W or --data")
+
+
+def _prepare(entries: list[Entry], shape: list[int], out: Path, needs_onnx: bool, needs_engine: bool,
+             trt_precision: str, progress: Callable[[str], None]) -> None:
+    from ..exporters import export_onnx
+
+    for e in entries:
+        if e.loaded is not None and not e.loaded.input_shape:
+            e.loaded.input_shape = tuple(shape)
+        if needs_onnx and e.onnx is None:
+            progress(f"exporting {e.label} to ONNX")
+            e.onnx = out / "models" / f"{e.label}.onnx"
+            export_onnx(e.loaded, e.onnx, input_shape=shape)
+        if e.onnx is not None:
+            e.files["onnx"] = e.onnx.stat().st_size
+        if needs_engine and e.onnx is not None:
+            from ..exporters.tensorrt import build_engine
+
+            progress(f"building a {trt_precision} TensorRT engine for {e.label}")
+            e.engine = out / "models" / f"{e.label}.{trt_precision}.engine"
+            build_engine(e.onnx, e.engine, trt_precision, 1, 8, 64, timing_cache=out / "models" / "timing.cache")
+            e.files["engine"] = e.engine.stat().st_size
+
+
+def _artifact(entry: Entry, kind: str) -> Any:
+    return {"torch": entry.loaded, "onnx": entry.onnx, "engine": entry.engine}[kind]
+
+
+@torch.no_grad()
+def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions) -> dict[str, Any]:
+    """Accuracy, agreement with the base model, and functional similarity under input noise."""
+    from .accuracy import accuracy_from_logits
+
+    ref = entries[0]
+    src = data.open(ref.loaded)
+    n = opts.eval_samples or len(src)
+    x, y = take_images(src, min(n, len(src)), seed=opts.seed)
+    labels = y.numpy()
+
+    def logits_of(e: Entry, inputs: torch.Tensor) -> np.ndarray:
+        if e.loaded is not None:
+            m = e.loaded.module.eval()
+            return torch.cat([m(inputs[i:i + 256]) for i in range(0, len(inputs), 256)]).numpy()
+        from ..exporters.onnx_export import ort_session
+
+        sess = ort_session(e.onnx)
+        name = sess.get_inputs()[0].name
+        return np.concatenate([sess.run(None, {name: inputs[i:i + 256].numpy()})[0] for i in range(0, len(inputs), 256)])
+
+    out: dict[str, Any] = {"samples": int(len(labels)), "classes": src.classes, "models": {}}
+    base_logits = logits_of(ref, x)
+    g = torch.Generator().manual_seed(opts.seed)
+    noises = {s: torch.randn(x.shape, generator=g) * s for s in opts.noise}
+    base_noisy = {s: logits_of(ref, x + nz) for s, nz in noises.items()}
+    for e in entries:
+        lg = base_logits if e is ref else logits_of(e, x)
+        acc = accuracy_from_logits(lg, labels, src.classes)
+        acc["agreement_with_base"] = float((lg.argmax(1) == base_logits.argmax(1)).mean())
+        sim = []
+        for s, nz in noises.items():
+            ln = base_noisy[s] if e is ref else logits_of(e, x + nz)
+            b = base_noisy[s]
+            pb = torch.softmax(torch.from_numpy(b), 1)
+            pn = torch.softmax(torch.from_numpy(ln), 1)
+            sim.append({"noise_std": s, "agreement": float((ln.argmax(1) == b.argmax(1)).mean()),
+                        "accuracy": float((ln.argmax(1) == labels).mean()),
+                        "prob_l1_distance": float((pb - pn).abs().sum(1).mean() / 2)})
+        acc["noise_similarity"] = sim
+        out["models"][e.label] = acc
+    return out
+
+
+def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None, weights: str | None = None,
+          opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every model on every backend present; write report.json, report.md, report.html."""
+    opts = opts or BenchOptions()
+    progress = progress or (lambda s: log.info(s))
+    if not specs:
+        raise TvsError("bench needs at least one model")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    avail = backend_availability()
+    requested = opts.backends or [b for b in DEFAULT_ORDER if avail.get(b) is None]
+    unknown = [b for b in requested if b not in REGISTRY]
+    if unknown:
+        raise TvsError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(REGISTRY)})")
+    skipped = {b: avail[b] for b in DEFAULT_ORDER if b not in requested or avail.get(b)}
+    for b in list(skipped):
+        if b not in requested and avail.get(b) is None:
+            skipped[b] = "not requested (--backend)"
+    run = [b for b in requested if avail.get(b) is None]
+    for b in requested:
+        if avail.get(b):
+            log.warning("backend %s skipped: %s", b, avail[b])
+    kinds = {REGISTRY[b][0] for b in run}
+    entries = _load_entries(specs, weights)
+    shape = _input_shape(entries, data, opts.input_shape)
+    _prepare(entries, shape, out, "onnx" in kinds, "engine" in kinds, opts.trt_precision, progress)
+    report: dict[str, Any] = {"tvsprune_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "machine": machine_info(), "versions": versions(),
+                              "flags": {"backends": run, "batch_sizes": opts.batch_sizes,
+                                        "latency": vars(opts.latency), "eval_samples": opts.eval_samples,
+                                        "noise": opts.noise, "threads": opts.threads or torch.get_num_threads()},
+                              "input_shape": shape, "skipped_backends": skipped, "models": [], "latency": {},
+                              "memory": {}}
+    from ..exporters.onnx_export import count_params_macs
+
+    for e in entries:
+        m: dict[str, Any] = {"label": e.label, "spec": e.spec, "files_bytes": e.files}
+        if e.loaded is not None:
+            m["params"], m["macs"] = count_params_macs(e.loaded.module, shape)
+        if e.prune_report:
+            m["prune"] = {k: e.prune_report.get(k) for k in ("method", "params", "macs", "layers", "accuracy",
+                                                               "per_class", "repairs", "allocation")}
+        report["models"].append(m)
+    rng = np.random.default_rng(opts.seed)
+    for b in run:
+        kind = REGISTRY[b][0]
+        usable = [e for e in entries if _artifact(e, kind) is not None]
+        if not usable:
+            report["skipped_backends"][b] = f"no {kind} artifact for any model"
+            continue
+        per_batch = {}
+        try:
+            runners = {}
+            for e in usable:
+                with peak_rss() as mem:
+                    r = make_runner(b, _artifact(e, kind), **({"threads": opts.threads} if b.startswith("ort") else {}))
+                    r.activate()
+                    r.infer(rng.standard_normal((max(opts.batch_sizes), *shape)).astype(np.float32))
+                runners[e.label] = r
+                report["memory"].setdefault(b, {})[e.label] = {"peak_rss_bytes": mem["peak"],
+                                                               "rss_before_bytes": mem["before"],
+                                                               "method": mem.get("method"), **r.info}
+            for bs in opts.batch_sizes:
+                progress(f"{b}: batch {bs}")
+                x = rng.standard_normal((bs, *shape)).astype(np.float32)
+                per_batch[str(bs)] = measure_interleaved(runners, x, opts.latency)
+            for e in usable:
+                runners[e.label].deactivate()
+                report["memory"][b][e.label].update(runners[e.label].info)
+        except MissingDependencyError as err:
+            report["skipped_backends"][b] = str(err)
+            continue
+        report["latency"][b] = per_batch
+    if data is not None and entries[0].loaded is not None:
+        progress("accuracy and functional similarity")
+        report["accuracy"] = _accuracy_block(entries, data, opts)
+    report["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    from .report import render
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    render(report, out)
+    return report
