@@ -85,14 +85,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _load_entries(specs: list[str], weights: str | None) -> list[Entry]:
+def _load_entries(specs: list[str], weights: str | None, onnx_paths: dict[int, Path] | None = None,
+                  model_kwargs: dict[str, Any] | None = None) -> list[Entry]:
     entries, used = [], set()
     for i, spec in enumerate(specs):
         e = Entry(_label_for(spec, i, used), spec)
         if spec.endswith(".onnx"):
             e.onnx = Path(spec)
         else:
-            e.loaded = load_model(spec, weights if i == 0 else None)
+            e.loaded = load_model(spec, weights if i == 0 else None, model_kwargs if i == 0 else None)
+            if onnx_paths and i in onnx_paths:
+                e.onnx = Path(onnx_paths[i])
             pdir = Path(spec)
             if (pdir / "prune.json").is_file():
                 e.prune_report = json.loads((pdir / "prune.json").read_text())
@@ -195,7 +198,8 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions)
 
 
 def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None, weights: str | None = None,
-          opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+          opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None,
+          onnx_paths: dict[int, Path] | None = None, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure every model on every backend present; write report.json, report.md, report.html."""
     opts = opts or BenchOptions()
     progress = progress or (lambda s: log.info(s))
@@ -219,7 +223,7 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
         if avail.get(b):
             log.warning("backend %s skipped: %s", b, avail[b])
     kinds = {REGISTRY[b][0] for b in run}
-    entries = _load_entries(specs, weights)
+    entries = _load_entries(specs, weights, onnx_paths, model_kwargs)
     shape = _input_shape(entries, data, opts.input_shape)
     _prepare(entries, shape, out, "onnx" in kinds, "engine" in kinds, opts.trt_precision, progress)
     report: dict[str, Any] = {"tvsprune_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,0 +1,140 @@
+"""run / demo: strict config, manifest, skip and resume, overrides, Dockerfile structure."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, randomize_bn, run_cli, write_image_folder
+from tiny_models import TinyCNN
+
+from tvsprune.errors import TvsError
+from tvsprune.pipeline import load_config
+
+
+def _config(tmp_path: Path, extra: str = "", prune_extra: str = "") -> Path:
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(Path(__file__).parent / "tiny_models.py", src)
+    torch.manual_seed(0)
+    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
+                "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "w.pt")
+    write_image_folder(tmp_path / "calib", per_class=8)
+    write_image_folder(tmp_path / "eval", per_class=4, seed=1)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""output_dir = "out"
+{extra}
+[model]
+spec = "tiny_models.py:TinyCNN"
+weights = "w.pt"
+
+[data]
+calibration = "calib"
+evaluation = "eval"
+samples_per_class = 6
+
+[calibrate]
+resolution = "global"
+
+[prune]
+target_params = 0.3
+{prune_extra}
+
+[export]
+onnx = true
+int8 = false
+
+[bench]
+backends = ["ort-cpu"]
+batch_sizes = [1, 4]
+rounds = 2
+iters = 2
+eval_samples = 12
+""")
+    return cfg
+
+
+def test_misspelt_key_names_it_and_suggests(tmp_path):
+    cfg = _config(tmp_path, prune_extra="target_parms = 0.4")
+    r = run_cli("run", cfg)
+    assert r.returncode == 1
+    err = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(err) == 1 and "prune.target_parms" in err[0] and "prune.target_params" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_folder_names_the_path(tmp_path):
+    cfg = _config(tmp_path)
+    shutil.rmtree(tmp_path / "calib")
+    r = run_cli("run", cfg)
+    assert r.returncode == 1 and str(tmp_path / "calib") in r.stderr and "data.calibration" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_override_and_unknown_override(tmp_path):
+    cfg = _config(tmp_path)
+    c, _ = load_config(cfg, ["prune.target_params=0.5", "bench.batch_sizes=[2]"])
+    assert c.prune.target_params == 0.5 and c.bench.batch_sizes == [2]
+    with pytest.raises(TvsError, match="unknown key 'prune.targt'"):
+        load_config(cfg, ["prune.targt=1"])
+
+
+def test_run_skips_unchanged_and_resumes_after_kill_during_prune(tmp_path):
+    cfg = _config(tmp_path)
+    out = tmp_path / "out"
+    r = run_cli("run", cfg, env={"TVSPRUNE_FAULT_AT": "prune"})
+    assert r.returncode == 137  # killed at the start of prune
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["calibrate"]["status"] == "passed"
+    assert manifest["stages"]["prune"]["status"] == "running"
+    moments = out / "moments.safetensors"
+    stamp = moments.stat().st_mtime_ns
+    r = run_cli("run", cfg, "--dry-run")
+    assert r.returncode == 0 and "SKIP calibrate" in r.stdout and "RUN  prune" in r.stdout
+    r = run_cli("run", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "SKIPPED | calibrate" in r.stdout and re.search(r"PASSED \| prune \| [\d.]+ s", r.stdout)
+    assert moments.stat().st_mtime_ns == stamp  # the moments were not recomputed
+    for f in ("pruned/plan.json", "pruned/pruned.safetensors", "export/pruned.onnx", "report/report.html"):
+        assert (out / f).is_file(), f
+    # nothing changed: everything is skipped; --force redoes one stage and what follows it
+    r = run_cli("run", cfg)
+    assert r.stdout.count("SKIPPED") == 4
+    r = run_cli("run", cfg, "--force", "bench")
+    assert "SKIPPED | export" in r.stdout and "PASSED | bench" in r.stdout
+    # a changed prune setting reruns prune and everything downstream, not calibrate
+    r = run_cli("run", cfg, "--set", "prune.target_params=0.4")
+    assert "SKIPPED | calibrate" in r.stdout and "PASSED | prune" in r.stdout and "PASSED | bench" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["prune"]["target_params"] == 0.4
+    assert all(len(h) == 64 for h in manifest["stages"]["export"]["outputs"].values())
+
+
+def test_dockerfile_structure():
+    """hadolint when installed; otherwise a structural check of the two stages."""
+    text = (REPO / "Dockerfile").read_text()
+    import sys
+
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint:
+        import subprocess
+
+        r = subprocess.run([hadolint, "--failure-threshold", "error", str(REPO / "Dockerfile")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.M))
+    stages = [(re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), image), name)
+              for image, name in re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M | re.I)]
+    assert len(stages) >= 2
+    assert "nvcr.io/nvidia/" in stages[0][0] and stages[0][1]
+    assert any(s[1].lower() == "runtime" for s in stages)
+    assert re.search(r"^ENTRYPOINT\s+\[.*tvsprune", text, flags=re.M)
+    assert re.search(r"pip install[^\n]*\.\[tensorrt\]|tvsprune\[tensorrt\]", text)
+    for line in text.splitlines():
+        word = line.split(maxsplit=1)[0].upper() if line.strip() and not line.lstrip().startswith("#") else None
+        assert word is None or line.startswith((" ", "\t")) or word in {
+            "FROM", "RUN", "COPY", "ENV", "ARG", "WORKDIR", "ENTRYPOINT", "CMD", "LABEL", "USER", "EXPOSE",
+            "HEALTHCHECK", "SHELL", "VOLUME"}, line

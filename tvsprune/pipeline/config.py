@@ -1,0 +1,201 @@
+"""The run configuration: one TOML file, typed and strict.
+
+Unknown or misspelt keys are errors that name the key and suggest the closest valid one.
+Relative paths are resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ..errors import TvsError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Strict):
+    spec: str
+    weights: str | None = None
+    kwargs: dict[str, Any] = {}
+
+
+class DataSection(Strict):
+    calibration: str
+    evaluation: str | None = None
+    samples_per_class: int | None = 200
+    eval_samples: int | None = None
+    split: Literal["train", "test"] = "test"
+    resize: int | None = None
+    crop: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    batch_size: int = 128
+    workers: int = 0
+    skip_bad: bool = False
+
+
+class CalibrateSection(Strict):
+    resolution: str = "pool:4"
+    layers: str | None = None
+    device: str = "cpu"
+
+
+class PruneSection(Strict):
+    method: str = "tvs"
+    target_params: float | None = 0.3
+    target_flops: float | None = None
+    threshold: float | None = None
+    allocation: str = "cost"
+    cost_power: float = 2.0
+    min_keep_frac: float = 0.1
+    min_keep: int = 1
+    round_to: int = 1
+    pair_reduce: Literal["min", "mean"] = "min"
+    bn_recalibrate: bool = True
+    mean_compensation: bool = True
+    repair_samples_per_class: int = 100
+    max_acc_drop: float = 2.0
+    step: float = 0.05
+    seed: int = 0
+
+
+class ExportSection(Strict):
+    onnx: bool = True
+    opset: int | None = None
+    int8: bool = False
+    int8_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    int8_samples: int = 512
+    tensorrt: list[Literal["fp32", "fp16", "bf16", "int8"]] = []
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 64
+    workspace_mib: int | None = None
+    opt_level: int | None = None
+
+
+class BenchSection(Strict):
+    enabled: bool = True
+    backends: list[str] = []
+    batch_sizes: list[int] = [1, 8, 32]
+    rounds: int = 5
+    iters: int = 10
+    eval_samples: int | None = 2000
+    threads: int | None = None
+
+
+class RunConfig(Strict):
+    output_dir: str = "runs/tvsprune"
+    model: ModelSection
+    data: DataSection
+    calibrate: CalibrateSection = CalibrateSection()
+    prune: PruneSection = PruneSection()
+    export: ExportSection = ExportSection()
+    bench: BenchSection = BenchSection()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _explain(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[-1], _known_keys(RunConfig, loc), n=1)
+            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
+            msgs.append(f"unknown key '{dotted}'{hint}")
+        elif err["type"] == "missing":
+            msgs.append(f"missing key '{dotted}'")
+        else:
+            msgs.append(f"'{dotted}': {err['msg']}")
+    return "; ".join(msgs)
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise TvsError(f"--set {dotted}: '{p}' is not a section")
+    cur[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.path=value``; the value is parsed as TOML when it parses, else kept as a string."""
+    if "=" not in item:
+        raise TvsError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None, base_dir: Path | None = None) -> tuple[RunConfig, Path]:
+    """Read and validate a config; returns it with the folder relative paths resolve against."""
+    if raw is None:
+        path = Path(path)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise TvsError(f"config not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TvsError(f"{path}: invalid TOML: {e}") from None
+        base_dir = path.parent.resolve()
+    for item in overrides or []:
+        k, v = parse_override(item)
+        set_dotted(raw, k, v)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise TvsError(f"{path or 'config'}: {_explain(e)}") from None
+    return cfg, (base_dir or Path.cwd())
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Make file paths absolute and check that inputs exist (naming the first that does not)."""
+    def res(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.output_dir = res(cfg.output_dir)  # type: ignore[assignment]
+    if cfg.model.weights:
+        cfg.model.weights = res(cfg.model.weights)
+    spec = cfg.model.spec
+    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        file, name = spec.rsplit(":", 1)
+        cfg.model.spec = f"{res(file)}:{name}"
+    cfg.data.calibration = res(cfg.data.calibration)  # type: ignore[assignment]
+    cfg.data.evaluation = res(cfg.data.evaluation)
+    for label, p in (("model.weights", cfg.model.weights), ("data.calibration", cfg.data.calibration),
+                     ("data.evaluation", cfg.data.evaluation)):
+        if p is not None and not Path(p).exists():
+            raise TvsError(f"{label}: path not found: {p}")
+    return cfg

@@ -1,0 +1,237 @@
+"""``tvsprune run``: calibrate -> prune -> export -> bench from one config, with a manifest.
+
+Each stage records in ``manifest.json`` the hash of its inputs (its config section, the
+upstream artifacts' hashes) and of its outputs. A stage whose inputs and outputs are
+unchanged is skipped; a run killed mid-stage leaves that stage unrecorded (its outputs
+are written atomically), so the next run resumes there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..artifacts import sha256_file, sha256_json, versions, write_json
+from ..calibration.stage import DataOptions
+from ..errors import MissingDependencyError, TvsError
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+STAGES = ("calibrate", "prune", "export", "bench")
+FAULT_ENV = "TVSPRUNE_FAULT_AT"  # testing hook: simulate a kill at the start of a stage
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str           # passed | skipped | failed
+    seconds: float
+    detail: str = ""
+
+
+def _data(cfg: RunConfig, path: str | None, per_class: int | None) -> DataOptions:
+    d = cfg.data
+    return DataOptions(path=path or d.calibration, resize=d.resize, crop=d.crop, mean=d.mean, std=d.std,
+                       split=d.split, samples_per_class=per_class, batch_size=d.batch_size, workers=d.workers,
+                       skip_bad=d.skip_bad)
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print) -> None:
+        self.cfg, self.echo = cfg, echo
+        self.out = Path(cfg.output_dir)
+        self.manifest_path = self.out / "manifest.json"
+        self.manifest: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ manifest
+    def _load_manifest(self) -> None:
+        import json
+
+        if self.manifest_path.is_file():
+            try:
+                self.manifest = json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError:
+                log.warning("manifest.json unreadable: running every stage")
+                self.manifest = {}
+        self.manifest.setdefault("stages", {})
+        self.manifest.update({"tvsprune_version": __version__, "config": self.cfg.model_dump(),
+                              "versions": versions()})
+
+    def _save_manifest(self) -> None:
+        write_json(self.manifest_path, self.manifest)
+
+    def _inputs(self, stage: str) -> dict[str, Any]:
+        c = self.cfg
+        ups = {s: self.manifest["stages"].get(s, {}).get("outputs", {}) for s in STAGES[:STAGES.index(stage)]}
+        base = {"model": c.model.model_dump(), "weights_sha256": sha256_file(c.model.weights) if c.model.weights else None}
+        section = {"calibrate": {"data": c.data.model_dump(), "calibrate": c.calibrate.model_dump()},
+                   "prune": {"prune": c.prune.model_dump(), "evaluation": c.data.evaluation},
+                   "export": {"export": c.export.model_dump(), "calibration": c.data.calibration},
+                   "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation}}[stage]
+        return {**base, **section, "upstream": ups}
+
+    def _up_to_date(self, stage: str, inputs_hash: str) -> bool:
+        rec = self.manifest["stages"].get(stage)
+        if not rec or rec.get("status") != "passed" or rec.get("inputs_sha256") != inputs_hash:
+            return False
+        return all(Path(p).is_file() and sha256_file(p) == h for p, h in rec.get("outputs", {}).items())
+
+    # ------------------------------------------------------------------ stages
+    def stage_calibrate(self) -> list[Path]:
+        from ..calibration import calibrate
+        from ..models import load_model
+
+        c = self.cfg
+        model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
+        out = self.out / "moments.safetensors"
+        calibrate(model, _data(c, c.data.calibration, c.data.samples_per_class), out, c.calibrate.resolution,
+                  c.calibrate.layers, c.calibrate.device)
+        return [out]
+
+    def stage_prune(self) -> list[Path]:
+        from ..models import load_model
+        from ..pruning import Guards, PruneOptions, prune
+
+        c, p = self.cfg, self.cfg.prune
+        opts = PruneOptions(method=p.method, target_params=p.target_params, target_flops=p.target_flops,
+                            threshold=p.threshold, allocation=p.allocation, cost_power=p.cost_power,
+                            guards=Guards(p.min_keep_frac, p.min_keep, p.round_to), pair_reduce=p.pair_reduce,
+                            seed=p.seed, bn_recalibrate=p.bn_recalibrate, mean_compensation=p.mean_compensation,
+                            repair_samples_per_class=p.repair_samples_per_class, max_acc_drop=p.max_acc_drop,
+                            step=p.step)
+        model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
+        val = _data(c, c.data.evaluation, None) if c.data.evaluation else None
+        out = self.out / "pruned"
+        report = prune(model, self.out / "moments.safetensors", out, opts,
+                       _data(c, c.data.calibration, c.data.samples_per_class), val)
+        self.summary_prune = report
+        return [out / "plan.json", out / "pruned.safetensors", out / "prune.json"]
+
+    def stage_export(self) -> list[Path]:
+        from ..data import take_images
+        from ..exporters import export_onnx
+        from ..models import load_model
+
+        c, e = self.cfg, self.cfg.export
+        outs: list[Path] = []
+        exp = self.out / "export"
+        base = load_model(c.model.spec, c.model.weights, c.model.kwargs)
+        pruned = load_model(str(self.out / "pruned"))
+        src = _data(c, c.data.evaluation or c.data.calibration, None).open(base)
+        parity, _ = take_images(src, 128)
+        shape = list(parity.shape[1:])
+        for label, model in (("base", base), ("pruned", pruned)):
+            if e.onnx or e.int8 or e.tensorrt:
+                f = exp / f"{label}.onnx"
+                export_onnx(model, f, e.opset, "dynamic", shape, parity)
+                outs += [f, f.with_suffix(".export.json")]
+        if e.int8:
+            from ..exporters.int8 import quantize_int8, write_report
+
+            cal = _data(c, c.data.calibration, None).open(base)
+            x, _ = take_images(cal, e.int8_samples, seed=1)
+            batches = [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
+            f = exp / "pruned.int8.onnx"
+            rep = quantize_int8(exp / "pruned.onnx", batches, f, e.int8_method)
+            write_report(f, rep)
+            outs.append(f)
+        self.skipped_engines: dict[str, str] = {}
+        for precision in e.tensorrt:
+            from ..exporters.tensorrt import build_engine
+
+            src_onnx = exp / ("pruned.int8.onnx" if precision == "int8" else "pruned.onnx")
+            try:
+                f = exp / f"pruned.{precision}.engine"
+                build_engine(src_onnx, f, precision, e.min_batch, e.opt_batch, e.max_batch, e.workspace_mib,
+                             exp / "timing.cache", e.opt_level)
+                outs.append(f)
+            except MissingDependencyError as err:
+                self.skipped_engines[precision] = str(err)
+                self.echo(f"  TensorRT {precision} engine skipped: {err}")
+        return outs
+
+    def stage_bench(self) -> list[Path]:
+        from ..bench.latency import LatencyConfig
+        from ..bench.stage import BenchOptions, bench
+
+        c, b = self.cfg, self.cfg.bench
+        opts = BenchOptions(backends=b.backends or None, batch_sizes=b.batch_sizes,
+                            latency=LatencyConfig(rounds=b.rounds, iters=b.iters), eval_samples=b.eval_samples,
+                            threads=b.threads)
+        exp = self.out / "export"
+        onnx = {i: exp / f"{label}.onnx" for i, label in enumerate(("base", "pruned"))
+                if (exp / f"{label}.onnx").is_file()}
+        data = _data(c, c.data.evaluation, None) if c.data.evaluation else None
+        report = bench([c.model.spec, str(self.out / "pruned")], self.out / "report", data, c.model.weights, opts,
+                       onnx_paths=onnx, model_kwargs=c.model.kwargs)
+        self.bench_report = report
+        r = self.out / "report"
+        return [r / "report.json", r / "report.md", r / "report.html"]
+
+    # ------------------------------------------------------------------ driver
+    def plan(self, force: set[str]) -> list[tuple[str, bool]]:
+        """(stage, will_run) for each enabled stage, computed from the manifest."""
+        self._load_manifest()
+        out = []
+        stale = False
+        for s in self.enabled():
+            run = stale or s in force or not self._up_to_date(s, sha256_json(self._inputs(s)))
+            stale = stale or run
+            out.append((s, run))
+        return out
+
+    def enabled(self) -> list[str]:
+        e = self.cfg.export
+        stages = ["calibrate", "prune"]
+        if e.onnx or e.int8 or e.tensorrt:
+            stages.append("export")
+        if self.cfg.bench.enabled:
+            stages.append("bench")
+        return stages
+
+    def run(self, force: set[str] | None = None) -> list[StageResult]:
+        force = set(force or ())
+        unknown = force - set(STAGES)
+        if unknown:
+            raise TvsError(f"--force: unknown stage(s) {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._load_manifest()
+        results = []
+        stale = False
+        for stage in self.enabled():
+            t0 = time.perf_counter()
+            inputs_hash = sha256_json(self._inputs(stage))
+            if not stale and stage not in force and self._up_to_date(stage, inputs_hash):
+                results.append(StageResult(stage, "skipped", 0.0, "inputs and outputs unchanged"))
+                self.echo(f"SKIPPED | {stage} | inputs and outputs unchanged")
+                continue
+            stale = True
+            self.manifest["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self._save_manifest()
+            if os.environ.get(FAULT_ENV) == stage:
+                os._exit(137)  # simulated kill mid-stage (like SIGKILL): no cleanup, no manifest update
+            try:
+                outputs = getattr(self, f"stage_{stage}")()
+            except Exception as err:
+                secs = time.perf_counter() - t0
+                msg = str(err) if isinstance(err, TvsError) else f"{type(err).__name__}: {err}"
+                self.manifest["stages"][stage] = {"status": "failed", "error": msg, "seconds": round(secs, 2),
+                                                  "inputs_sha256": inputs_hash}
+                if not isinstance(err, TvsError):
+                    self.manifest["stages"][stage]["traceback"] = traceback.format_exc()
+                self._save_manifest()
+                self.echo(f"FAILED | {stage} | {secs:.1f} s | {msg}")
+                raise
+            secs = time.perf_counter() - t0
+            self.manifest["stages"][stage] = {"status": "passed", "inputs_sha256": inputs_hash,
+                                              "outputs": {str(p): sha256_file(p) for p in outputs},
+                                              "seconds": round(secs, 2)}
+            self._save_manifest()
+            results.append(StageResult(stage, "passed", secs))
+            self.echo(f"PASSED | {stage} | {secs:.1f} s")
+        return results
