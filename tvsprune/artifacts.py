@@ -84,3 +84,33 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def read_safetensors(path: str | os.PathLike, what: str, expected_format: str,
+                     tensors: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tvsprune metadata, tensors) of a safetensors file written by tvsprune; no pickle.
+
+    Raises a one-line :class:`TvsError` naming ``path`` when it is missing, unreadable,
+    or not a ``what`` of ``expected_format``.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    from .errors import TvsError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TvsError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("tvsprune")
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:
+        raise TvsError(f"{path} is not a readable safetensors file: {e}") from None
+    if raw is None:
+        raise TvsError(f"{path} has no 'tvsprune' metadata: not a tvsprune {what}")
+    meta = json.loads(raw)
+    if meta.get("format") != expected_format:
+        raise TvsError(f"{path}: not a tvsprune {what} (format {meta.get('format')!r}, expected {expected_format})")
+    return meta, data

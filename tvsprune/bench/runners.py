@@ -91,6 +91,26 @@ class Runner:
         raise NotImplementedError
 
 
+def cuda_event_timed(torch: Any, stream: Any, x: np.ndarray, device: str,
+                     compute: Callable[[Any], Any]) -> dict[str, float]:
+    """Time one batch on ``stream`` with CUDA events: pinned host->device copy, ``compute``
+    on the device tensor, device->pinned host copy; seconds for each part."""
+    host = torch.from_numpy(x).pin_memory()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    with torch.cuda.stream(stream):
+        ev[0].record(stream)
+        xd = host.to(device, non_blocking=True)
+        ev[1].record(stream)
+        out = compute(xd)
+        ev[2].record(stream)
+        out_host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        out_host.copy_(out, non_blocking=True)
+        ev[3].record(stream)
+    ev[3].synchronize()
+    return {"h2d": ev[0].elapsed_time(ev[1]) / 1e3, "compute": ev[1].elapsed_time(ev[2]) / 1e3,
+            "d2h": ev[2].elapsed_time(ev[3]) / 1e3}
+
+
 class TorchRunner(Runner):
     """PyTorch eager on CPU or CUDA; ``cuda_graphs=True`` replays a captured CUDA graph."""
 
@@ -157,21 +177,7 @@ class TorchRunner(Runner):
     def _timed(self, x: np.ndarray) -> dict[str, float]:
         if self.device == "cpu":
             return super()._timed(x)
-        torch = self.torch
-        host = torch.from_numpy(x).pin_memory()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        with torch.cuda.stream(self.stream):
-            ev[0].record(self.stream)
-            xd = host.to(self.device, non_blocking=True)
-            ev[1].record(self.stream)
-            out = self._forward_device(xd)
-            ev[2].record(self.stream)
-            out_host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            out_host.copy_(out, non_blocking=True)
-            ev[3].record(self.stream)
-        ev[3].synchronize()
-        return {"h2d": ev[0].elapsed_time(ev[1]) / 1e3, "compute": ev[1].elapsed_time(ev[2]) / 1e3,
-                "d2h": ev[2].elapsed_time(ev[3]) / 1e3}
+        return cuda_event_timed(self.torch, self.stream, x, self.device, self._forward_device)
 
 
 class OrtRunner(Runner):
@@ -277,21 +283,7 @@ class TensorRTRunner(Runner):
             return out.float().cpu().numpy()
 
     def _timed(self, x: np.ndarray) -> dict[str, float]:
-        torch = self.torch
-        host = torch.from_numpy(x).pin_memory()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        with torch.cuda.stream(self.stream):
-            ev[0].record(self.stream)
-            xd = host.cuda(non_blocking=True)
-            ev[1].record(self.stream)
-            out = self._run(xd)
-            ev[2].record(self.stream)
-            out_host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            out_host.copy_(out, non_blocking=True)
-            ev[3].record(self.stream)
-        ev[3].synchronize()
-        return {"h2d": ev[0].elapsed_time(ev[1]) / 1e3, "compute": ev[1].elapsed_time(ev[2]) / 1e3,
-                "d2h": ev[2].elapsed_time(ev[3]) / 1e3}
+        return cuda_event_timed(self.torch, self.stream, x, "cuda", self._run)
 
     def _deactivate(self) -> None:
         del self.context, self.engine

@@ -133,22 +133,9 @@ class Moments:
     @classmethod
     def load(cls, path: str | Path) -> "Moments":
         """Read a moments file (no pickle)."""
-        from safetensors import safe_open
+        from ..artifacts import read_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise TvsError(f"moments file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("tvsprune")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise TvsError(f"{path} is not a readable safetensors file: {e}") from None
-        if raw is None:
-            raise TvsError(f"{path} has no 'tvsprune' metadata: not a tvsprune moments file")
-        meta = json.loads(raw)
-        if meta.get("format") != FORMAT:
-            raise TvsError(f"{path}: unsupported moments format {meta.get('format')!r} (expected {FORMAT})")
+        meta, tensors = read_safetensors(path, "moments file", FORMAT)
         layers = {}
         for name in meta["layers"]:
             try:

@@ -34,19 +34,9 @@ def save_pruned(path: str | Path, model: nn.Module, plan: Plan, base: LoadedMode
 
 
 def read_pruned_meta(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    from ..artifacts import read_safetensors
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("tvsprune")
-    except Exception as e:
-        raise TvsError(f"{path} is not a readable safetensors file: {e}") from None
-    if raw is None:
-        raise TvsError(f"{path} has no tvsprune metadata: not a pruned artifact")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise TvsError(f"{path}: not a tvsprune pruned model (format {meta.get('format')!r})")
-    return meta
+    return read_safetensors(path, "pruned model", FORMAT, tensors=False)[0]
 
 
 def load_pruned(path: str | Path) -> LoadedModel:

@@ -1,0 +1,107 @@
+"""Calibration cost on this CPU, measured side by side (A/B interleaved).
+
+(a) calibrate time / plain inference time over the same pre-decoded batches, per resolution;
+(b) speedup over the reference code's scheme (one forward pass per sample per layer at
+    batch size 1), timed on a subset and extrapolated (said so in the output);
+(c) peak memory of `tvsprune calibrate` for 1x and 10x the samples, each in a fresh process.
+
+    python benchmarks/calibrate_speed.py [--models resnet20,vgg11_bn] [--images 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CHECKPOINTS, cifar10, machine  # noqa: E402
+
+from tvsprune.calibration import DataOptions, collect_moments  # noqa: E402
+from tvsprune.data import BatchStream, stratified_indices  # noqa: E402
+from tvsprune.models import load_model  # noqa: E402
+from tvsprune.models.probe import probe_model  # noqa: E402
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_rss_mb(model: str, data: Path, per_class: int) -> float:
+    code = ("import resource, sys; from tvsprune.cli import main; "
+            f"rc = main(['calibrate', '{model}', '--weights', '{CHECKPOINTS[model]}', '--data', '{data}', "
+            f"'--samples-per-class', '{per_class}', '--out', '/tmp/tvsprune_mem.safetensors', '--batch-size', '128']); "
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = [l for l in r.stdout.splitlines() if l.startswith("MAXRSS")]
+    if not line:
+        raise RuntimeError(r.stderr[-2000:])
+    return int(line[0].split()[1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet20,vgg11_bn")
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ref-samples", type=int, default=10, help="samples timed for the reference scheme")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    root = cifar10()
+    print(f"# calibrate speed on {machine()}, torch threads {torch.get_num_threads()}")
+    for name in args.models.split(","):
+        lm = load_model(name, str(CHECKPOINTS[name]))
+        data = DataOptions(str(root / "test"), batch_size=128)
+        src = data.open(lm)
+        idx = stratified_indices(src.labels, args.images // len(src.classes), 0)
+        batches = list(BatchStream(src, idx, 128))
+        n = sum(len(y) for _, y in batches)
+        model = lm.module.eval()
+        probe = probe_model(model, batches[0][0][:1])
+
+        def plain():
+            with torch.inference_mode():
+                for x, _ in batches:
+                    model(x)
+
+        ratios = {}
+        for res in ("global", "pool:2", "full"):
+            r = []
+            for i in range(args.rounds):  # A B A B: plain and calibrate alternate
+                t_plain = timed(plain)
+                t_cal = timed(lambda: collect_moments(model, probe, batches, src.classes, res))
+                r.append(t_cal / t_plain)
+            ratios[res] = (float(np.median(r)), min(r), max(r), t_plain, t_cal)
+        print(f"\n## {name}: {n} images, {len(probe.layers)} prunable layers, batch 128")
+        print("(a) calibrate / plain inference over the same batches (median of "
+              f"{args.rounds} interleaved rounds [min-max]):")
+        for res, (med, lo, hi, tp, tc) in ratios.items():
+            target = "  target <= 1.3: " + ("met" if med <= 1.3 else "NOT met") if res == "global" else ""
+            print(f"    {res:7s} {med:.3f} [{lo:.3f}-{hi:.3f}]  (last round: plain {tp:.2f} s, calibrate {tc:.2f} s){target}")
+        # (b) reference: one full forward per sample per layer at batch size 1
+        xs = torch.cat([x for x, _ in batches])[: args.ref_samples]
+        with torch.inference_mode():
+            model(xs[:1])
+            t = timed(lambda: [model(xs[i:i + 1]) for i in range(len(xs)) for _ in probe.layers])
+        per_pass = t / (len(xs) * len(probe.layers))
+        ref_total = per_pass * n * len(probe.layers)
+        ours = ratios["global"][4]
+        print(f"(b) reference scheme: {per_pass * 1e3:.2f} ms per batch-1 pass, timed on {len(xs)} samples x "
+              f"{len(probe.layers)} layers and EXTRAPOLATED to {n} samples: {ref_total:.1f} s vs tvsprune "
+              f"{ours:.2f} s at global -> speedup {ref_total / ours:.0f}x")
+        # (c) memory: 1x and 10x the samples, fresh processes
+        small = max(1, args.images // len(src.classes) // 10)
+        m1 = peak_rss_mb(name, root / "test", small)
+        m10 = peak_rss_mb(name, root / "test", small * 10)
+        print(f"(c) peak RSS of `tvsprune calibrate`: {small * len(src.classes)} images {m1:.0f} MB, "
+              f"{small * 10 * len(src.classes)} images {m10:.0f} MB (ratio {m10 / m1:.3f})")
+
+
+if __name__ == "__main__":
+    main()
