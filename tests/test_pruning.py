@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from conftest import randomize_bn, run_cli
 from tiny_models import ConcatNet, DepthwiseNet, DynamicViewNet, TinyCNN, ViewNet
 
@@ -305,9 +306,18 @@ def test_cli_prune_every_criterion(tiny_calibrated, tmp_path, method):
     assert set(report["spearman_tvs_vs"]) == {"l1", "l2", "random", "bn-scale", "fpgm"}
     r = run_cli("eval", out, "--data", data)
     assert r.returncode == 0 and "top-1" in r.stdout, r.stderr
-    # replaying the plan on a fresh model gives the same structure
+    # replaying the plan on a fresh model redoes the repairs and reproduces the weights exactly
     r = run_cli("replay", spec, "--weights", weights, "--plan", out / "plan.json", "--out", tmp_path / "replay")
     assert r.returncode == 0, r.stderr
+    pruned, replayed = (load_file(str(d / "pruned.safetensors")) for d in (out, tmp_path / "replay"))
+    assert pruned.keys() == replayed.keys() and all(torch.equal(pruned[k], replayed[k]) for k in pruned)
+    if method == "tvs":  # structure only: same shapes, but the BatchNorm statistics are not re-estimated
+        r = run_cli("replay", spec, "--weights", weights, "--plan", out / "plan.json", "--out", tmp_path / "struct",
+                    "--structure-only")
+        assert r.returncode == 0, r.stderr
+        bare = load_file(str(tmp_path / "struct" / "pruned.safetensors"))
+        assert {k: v.shape for k, v in bare.items()} == {k: v.shape for k, v in pruned.items() if k in bare}
+        assert not all(torch.equal(pruned[k], bare[k]) for k in bare)
 
 
 def test_cli_iter_tvs_logs_rounds(tiny_calibrated, tmp_path):

@@ -216,7 +216,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from .pruning import replay
 
-    module = replay(loaded_model(args), args.plan, args.out)
+    calib = data_options(argparse.Namespace(**{**vars(args), "data": args.calib_data})) if args.calib_data else None
+    module = replay(loaded_model(args), args.plan, args.out, calib, args.structure_only)
     print(f"plan applied: {sum(p.numel() for p in module.parameters()):,} parameters; wrote {args.out}")
     return 0
 
@@ -263,11 +264,16 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="device for scoring")
     p.set_defaults(func=cmd_prune, split="test", samples_per_class=None)
 
-    p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model (no repairs)")
+    p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model, redoing its repairs")
     add_model_args(p)
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_replay)
+    p.add_argument("--calib-data", help="images for the plan's repairs (default: the folder recorded in the plan)")
+    p.add_argument("--structure-only", action="store_true", help="remove the channels, skip the repairs")
+    for flag, kw in (("--resize", int), ("--crop", int), ("--mean", _floats), ("--std", _floats)):
+        p.add_argument(flag, type=kw, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_replay, split="test", samples_per_class=None, seed=0, batch_size=128, workers=0,
+                   skip_bad=False)
 
 
 _EXTRA_COMMANDS.append(_register_prune)
@@ -465,7 +471,9 @@ def _register_bench(sub: Any) -> None:
     p.add_argument("--iters", type=int, default=10, help="timed iterations per model per round")
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
     p.add_argument("--eval-samples", type=int, default=2000, help="images for accuracy (stratified)")
-    p.add_argument("--trt-precision", default="fp16")
+    p.add_argument("--trt-precision", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="precision of the engines built for the tensorrt backend; fp16 also turns on fp16 in "
+                        "ONNX Runtime's TensorRT provider (ort-trt), whose engines are cached under OUT/models")
     p.add_argument("--input-shape", type=_ints, help="C,H,W when neither the models nor --data tell it")
     add_data_args(p, required=False)
     p.set_defaults(func=cmd_bench)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -273,6 +273,10 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
             "criterion": {"method": opts.method, "pair_reduce": opts.pair_reduce, "seed": opts.seed,
                           "resolution": moments.meta.get("resolution") if moments else None},
             "repairs": {"bn_recalibrate": opts.bn_recalibrate, "mean_compensation": opts.mean_compensation}}
+    if (opts.bn_recalibrate or opts.mean_compensation) and calib is not None:
+        # what `replay` needs to redo the repairs bit for bit (batch size included: BatchNorm
+        # re-estimation averages per-batch statistics)
+        meta["repair_data"] = {**asdict(calib), "repair_samples_per_class": opts.repair_samples_per_class}
     rounds: list[dict[str, Any]] = []
     if opts.method == "iter-tvs":
         if val_batches is None or calib is None:
@@ -330,16 +334,39 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
     return report
 
 
-def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
-    """Apply a saved plan to a fresh model (structure only; repairs are not re-run)."""
+def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path | None = None,
+           calib: DataOptions | None = None, structure_only: bool = False) -> torch.nn.Module:
+    """Apply a saved plan to a fresh model built from the same spec and weights.
+
+    When the plan was made with repairs (BatchNorm re-estimation, mean compensation),
+    they are redone on the same calibration images (recorded in the plan, or ``calib``),
+    which reproduces the pruned model exactly; ``structure_only`` skips them.
+    """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     plan = Plan.load(plan_path)
     if plan.meta.get("weights_sha256") and loaded.weights_sha256 and plan.meta["weights_sha256"] != loaded.weights_sha256:
         raise TvsError(f"{plan_path} was made for other weights (weights_sha256 differs)")
     shape = plan.meta.get("input_shape") or list(loaded.input_shape or [])
-    module = apply_plan(copy.deepcopy(loaded.module), plan, torch.zeros(1, *shape), plan.meta.get("logits_layer"))
+    if not shape:
+        raise TvsError(f"{plan_path} records no input shape and the model does not know its own")
+    repairs = plan.meta.get("repairs") or {}
+    bn, mc = bool(repairs.get("bn_recalibrate")), bool(repairs.get("mean_compensation"))
+    if structure_only or not (bn or mc):
+        module = apply_plan(copy.deepcopy(loaded.module), plan, torch.zeros(1, *shape), plan.meta.get("logits_layer"))
+        repairs = {"bn_recalibrate": False, "mean_compensation": False}
+    else:
+        recorded = dict(plan.meta.get("repair_data") or {})
+        per_class = recorded.pop("repair_samples_per_class", 100)
+        if calib is None and recorded.get("path") and Path(recorded["path"]).exists():
+            calib = DataOptions(**recorded)
+        if calib is None:
+            where = recorded.get("path") or "not recorded"
+            raise TvsError(f"{plan_path} was made with repairs ({', '.join(k for k, v in repairs.items() if v)}) that "
+                           f"need its calibration images ({where}): give --calib-data, or --structure-only")
+        opts = PruneOptions(bn_recalibrate=bn, mean_compensation=mc, repair_samples_per_class=per_class)
+        module = build_pruned(Context.build(loaded, shape), plan, opts, calib)
     if out_dir is not None:
-        save_pruned(Path(out_dir) / WEIGHTS_FILE, module, plan, loaded, shape)
+        save_pruned(Path(out_dir) / WEIGHTS_FILE, module, plan, loaded, shape, {"repairs": repairs})
     return module
 
 
