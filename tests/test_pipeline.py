@@ -90,8 +90,15 @@ def test_run_skips_unchanged_and_resumes_after_kill_during_prune(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["calibrate"]["status"] == "passed"
     assert manifest["stages"]["prune"]["status"] == "running"
+    assert not list(out.rglob("*.tmp")) and not (out / "pruned").exists()
     moments = out / "moments.safetensors"
     stamp = moments.stat().st_mtime_ns
+    # killed again at the end of prune: its files are on disk, but the manifest never recorded
+    # them, so they are not trusted and prune runs again
+    r = run_cli("run", cfg, env={"TVSPRUNE_FAULT_AT": "prune:end"})
+    assert r.returncode == 137 and "SKIPPED | calibrate" in r.stdout
+    assert (out / "pruned" / "prune.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["stages"]["prune"]["status"] == "running"
     r = run_cli("run", cfg, "--dry-run")
     assert r.returncode == 0 and "SKIP calibrate" in r.stdout and "RUN  prune" in r.stdout
     r = run_cli("run", cfg)

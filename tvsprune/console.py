@@ -31,4 +31,6 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, floatf
         table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left")
     for row in rows:
         table.add_row(*[floatfmt.format(v) if isinstance(v, float) else str(v) for v in row.values()])
-    Console(width=max(100, Console().width)).print(table)
+    # a terminal gets its own width; a log file or pipe gets room for every column
+    width = max(100, Console().width) if sys.stdout.isatty() else 220
+    Console(width=width).print(table)

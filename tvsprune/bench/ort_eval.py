@@ -47,9 +47,11 @@ def compare_int8(fp32: str | Path, int8: str | Path, source: Source, max_samples
     x = np.random.default_rng(0).standard_normal((latency_batch, *sf.get_inputs()[0].shape[1:])).astype(np.float32)
     _latency(sf, x, 2), _latency(si, x, 2)
     ratios = []
-    for _ in range(rounds):
-        tf = _latency(sf, x, iters)
-        ti = _latency(si, x, iters)
+    for r in range(rounds):  # A B, then B A: drift and cache effects cancel
+        if r % 2 == 0:
+            tf, ti = _latency(sf, x, iters), _latency(si, x, iters)
+        else:
+            ti, tf = _latency(si, x, iters), _latency(sf, x, iters)
         ratios.append(ti / tf)
     return {"samples": int(len(y)), "fp32_top1": a, "int8_top1": b, "change_points": (b - a) * 100,
             "prediction_agreement": float((lf.argmax(1) == li.argmax(1)).mean()),

@@ -170,7 +170,9 @@ def _details(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
                              "GPU mem delta MB": _fmt(m["gpu_memory_delta_bytes"] / 1e6, 1)
                              if m.get("gpu_memory_delta_bytes") else "-",
                              "engine device mem MB": _fmt(m["device_memory_size_v2"] / 1e6, 1)
-                             if m.get("device_memory_size_v2") else "-"})
+                             if m.get("device_memory_size_v2") else "-",
+                             # what the session really runs on (ONNX Runtime falls back to CPU silently)
+                             "providers loaded": ", ".join(m.get("providers_loaded") or []) or "-"})
     files = [{"model": m["label"], **{f"{k} MB": _fmt(v / 1e6, 3) for k, v in m.get("files_bytes", {}).items()}}
              for m in report["models"]]
     sections.append(("Memory", mem_rows))

@@ -149,6 +149,17 @@ def _prepare(entries: list[Entry], shape: list[int], out: Path, needs_onnx: bool
             e.files["engine"] = e.engine.stat().st_size
 
 
+def _runner_options(backend: str, opts: BenchOptions, out: Path) -> dict[str, Any]:
+    """ONNX Runtime: thread count; its TensorRT provider also gets fp16 (when the TensorRT
+    precision is fp16) and an engine cache under ``out/models`` so repeated runs skip the build."""
+    if not backend.startswith("ort"):
+        return {}
+    options: dict[str, Any] = {"threads": opts.threads}
+    if backend == "ort-trt":
+        options.update(fp16=opts.trt_precision == "fp16", engine_cache=str(out / "models" / "ort-trt-cache"))
+    return options
+
+
 def _artifact(entry: Entry, kind: str) -> Any:
     return {"torch": entry.loaded, "onnx": entry.onnx, "engine": entry.engine}[kind]
 
@@ -255,7 +266,7 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
             runners = {}
             for e in usable:
                 with peak_rss() as mem:
-                    r = make_runner(b, _artifact(e, kind), **({"threads": opts.threads} if b.startswith("ort") else {}))
+                    r = make_runner(b, _artifact(e, kind), **_runner_options(b, opts, out))
                     r.activate()
                     r.infer(rng.standard_normal((max(opts.batch_sizes), *shape)).astype(np.float32))
                 runners[e.label] = r

@@ -23,7 +23,8 @@ from .config import RunConfig
 
 log = logging.getLogger(__name__)
 STAGES = ("calibrate", "prune", "export", "bench")
-FAULT_ENV = "TVSPRUNE_FAULT_AT"  # testing hook: simulate a kill at the start of a stage
+FAULT_ENV = "TVSPRUNE_FAULT_AT"  # testing hook: simulate a kill at the start ("prune") or the end
+#                                    ("prune:end", outputs written, manifest not yet updated) of a stage
 
 
 @dataclass
@@ -227,6 +228,8 @@ class Pipeline:
                 self._save_manifest()
                 self.echo(f"FAILED | {stage} | {secs:.1f} s | {msg}")
                 raise
+            if os.environ.get(FAULT_ENV) == f"{stage}:end":
+                os._exit(137)
             secs = time.perf_counter() - t0
             self.manifest["stages"][stage] = {"status": "passed", "inputs_sha256": inputs_hash,
                                               "outputs": {str(p): sha256_file(p) for p in outputs},
