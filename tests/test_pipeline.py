@@ -82,6 +82,20 @@ def test_override_and_unknown_override(tmp_path):
         load_config(cfg, ["prune.targt=1"])
 
 
+def test_one_budget_replaces_the_default_and_two_are_refused(tmp_path):
+    cfg = _config(tmp_path)
+    c, _ = load_config(cfg)
+    assert (c.prune.target_params, c.prune.target_flops) == (0.3, None)  # the default budget
+    c, _ = load_config(cfg, ["prune.target_params=0.5"])
+    assert c.prune.target_params == 0.5
+    flops = tmp_path / "flops.toml"
+    flops.write_text(cfg.read_text().replace("target_params = 0.3", "target_flops = 0.25"))
+    c, _ = load_config(flops)
+    assert (c.prune.target_params, c.prune.target_flops) == (None, 0.25)
+    with pytest.raises(TvsError, match="give one budget, not target_params and target_flops"):
+        load_config(cfg, ["prune.target_flops=0.2"])
+
+
 def test_run_skips_unchanged_and_resumes_after_kill_during_prune(tmp_path):
     cfg = _config(tmp_path)
     out = tmp_path / "out"

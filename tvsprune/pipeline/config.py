@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..errors import TvsError
 
@@ -46,9 +46,12 @@ class CalibrateSection(Strict):
     device: str = "cpu"
 
 
+DEFAULT_TARGET_PARAMS = 0.3
+
+
 class PruneSection(Strict):
     method: str = "tvs"
-    target_params: float | None = 0.3
+    target_params: float | None = None  # DEFAULT_TARGET_PARAMS when no budget is given
     target_flops: float | None = None
     threshold: float | None = None
     allocation: str = "cost"
@@ -63,6 +66,15 @@ class PruneSection(Strict):
     max_acc_drop: float = 2.0
     step: float = 0.05
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "PruneSection":
+        given = [k for k in ("target_params", "target_flops", "threshold") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if not given:
+            self.__dict__["target_params"] = DEFAULT_TARGET_PARAMS  # bypasses validate_assignment recursion
+        return self
 
 
 class ExportSection(Strict):
