@@ -237,6 +237,22 @@ def test_guards_and_round_to():
     assert "classifier.6" not in plan.layers()  # the logits layer is never pruned
 
 
+def test_cost_rank_allocation_counts_depend_on_cost_not_on_score_spread():
+    """Two groups of equal cost: under cost-rank they lose the same number of channels however
+    skewed their scores are (under cost, the skewed group loses more); order stays the criterion's."""
+    from tvsprune.pruning.plan import Allocator
+
+    skewed, flat = np.array([0.01, 0.02, 0.03, 1.0]), np.array([0.7, 0.8, 0.9, 1.0])
+    guards = Guards(0.0, 1, 1)
+    rank = Allocator("cost-rank", [skewed, flat], [4, 4], guards, unit_costs=[1.0, 1.0], cost_power=2)
+    cost = Allocator("cost", [skewed, flat], [4, 4], guards, unit_costs=[1.0, 1.0], cost_power=2)
+    for lam in (0.3, 0.6):
+        a, b = rank.counts(lam)
+        assert a == b
+    assert cost.counts(0.3)[0] > cost.counts(0.3)[1]
+    assert rank.removed([2, 2])[0].tolist() == [0, 1] and rank.removed([2, 2])[1].tolist() == [0, 1]
+
+
 def test_hellinger_matches_closed_form_and_handles_dead_filters():
     mu = torch.tensor([[[0.0], [0.0], [1.0]], [[1.0], [0.0], [1.0]]], dtype=torch.float64)  # [K=2, C=3, D=1]
     var = torch.tensor([[[1.0], [0.0], [2.0]], [[1.0], [0.0], [0.5]]], dtype=torch.float64)

@@ -237,8 +237,9 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
     b.add_argument("--allocation", default="cost", choices=ALLOCATIONS,
                    help="how the budget is spread over layers: cost (default; a channel goes when its "
-                        "normalised score is low relative to what removing it saves), alpha (the reference "
-                        "rule t_j <= alpha * mean(t)), global, uniform, ldiff")
+                        "normalised score is low relative to what removing it saves), cost-rank (the same with "
+                        "scores replaced by within-layer ranks: the saving decides how many, the criterion which), "
+                        "alpha (the reference rule t_j <= alpha * mean(t)), global, uniform, ldiff")
     b.add_argument("--cost-power", type=float, default=2.0, help="exponent of the saving in --allocation cost")
     b.add_argument("--min-keep-frac", type=float, default=0.1, help="keep at least this fraction per layer")
     b.add_argument("--min-keep", type=int, default=1, help="keep at least this many channels per layer")

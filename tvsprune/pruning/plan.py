@@ -19,7 +19,7 @@ from ..errors import TvsError
 from .graph import ChannelGraph, CostModel
 
 FORMAT = "tvsprune.plan/1"
-ALLOCATIONS = ("alpha", "global", "uniform", "ldiff", "cost")
+ALLOCATIONS = ("alpha", "global", "uniform", "ldiff", "cost", "cost-rank")
 
 
 @dataclass
@@ -128,6 +128,10 @@ class Allocator:
                  cost_power: float = 1.0) -> None:
         if allocation not in ALLOCATIONS:
             raise TvsError(f"unknown allocation {allocation!r} (one of {', '.join(ALLOCATIONS)})")
+        if allocation == "cost-rank":
+            # scores become within-group ranks in (0, 1]: the cost model alone decides how many
+            # channels each group loses, the criterion only which ones
+            gscores = [None if t is None else (np.argsort(_order(t), kind="stable") + 1.0) / len(t) for t in gscores]
         self.allocation, self.gscores, self.channels, self.guards = allocation, gscores, channels, guards
         self.orders = [None if t is None else _order(t) for t in gscores]
         means = [float(t.mean()) if t is not None else 0.0 for t in gscores]
@@ -138,7 +142,7 @@ class Allocator:
             valid = [l for l, t in zip(ld, gscores) if t is not None]
             mean = float(np.mean(valid)) if valid and np.mean(valid) > 0 else 1.0
             self.weights = ld / mean
-        elif allocation == "cost":
+        elif allocation in ("cost", "cost-rank"):
             # a channel goes when its score is low relative to what removing it saves
             uc = np.asarray(unit_costs, dtype=np.float64)
             valid = uc[[t is not None for t in gscores]]
@@ -157,7 +161,7 @@ class Allocator:
                 n = int((t <= lam * self.alpha_max * mean).sum())
             elif self.allocation == "global":
                 n = int((t <= lam).sum())
-            elif self.allocation == "cost":
+            elif self.allocation in ("cost", "cost-rank"):
                 n = int((t <= lam * self.lam_max * w).sum())
             elif self.allocation == "uniform":
                 n = int(math.floor(lam * c + 1e-9))
