@@ -64,6 +64,17 @@ def data_options(args: argparse.Namespace):
                        batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
 
 
+def data_options_for(args: argparse.Namespace, path: str):
+    """The same data flags, applied to another folder (--calib-data, --val-data)."""
+    return data_options(argparse.Namespace(**{**vars(args), "data": path}))
+
+
+def add_hidden_preprocess_args(p: argparse.ArgumentParser) -> None:
+    """--resize/--crop/--mean/--std for commands whose extra data folders need them (not shown in help)."""
+    for flag, kw in (("--resize", int), ("--crop", int), ("--mean", _floats), ("--std", _floats)):
+        p.add_argument(flag, type=kw, help=argparse.SUPPRESS)
+
+
 def loaded_model(args: argparse.Namespace):
     from .models import load_model, parse_kwargs
 
@@ -192,10 +203,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                         max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
     calib = val = None
     if args.calib_data:
-        calib = data_options(argparse.Namespace(**{**vars(args), "data": args.calib_data}))
+        calib = data_options_for(args, args.calib_data)
     if args.val_data:
-        val = data_options(argparse.Namespace(**{**vars(args), "data": args.val_data,
-                                                "samples_per_class": args.val_samples_per_class}))
+        val = data_options_for(argparse.Namespace(**{**vars(args), "samples_per_class": args.val_samples_per_class}),
+                               args.val_data)
     report = prune(loaded_model(args), args.moments, args.out, opts, calib, val,
                    log_round=lambda r: print("round " + "  ".join(f"{k}={v}" for k, v in r.items())))
     print_table([{k: v for k, v in row.items() if k != "score_quantiles"} for row in report["layers"]],
@@ -216,7 +227,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from .pruning import replay
 
-    calib = data_options(argparse.Namespace(**{**vars(args), "data": args.calib_data})) if args.calib_data else None
+    calib = data_options_for(args, args.calib_data) if args.calib_data else None
     module = replay(loaded_model(args), args.plan, args.out, calib, args.structure_only)
     print(f"plan applied: {sum(p.numel() for p in module.parameters()):,} parameters; wrote {args.out}")
     return 0
@@ -257,8 +268,7 @@ def _register_prune(sub: Any) -> None:
     i.add_argument("--val-samples-per-class", type=int)
     i.add_argument("--max-acc-drop", type=float, default=2.0, help="accuracy points iter-tvs may lose")
     i.add_argument("--step", type=float, default=0.05, help="fraction removed per iter-tvs round")
-    for flag, kw in (("--resize", int), ("--crop", int), ("--mean", _floats), ("--std", _floats)):
-        p.add_argument(flag, type=kw, help=argparse.SUPPRESS)
+    add_hidden_preprocess_args(p)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true")
@@ -271,8 +281,7 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-data", help="images for the plan's repairs (default: the folder recorded in the plan)")
     p.add_argument("--structure-only", action="store_true", help="remove the channels, skip the repairs")
-    for flag, kw in (("--resize", int), ("--crop", int), ("--mean", _floats), ("--std", _floats)):
-        p.add_argument(flag, type=kw, help=argparse.SUPPRESS)
+    add_hidden_preprocess_args(p)
     p.set_defaults(func=cmd_replay, split="test", samples_per_class=None, seed=0, batch_size=128, workers=0,
                    skip_bad=False)
 

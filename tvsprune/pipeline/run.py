@@ -27,6 +27,12 @@ FAULT_ENV = "TVSPRUNE_FAULT_AT"  # testing hook: simulate a kill at the start ("
 #                                    ("prune:end", outputs written, manifest not yet updated) of a stage
 
 
+def _fault_point(point: str) -> None:
+    """Testing hook: a simulated kill (like SIGKILL: no cleanup, no manifest update) at ``point``."""
+    if os.environ.get(FAULT_ENV) == point:
+        os._exit(137)
+
+
 @dataclass
 class StageResult:
     name: str
@@ -214,8 +220,7 @@ class Pipeline:
             stale = True
             self.manifest["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self._save_manifest()
-            if os.environ.get(FAULT_ENV) == stage:
-                os._exit(137)  # simulated kill mid-stage (like SIGKILL): no cleanup, no manifest update
+            _fault_point(stage)
             try:
                 outputs = getattr(self, f"stage_{stage}")()
             except Exception as err:
@@ -228,8 +233,7 @@ class Pipeline:
                 self._save_manifest()
                 self.echo(f"FAILED | {stage} | {secs:.1f} s | {msg}")
                 raise
-            if os.environ.get(FAULT_ENV) == f"{stage}:end":
-                os._exit(137)
+            _fault_point(f"{stage}:end")
             secs = time.perf_counter() - t0
             self.manifest["stages"][stage] = {"status": "passed", "inputs_sha256": inputs_hash,
                                               "outputs": {str(p): sha256_file(p) for p in outputs},

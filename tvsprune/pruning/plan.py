@@ -120,6 +120,13 @@ def _order(t: np.ndarray) -> np.ndarray:
     return np.argsort(t, kind="stable")
 
 
+def _ranks(order: np.ndarray) -> np.ndarray:
+    """Rank in (0, 1] of each channel, from its removal order (first removed = smallest)."""
+    r = np.empty(len(order), dtype=np.float64)
+    r[order] = np.arange(1, len(order) + 1) / len(order)
+    return r
+
+
 class Allocator:
     """Maps one scalar ``lam`` in [0, 1] to a number of channels to remove per group (monotone)."""
 
@@ -128,12 +135,13 @@ class Allocator:
                  cost_power: float = 1.0) -> None:
         if allocation not in ALLOCATIONS:
             raise TvsError(f"unknown allocation {allocation!r} (one of {', '.join(ALLOCATIONS)})")
-        if allocation == "cost-rank":
-            # scores become within-group ranks in (0, 1]: the cost model alone decides how many
-            # channels each group loses, the criterion only which ones
-            gscores = [None if t is None else (np.argsort(_order(t), kind="stable") + 1.0) / len(t) for t in gscores]
-        self.allocation, self.gscores, self.channels, self.guards = allocation, gscores, channels, guards
         self.orders = [None if t is None else _order(t) for t in gscores]
+        if allocation == "cost-rank":
+            # the cost rule on within-group ranks in (0, 1]: the saving alone decides how many
+            # channels each group loses, the criterion only which ones
+            gscores = [None if o is None else _ranks(o) for o in self.orders]
+            allocation = "cost"
+        self.allocation, self.gscores, self.channels, self.guards = allocation, gscores, channels, guards
         means = [float(t.mean()) if t is not None else 0.0 for t in gscores]
         self.means = means
         self.alpha_max = max([1.0 / m for m in means if m > 0] or [1.0]) * 1.0001
@@ -142,7 +150,7 @@ class Allocator:
             valid = [l for l, t in zip(ld, gscores) if t is not None]
             mean = float(np.mean(valid)) if valid and np.mean(valid) > 0 else 1.0
             self.weights = ld / mean
-        elif allocation in ("cost", "cost-rank"):
+        elif allocation == "cost":
             # a channel goes when its score is low relative to what removing it saves
             uc = np.asarray(unit_costs, dtype=np.float64)
             valid = uc[[t is not None for t in gscores]]
@@ -161,7 +169,7 @@ class Allocator:
                 n = int((t <= lam * self.alpha_max * mean).sum())
             elif self.allocation == "global":
                 n = int((t <= lam).sum())
-            elif self.allocation in ("cost", "cost-rank"):
+            elif self.allocation == "cost":
                 n = int((t <= lam * self.lam_max * w).sum())
             elif self.allocation == "uniform":
                 n = int(math.floor(lam * c + 1e-9))

@@ -356,7 +356,7 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
         repairs = {"bn_recalibrate": False, "mean_compensation": False}
     else:
         recorded = dict(plan.meta.get("repair_data") or {})
-        per_class = recorded.pop("repair_samples_per_class", 100)
+        per_class = recorded.pop("repair_samples_per_class", PruneOptions.repair_samples_per_class)
         if calib is None and recorded.get("path") and Path(recorded["path"]).exists():
             calib = DataOptions(**recorded)
         if calib is None:
