@@ -21,7 +21,8 @@ from tvsprune.models.probe import probe_model
 from tvsprune.pruning import Guards, Plan, apply_plan, hellinger_pairs, layer_scores, make_plan, spearman
 from tvsprune.pruning.graph import ChannelGraph, CostModel
 from tvsprune.pruning.repairs import consumer_input_means
-from tvsprune.pruning.surgery import consumers_of
+from tvsprune.pruning.compensation import fold_from_moments
+from tvsprune.pruning.compensation import removed_inputs as consumer_removals
 
 TINY = Path(__file__).parent / "tiny_models.py"
 
@@ -132,7 +133,7 @@ def test_mean_compensation_equals_replacing_by_mean(case, only):
     plan, example, probe, _ = _random_plan(model, 0.3, only=only)
     graph = ChannelGraph(model, example, probe.logits_layer)
     calib = [(torch.randn(8, 3, 16, 16) + 0.5, torch.zeros(8, dtype=torch.long)) for _ in range(3)]
-    consumers = consumers_of(graph, plan)
+    consumers = list(consumer_removals(graph, plan))
     means = consumer_input_means(model, consumers, calib)
     # reference: the unpruned model whose consumers see removed inputs replaced by their mean
     ref = copy.deepcopy(model)
@@ -157,8 +158,10 @@ def test_mean_compensation_equals_replacing_by_mean(case, only):
 
     for name in removed_inputs:
         modules[name].register_forward_pre_hook(replace(name))
-    pruned = apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer, means,
-                        {l.name: l.stat_module for l in probe.layers})
+    pruned = copy.deepcopy(model)
+    pgraph = ChannelGraph(pruned, example, probe.logits_layer)
+    fold_from_moments(pgraph, plan, {}, "mean", {l.name: l.stat_module for l in probe.layers}, fallback_means=means)
+    apply_plan(pruned, plan, example, probe.logits_layer, graph=pgraph)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert (ref(x) - pruned(x)).abs().max().item() <= 1e-5
@@ -314,7 +317,7 @@ def test_cli_prune_every_criterion(tiny_calibrated, tmp_path, method):
     spec, weights, data, moments = tiny_calibrated
     out = tmp_path / f"out-{method}"
     r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--method", method,
-                "--target-params", "0.3", "--out", out, "--val-data", data, "--bn-recalibrate", "--mean-compensation")
+                "--target-params", "0.3", "--out", out, "--val-data", data)  # default repairs: ls + BatchNorm
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "prune.json").read_text())
     assert report["params"]["removed_frac"] >= 0.3

@@ -86,7 +86,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def read_safetensors(path: str | os.PathLike, what: str, expected_format: str,
+def read_safetensors(path: str | os.PathLike, what: str, expected_format: str | tuple[str, ...],
                      tensors: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tvsprune metadata, tensors) of a safetensors file written by tvsprune; no pickle.
 
@@ -111,6 +111,8 @@ def read_safetensors(path: str | os.PathLike, what: str, expected_format: str,
     if raw is None:
         raise TvsError(f"{path} has no 'tvsprune' metadata: not a tvsprune {what}")
     meta = json.loads(raw)
-    if meta.get("format") != expected_format:
-        raise TvsError(f"{path}: not a tvsprune {what} (format {meta.get('format')!r}, expected {expected_format})")
+    accepted = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
+    if meta.get("format") not in accepted:
+        raise TvsError(f"{path}: not a tvsprune {what} (format {meta.get('format')!r}, expected "
+                       f"{' or '.join(accepted)})")
     return meta, data

@@ -197,9 +197,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     opts = PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
                         threshold=args.threshold, allocation=args.allocation, cost_power=args.cost_power,
                         guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
-                        pair_reduce=args.pair_reduce, seed=args.seed, bn_recalibrate=args.bn_recalibrate,
-                        mean_compensation=args.mean_compensation,
-                        repair_samples_per_class=args.repair_samples_per_class,
+                        pair_reduce=args.pair_reduce, seed=args.seed,
+                        **repair_options(args), repair_samples_per_class=args.repair_samples_per_class,
                         max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
     calib = val = None
     if args.calib_data:
@@ -228,14 +227,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .pruning import replay
 
     calib = data_options_for(args, args.calib_data) if args.calib_data else None
-    module = replay(loaded_model(args), args.plan, args.out, calib, args.structure_only)
+    module = replay(loaded_model(args), args.plan, args.out, calib, args.structure_only, args.moments)
     print(f"plan applied: {sum(p.numel() for p in module.parameters()):,} parameters; wrote {args.out}")
     return 0
 
 
+def repair_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--compensation / --bn-recalibrate / --no-repair / --ridge as PruneOptions keywords."""
+    if args.no_repair:
+        return {"compensation": "none", "bn_recalibrate": False, "ridge": args.ridge}
+    comp = "mean" if args.mean_compensation else args.compensation
+    return {"compensation": comp, "bn_recalibrate": args.bn_recalibrate, "ridge": args.ridge}
+
+
 def _register_prune(sub: Any) -> None:
+    from .pruning.compensation import COMPENSATIONS
     from .pruning.plan import ALLOCATIONS
-    from .pruning.stage import METHODS
+    from .pruning.stage import METHODS, PruneOptions
 
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p)
@@ -257,10 +265,17 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple (8/16/32)")
     p.add_argument("--pair-reduce", default="min", choices=["min", "mean"], help="reduction over class pairs")
     p.add_argument("--seed", type=int, default=0)
-    r = p.add_argument_group("repairs (no fine-tuning)")
-    r.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm statistics")
-    r.add_argument("--mean-compensation", action="store_true",
-                   help="fold removed channels' mean input into the consumers' biases")
+    r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
+    r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
+                   help="rebuild removed channels from kept ones at every consumer: ls (default; ridge regression "
+                        "on the moments file's input second moments, no images), ls-seq (re-fit consumer by "
+                        "consumer on calibration images: slower, corrects upstream errors), mean, none")
+    r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=PruneOptions.bn_recalibrate,
+                   help="re-estimate BatchNorm statistics on calibration images after the fold")
+    r.add_argument("--no-repair", action="store_true", help="no compensation, no BatchNorm re-estimation (studies)")
+    r.add_argument("--ridge", type=float, default=PruneOptions.ridge,
+                   help="ridge strength of the least-squares fits, relative to the mean input variance")
+    r.add_argument("--mean-compensation", action="store_true", help=argparse.SUPPRESS)  # old spelling
     r.add_argument("--calib-data", help="images for the repairs (default: the moments file's data)")
     r.add_argument("--repair-samples-per-class", type=int, default=100)
     i = p.add_argument_group("iter-tvs / validation")
@@ -281,6 +296,7 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-data", help="images for the plan's repairs (default: the folder recorded in the plan)")
     p.add_argument("--structure-only", action="store_true", help="remove the channels, skip the repairs")
+    p.add_argument("--moments", help="moments file for the plan's compensation (default: the one recorded in the plan)")
     add_hidden_preprocess_args(p)
     p.set_defaults(func=cmd_replay, split="test", samples_per_class=None, seed=0, batch_size=128, workers=0,
                    skip_bad=False)

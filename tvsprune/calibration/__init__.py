@@ -1,7 +1,7 @@
 """The calibrate stage: hooks, streaming moments (Chan merge), file format, distributed reduction."""
 from .collector import MomentCollector, collect_moments, parse_resolution, reduce_map
-from .moments import LayerMoments, Moments
+from .moments import InputMoments, LayerMoments, Moments
 from .stage import DataOptions, calibrate, merge_moment_files
 
-__all__ = ["DataOptions", "LayerMoments", "MomentCollector", "Moments", "calibrate", "collect_moments",
+__all__ = ["DataOptions", "InputMoments", "LayerMoments", "MomentCollector", "Moments", "calibrate", "collect_moments",
            "merge_moment_files", "parse_resolution", "reduce_map"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -11,11 +12,33 @@ import torch.nn.functional as F
 
 from ..errors import TvsError
 from ..models.probe import LayerInfo, ModelProbe, run_forward
-from .moments import LayerMoments, Moments
+from .moments import InputMoments, LayerMoments, Moments
 
 log = logging.getLogger(__name__)
 
 RESOLUTIONS = ("global", "pool:K", "full")
+POSITIONS_MAX = 256  # input positions per image kept for the second moments (strided subsample)
+
+
+def consumer_layers(model: nn.Module) -> list[str]:
+    """Layers whose input channels pruning can remove and compensation can fold into.
+
+    Every Linear and every Conv2d that mixes channels (groups == 1); a depthwise or grouped
+    convolution loses a removed channel's own filter instead.
+    """
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
+
+
+def input_rows(x: torch.Tensor) -> torch.Tensor:
+    """A consumer's input [B, C, H, W] or [..., C] -> rows [N, C] (positions strided to <= POSITIONS_MAX)."""
+    if x.dim() == 4:
+        hw = x.shape[2] * x.shape[3]
+        step = max(1, math.ceil(math.sqrt(hw / POSITIONS_MAX)))
+        if step > 1:
+            x = x[:, :, ::step, ::step]
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def parse_resolution(resolution: str) -> tuple[str, int]:
@@ -59,12 +82,18 @@ class MomentCollector:
     """Hooks on each layer's statistic point; ``update`` folds one labelled batch in."""
 
     def __init__(self, model: nn.Module, layers: list[LayerInfo], num_classes: int,
-                 resolution: str = "global", device: torch.device | str = "cpu") -> None:
+                 resolution: str = "global", device: torch.device | str = "cpu",
+                 consumers: list[str] | None = None) -> None:
         parse_resolution(resolution)
         self.model, self.layers, self.resolution = model, layers, resolution
         self.num_classes = num_classes
         self.moments = {l.name: LayerMoments.zeros(num_classes, l.channels, feature_dim(l, resolution), device)
                         for l in layers}
+        modules = dict(model.named_modules())
+        self.consumers = list(consumers or [])
+        self.inputs = {n: InputMoments.zeros(
+            modules[n].in_features if isinstance(modules[n], nn.Linear) else modules[n].in_channels, device)
+            for n in self.consumers}
         self._labels: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -72,6 +101,8 @@ class MomentCollector:
         modules = dict(self.model.named_modules())
         for info in self.layers:
             self._handles.append(modules[info.stat_module].register_forward_hook(self._hook(info.name)))
+        for name in self.consumers:
+            self._handles.append(modules[name].register_forward_pre_hook(self._input_hook(name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -84,6 +115,12 @@ class MomentCollector:
             if self._labels is not None:
                 self.moments[name] = self.moments[name].add_batch(reduce_map(out.detach(), self.resolution),
                                                                   self._labels)
+        return hook
+
+    def _input_hook(self, name: str) -> Callable:
+        def hook(module, inp):
+            if self._labels is not None:
+                self.inputs[name] = self.inputs[name].add_rows(input_rows(inp[0].detach()))
         return hook
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -114,12 +151,35 @@ def _all_gather_merge(moments: dict[str, LayerMoments]) -> dict[str, LayerMoment
     return merged
 
 
+def _all_gather_merge_inputs(inputs: dict[str, InputMoments]) -> dict[str, InputMoments]:
+    """The same for the consumers' input statistics."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    merged = {}
+    for name, im in inputs.items():
+        parts = []
+        for t in (im.count, im.mean) + ((im.m2,) if im.m2 is not None else ()):
+            bufs = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(bufs, t.contiguous())
+            parts.append(bufs)
+        m2s = parts[2] if len(parts) == 3 else [None] * world
+        acc = InputMoments(parts[0][0], parts[1][0], m2s[0])
+        for r in range(1, world):
+            acc = acc.merge(InputMoments(parts[0][r], parts[1][r], m2s[r]))
+        merged[name] = acc
+    return merged
+
+
 @torch.no_grad()
 def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     classes: list[str], resolution: str = "global", layers: list[LayerInfo] | None = None,
                     device: str = "cpu", progress: Callable[[int], None] | None = None,
-                    meta: dict[str, Any] | None = None) -> Moments:
+                    meta: dict[str, Any] | None = None, second_moments: bool = True) -> Moments:
     """Stream ``batches`` through ``model`` once and return the class-conditional moments.
+
+    With ``second_moments`` the same pass also collects every consumer's input mean and
+    covariance (what least-squares compensation reads).
 
     Under an initialised ``torch.distributed`` process group, each rank passes its own
     shard of batches and every rank returns the merged moments of all shards.
@@ -129,7 +189,8 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
         raise TvsError(f"the data has {len(classes)} classes but the model outputs {probe.num_outputs} logits")
     dev = torch.device(device)
     model = model.to(dev).eval()
-    collector = MomentCollector(model, layers, len(classes), resolution, dev)
+    collector = MomentCollector(model, layers, len(classes), resolution, dev,
+                                consumer_layers(model) if second_moments else None)
     seen = 0
     t0 = time.perf_counter()
     with collector:
@@ -149,15 +210,18 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
-    result = collector.moments
+    result, inputs = collector.moments, collector.inputs
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         if dist.get_backend() == "gloo":
             result = {n: m.to("cpu") for n, m in result.items()}
+            inputs = {n: m.to("cpu") for n, m in inputs.items()}
         result = _all_gather_merge(result)
+        inputs = _all_gather_merge_inputs(inputs)
     result = {n: m.to("cpu") for n, m in result.items()}
+    inputs = {n: m.to("cpu") for n, m in inputs.items() if m.n > 0}
     counts = next(iter(result.values())).count
     if int(counts.sum()) == 0:
         raise TvsError("no calibration samples were processed")
@@ -171,9 +235,10 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
         "layers": {l.name: l.to_dict() | {"dim": feature_dim(l, resolution)} for l in layers},
         "elapsed_s": round(elapsed, 3),
         "world_size": dist.get_world_size() if distributed else 1,
+        "input_positions_max": POSITIONS_MAX,
     })
     empty = [c for c, n in zip(classes, out_meta["class_counts"]) if n == 0]
     if empty:
         log.warning("classes with no calibration samples: %s", ", ".join(empty))
     out_meta["empty_classes"] = empty
-    return Moments(result, out_meta)
+    return Moments(result, out_meta, inputs)

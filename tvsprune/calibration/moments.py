@@ -8,6 +8,13 @@ float64 rounding, unlike a naive sum of squares.
 File layout (safetensors): ``L/count`` int64 [K], ``L/mean`` float64 [K, C, D],
 ``L/var`` float64 [K, C, D] (unbiased; 0 where count < 2) for every layer name ``L``;
 JSON metadata under the metadata key ``tvsprune``.
+
+Format 2 adds, for every consumer layer ``N`` (a Conv2d or Linear that reads channels),
+the statistics of its *input* pooled over classes and positions, which least-squares
+compensation needs: ``@in/N/count`` int64 [1], ``@in/N/mean`` float64 [C] and
+``@in/N/cov`` float64 [C, C] (unbiased covariance; absent for inputs wider than
+``COV_MAX`` features, where only the mean is kept). Format 1 files still load (without
+input statistics).
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ import torch
 from ..artifacts import atomic_path
 from ..errors import TvsError
 
-FORMAT = "tvsprune.moments/1"
+FORMAT = "tvsprune.moments/2"
+FORMATS = ("tvsprune.moments/1", FORMAT)
+COV_MAX = 2048  # widest consumer input whose C x C covariance is kept (2048^2 float64 = 32 MiB)
 
 
 @dataclass
@@ -84,11 +93,76 @@ class LayerMoments:
 
 
 @dataclass
+class InputMoments:
+    """Mean and co-moment matrix of one consumer's input channels, pooled over classes and positions.
+
+    ``m2`` is the sum of outer products of deviations from the mean ([C, C]); ``None`` when
+    the input is too wide to keep it (only the mean then).
+    """
+
+    count: torch.Tensor          # [1] int64 (rows: images x sampled positions)
+    mean: torch.Tensor           # [C] float64
+    m2: torch.Tensor | None      # [C, C] float64
+
+    @classmethod
+    def zeros(cls, channels: int, device: torch.device | str = "cpu") -> "InputMoments":
+        m2 = torch.zeros(channels, channels, dtype=torch.float64, device=device) if channels <= COV_MAX else None
+        return cls(torch.zeros(1, dtype=torch.int64, device=device),
+                   torch.zeros(channels, dtype=torch.float64, device=device), m2)
+
+    @property
+    def n(self) -> int:
+        return int(self.count[0])
+
+    @property
+    def cov(self) -> torch.Tensor | None:
+        """Unbiased covariance [C, C] (zeros below two rows)."""
+        if self.m2 is None:
+            return None
+        return self.m2 / max(1, self.n - 1) if self.n > 1 else torch.zeros_like(self.m2)
+
+    def merge(self, other: "InputMoments") -> "InputMoments":
+        """Chan et al.'s parallel update for a mean vector and a co-moment matrix."""
+        if self.mean.shape != other.mean.shape:
+            raise TvsError(f"cannot merge input moments of widths {self.mean.numel()} and {other.mean.numel()}")
+        na, nb = float(self.n), float(other.n)
+        n = na + nb
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (nb / n)
+        m2 = None
+        if self.m2 is not None and other.m2 is not None:
+            m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (na * nb / n)
+        return InputMoments(self.count + other.count, mean, m2)
+
+    def add_rows(self, rows: torch.Tensor) -> "InputMoments":
+        """Fold rows [N, C] (one per image and sampled position) in."""
+        rows = rows.to(torch.float64)
+        mean = rows.mean(0)
+        m2 = None
+        if self.m2 is not None:
+            d = rows - mean
+            m2 = d.T @ d
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+        return self.merge(InputMoments(count, mean, m2))
+
+    def to(self, device: torch.device | str) -> "InputMoments":
+        return InputMoments(self.count.to(device), self.mean.to(device),
+                            None if self.m2 is None else self.m2.to(device))
+
+
+@dataclass
 class Moments:
-    """Moments of every calibrated layer, plus metadata describing where they came from."""
+    """Moments of every calibrated layer, plus metadata describing where they came from.
+
+    ``inputs`` holds the pooled input statistics of every consumer layer (format 2);
+    empty for files written by format 1.
+    """
 
     layers: dict[str, LayerMoments]
     meta: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, InputMoments] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -109,13 +183,14 @@ class Moments:
         if list(self.layers) != list(other.layers):
             raise TvsError("cannot merge moments of different layer sets")
         layers = {n: self.layers[n].merge(other.layers[n]) for n in self.layers}
+        inputs = {n: self.inputs[n].merge(other.inputs[n]) for n in self.inputs if n in other.inputs}
         meta = dict(self.meta)
         first = next(iter(layers.values()), None)
         if first is not None:
             meta["class_counts"] = [int(c) for c in first.count.tolist()]
             meta["samples"] = int(first.count.sum())
         meta["skipped"] = int(self.meta.get("skipped", 0)) + int(other.meta.get("skipped", 0))
-        return Moments(layers, meta)
+        return Moments(layers, meta, inputs)
 
     def save(self, path: str | Path) -> None:
         """Write the safetensors file atomically."""
@@ -126,7 +201,13 @@ class Moments:
             tensors[f"{name}/count"] = lm.count.cpu().contiguous()
             tensors[f"{name}/mean"] = lm.mean.cpu().contiguous()
             tensors[f"{name}/var"] = lm.var.cpu().contiguous()
-        meta = dict(self.meta, format=FORMAT, layers=self.meta.get("layers") or {n: {} for n in self.layers})
+        for name, im in self.inputs.items():
+            tensors[f"@in/{name}/count"] = im.count.cpu().contiguous()
+            tensors[f"@in/{name}/mean"] = im.mean.cpu().contiguous()
+            if im.m2 is not None:
+                tensors[f"@in/{name}/cov"] = im.cov.cpu().contiguous()
+        meta = dict(self.meta, format=FORMAT, layers=self.meta.get("layers") or {n: {} for n in self.layers},
+                    inputs=sorted(self.inputs))
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"tvsprune": json.dumps(meta)})
 
@@ -135,7 +216,7 @@ class Moments:
         """Read a moments file (no pickle)."""
         from ..artifacts import read_safetensors
 
-        meta, tensors = read_safetensors(path, "moments file", FORMAT)
+        meta, tensors = read_safetensors(path, "moments file", FORMATS)
         layers = {}
         for name in meta["layers"]:
             try:
@@ -144,4 +225,15 @@ class Moments:
                 raise TvsError(f"{path}: tensor {e.args[0]} missing") from None
             m2 = var * (count - 1).clamp(min=0).to(torch.float64).view(-1, 1, 1)
             layers[name] = LayerMoments(count, mean, m2)
-        return cls(layers, meta)
+        inputs = {}
+        for name in meta.get("inputs") or []:
+            try:
+                count, mean = tensors[f"@in/{name}/count"], tensors[f"@in/{name}/mean"]
+            except KeyError as e:
+                raise TvsError(f"{path}: tensor {e.args[0]} missing") from None
+            cov = tensors.get(f"@in/{name}/cov")
+            if cov is not None and tuple(cov.shape) != (mean.numel(), mean.numel()):
+                raise TvsError(f"{path}: tensor @in/{name}/cov has shape {tuple(cov.shape)}, expected "
+                               f"{(mean.numel(), mean.numel())}")
+            inputs[name] = InputMoments(count, mean, None if cov is None else cov * max(0, int(count[0]) - 1))
+        return cls(layers, meta, inputs)

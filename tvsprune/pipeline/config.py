@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..errors import TvsError
+from ..pruning.stage import PruneOptions
 
 
 class Strict(BaseModel):
@@ -60,8 +61,10 @@ class PruneSection(Strict):
     min_keep: int = 1
     round_to: int = 1
     pair_reduce: Literal["min", "mean"] = "min"
-    bn_recalibrate: bool = True
-    mean_compensation: bool = True
+    compensation: Literal["none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
+    bn_recalibrate: bool = PruneOptions.bn_recalibrate
+    ridge: float = PruneOptions.ridge
+    mean_compensation: bool = False  # old spelling of compensation = "mean"
     repair_samples_per_class: int = 100
     max_acc_drop: float = 2.0
     step: float = 0.05

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from ..artifacts import atomic_path
-from ..errors import TvsError
 from ..models.spec import LoadedModel, ModelSpec, build_module, load_state_dict_strict
 from .plan import Plan
 

@@ -186,12 +186,15 @@ class Allocator:
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
               target: float | None = None, metric: str = "params", threshold: float | None = None,
               allocation: str = "alpha", guards: Guards | None = None, meta: dict[str, Any] | None = None,
-              ldiffs: dict[str, float] | None = None, cost_power: float = 1.0) -> Plan:
+              ldiffs: dict[str, float] | None = None, cost_power: float = 1.0, normalise: bool = True) -> Plan:
     """Decide the kept channels of every group.
 
     - ``target`` (fraction of ``metric`` = params or macs to remove): bisection on the
       allocation's scalar until the removed fraction reaches the target;
     - ``threshold`` (absolute score): remove channels whose group score is below it.
+
+    ``normalise=False`` keeps scores as they are across layers (for criteria whose scale is
+    already comparable between layers, such as the least-squares saliency).
     """
     guards = guards or Guards()
     channels = [g.channels for g in graph.groups]
@@ -208,7 +211,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     else:
         if target is None or not (0.0 <= target < 1.0):
             raise TvsError(f"the budget must be a fraction in [0, 1), got {target}")
-        gs = group_scores(graph, scores)
+        gs = group_scores(graph, scores, normalise=normalise)
         gl = [max((ldiffs or {}).get(m, 0.0) for m in g.members) if g.members else 0.0 for g in graph.groups]
         unit = []
         for i, g in enumerate(graph.groups):  # what removing one channel of each group saves

@@ -23,9 +23,10 @@ from ..models.probe import ModelProbe, probe_model
 from .artifact import WEIGHTS_FILE, save_pruned
 from .graph import ChannelGraph, CostModel
 from .plan import Guards, Plan, make_plan
+from .compensation import COMPENSATIONS, DEFAULT_RIDGE, fold_from_moments, refit_sequential, removed_inputs
 from .repairs import consumer_input_means, recalibrate_batchnorm
 from .scores import CRITERIA, WEIGHT_CRITERIA, layer_scores, ldiff, spearman
-from .surgery import apply_plan, consumers_of
+from .surgery import apply_plan
 
 log = logging.getLogger(__name__)
 METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA if c != "tvs")
@@ -42,8 +43,11 @@ class PruneOptions:
     guards: Guards = field(default_factory=Guards)
     pair_reduce: str = "min"
     seed: int = 0
-    bn_recalibrate: bool = False
-    mean_compensation: bool = False
+    # repairs: the defaults are the best configuration the accuracy benchmark found
+    compensation: str = "ls"
+    bn_recalibrate: bool = True
+    ridge: float = DEFAULT_RIDGE
+    mean_compensation: bool = False  # deprecated spelling of compensation="mean"
     repair_samples_per_class: int | None = 100
     # iterative
     max_acc_drop: float = 2.0     # points
@@ -52,6 +56,24 @@ class PruneOptions:
     max_rounds: int = 50
     compare_criteria: bool = True
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.mean_compensation:
+            self.compensation, self.mean_compensation = "mean", False
+        if self.compensation not in COMPENSATIONS:
+            raise TvsError(f"unknown compensation {self.compensation!r} (one of {', '.join(COMPENSATIONS)})")
+
+    @property
+    def repairs(self) -> dict[str, Any]:
+        return {"compensation": self.compensation, "bn_recalibrate": self.bn_recalibrate, "ridge": self.ridge}
+
+    @property
+    def needs_images(self) -> bool:
+        return self.bn_recalibrate or self.compensation == "ls-seq"
+
+    @classmethod
+    def no_repair(cls, **kw: Any) -> "PruneOptions":
+        return cls(compensation="none", bn_recalibrate=False, **kw)
 
     def budget(self) -> tuple[float | None, str]:
         if self.target_params is not None and self.target_flops is not None:
@@ -104,22 +126,63 @@ def _batches(data: DataOptions, model: LoadedModel, per_class: int | None, exclu
     return source, BatchStream(source, idx, data.batch_size, data.workers, data.skip_bad)
 
 
-def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOptions | None) -> torch.nn.Module:
-    """Copy the model, apply the plan, run the requested repairs."""
+def repairs_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The repairs a plan records; plans of format 1 said ``mean_compensation: bool``."""
+    r = dict(meta.get("repairs") or {})
+    if "compensation" not in r:
+        r["compensation"] = "mean" if r.pop("mean_compensation", False) else "none"
+    r.pop("mean_compensation", None)
+    return {"compensation": r["compensation"], "bn_recalibrate": bool(r.get("bn_recalibrate")),
+            "ridge": float(r.get("ridge", DEFAULT_RIDGE))}
+
+
+def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOptions | None,
+                 moments: Moments | None = None, report: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Copy the model, apply the plan, run the requested repairs.
+
+    ``mean``/``ls`` compensation fold into the consumers before surgery, from the moments
+    file's input statistics (``mean`` falls back to a pass over calibration images for
+    moments files of format 1, ``ls`` to ``mean``); ``ls-seq`` re-fits after surgery on
+    calibration images; BatchNorm re-estimation comes last. ``report`` receives what each
+    step did and cost.
+    """
     model = copy.deepcopy(ctx.loaded.module).eval()
-    means = None
-    if opts.mean_compensation or opts.bn_recalibrate:
-        if calib is None:
-            raise TvsError("--bn-recalibrate / --mean-compensation need calibration images: give --calib-data "
-                           "(the moments file's data folder was not found)")
-    if opts.mean_compensation:
-        _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
-        means = consumer_input_means(ctx.loaded.module, consumers_of(ctx.graph, plan), stream, "cpu")
+    report = report if report is not None else {}
+    method = opts.compensation
+    inputs = moments.inputs if moments is not None else {}
+    if method in ("mean", "ls") and not inputs:
+        if method == "ls":
+            log.warning("the moments file has no input second moments (made by an older tvsprune, or none given): "
+                        "least-squares compensation falls back to mean compensation")
+            report["compensation_fallback"] = "mean: no input second moments in the moments file"
+            method = "mean"
+    if (opts.needs_images or (method == "mean" and not inputs)) and calib is None:
+        raise TvsError("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation "
+                       "from an old moments file): give --calib-data (the moments file's data folder was not found)"
+                       " or --no-repair")
     graph = ChannelGraph(model, ctx.example, ctx.probe.logits_layer)
-    apply_plan(model, plan, ctx.example, ctx.probe.logits_layer, means, ctx.stat_modules, graph=graph)
-    if opts.bn_recalibrate:
+    t0 = time.perf_counter()
+    if method in ("mean", "ls"):
+        fallback = None
+        if not inputs:
+            _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
+            fallback = consumer_input_means(ctx.loaded.module, list(removed_inputs(ctx.graph, plan)), stream, "cpu")
+        fold = fold_from_moments(graph, plan, inputs, method, ctx.stat_modules, opts.ridge, fallback)
+        report["compensation"] = fold.to_dict()
+    apply_plan(model, plan, ctx.example, ctx.probe.logits_layer, graph=graph)
+    if method == "ls-seq":
         _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
-        recalibrate_batchnorm(model, stream)
+        order = [l.name for l in ctx.probe.layers] + ([ctx.probe.logits_layer] if ctx.probe.logits_layer else [])
+        fold = refit_sequential(ctx.loaded.module, model, ctx.graph, plan, order, stream, ctx.stat_modules,
+                                opts.ridge)
+        report["compensation"] = fold.to_dict()
+    if "compensation" in report:
+        report["compensation"]["seconds"] = round(time.perf_counter() - t0, 3)
+    if opts.bn_recalibrate:
+        t0 = time.perf_counter()
+        _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
+        seen = recalibrate_batchnorm(model, stream)
+        report["bn_recalibrate"] = {"images": seen, "seconds": round(time.perf_counter() - t0, 3)}
     return model.eval()
 
 
@@ -185,7 +248,7 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
         step_plan = make_plan(current_ctx.graph, current_ctx.cost, scores, target=local, metric=metric,
                               allocation=opts.allocation, guards=opts.guards, cost_power=opts.cost_power)
         candidate = _compose(plan, step_plan)
-        model = build_pruned(ctx, candidate, opts, calib)
+        model = build_pruned(ctx, candidate, opts, calib, moments)
         acc, _, _ = _accuracy(model, val, n_classes)
         new_cost = CostModel(model, ChannelGraph(model, ctx.example, ctx.probe.logits_layer),
                              {l.name: l.out_shape for l in ctx.probe.layers}).cost()[0 if metric == "params" else 1]
@@ -272,8 +335,14 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
             "moments_sha256": sha256_file(moments_path) if moments_path else None,
             "criterion": {"method": opts.method, "pair_reduce": opts.pair_reduce, "seed": opts.seed,
                           "resolution": moments.meta.get("resolution") if moments else None},
-            "repairs": {"bn_recalibrate": opts.bn_recalibrate, "mean_compensation": opts.mean_compensation}}
-    if (opts.bn_recalibrate or opts.mean_compensation) and calib is not None:
+            "repairs": opts.repairs}
+    if moments_path and opts.compensation in ("mean", "ls"):
+        meta["moments_path"] = str(Path(moments_path).resolve())  # what `replay` reads the fold from
+    if opts.compensation != "none" or opts.bn_recalibrate:
+        if calib is None and opts.needs_images:
+            raise TvsError("the repairs need calibration images (BatchNorm re-estimation or ls-seq): give "
+                           "--calib-data (the moments file's data folder was not found) or --no-repair")
+    if calib is not None and (opts.compensation != "none" or opts.bn_recalibrate):
         # what `replay` needs to redo the repairs bit for bit (batch size included: BatchNorm
         # re-estimation averages per-batch statistics)
         meta["repair_data"] = {**asdict(calib), "repair_samples_per_class": opts.repair_samples_per_class}
@@ -291,13 +360,15 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
         plan = make_plan(ctx.graph, ctx.cost, scores, target=target, metric=metric, threshold=opts.threshold,
                          allocation=opts.allocation, guards=opts.guards, ldiffs=ldiffs, cost_power=opts.cost_power)
     plan.meta = {**meta, **plan.meta}
-    pruned = build_pruned(ctx, plan, opts, calib)
+    repair_report: dict[str, Any] = {}
+    pruned = build_pruned(ctx, plan, opts, calib, moments, repair_report)
 
     out_dir = Path(out_dir)
     report: dict[str, Any] = {"tvsprune_version": __version__, "method": opts.method,
                               "model": loaded.spec.to_dict(), "params": plan.meta["params"],
                               "macs": plan.meta["macs"], "budget": plan.meta.get("budget"),
-                              "allocation": plan.meta.get("allocation"), "repairs": meta["repairs"]}
+                              "allocation": plan.meta.get("allocation"), "repairs": meta["repairs"],
+                              "repair_steps": repair_report}
     kept = plan.layers()
     layers_report = []
     for l in ctx.probe.layers:
@@ -335,7 +406,8 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
 
 
 def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path | None = None,
-           calib: DataOptions | None = None, structure_only: bool = False) -> torch.nn.Module:
+           calib: DataOptions | None = None, structure_only: bool = False,
+           moments_path: str | Path | None = None) -> torch.nn.Module:
     """Apply a saved plan to a fresh model built from the same spec and weights.
 
     When the plan was made with repairs (BatchNorm re-estimation, mean compensation),
@@ -349,22 +421,30 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
     shape = plan.meta.get("input_shape") or list(loaded.input_shape or [])
     if not shape:
         raise TvsError(f"{plan_path} records no input shape and the model does not know its own")
-    repairs = plan.meta.get("repairs") or {}
-    bn, mc = bool(repairs.get("bn_recalibrate")), bool(repairs.get("mean_compensation"))
-    if structure_only or not (bn or mc):
+    repairs = repairs_of(plan.meta)
+    if structure_only or (repairs["compensation"] == "none" and not repairs["bn_recalibrate"]):
         module = apply_plan(copy.deepcopy(loaded.module), plan, torch.zeros(1, *shape), plan.meta.get("logits_layer"))
-        repairs = {"bn_recalibrate": False, "mean_compensation": False}
+        repairs = {"compensation": "none", "bn_recalibrate": False, "ridge": repairs["ridge"]}
     else:
         recorded = dict(plan.meta.get("repair_data") or {})
         per_class = recorded.pop("repair_samples_per_class", PruneOptions.repair_samples_per_class)
+        opts = PruneOptions(repair_samples_per_class=per_class, **repairs)
+        moments = None
+        if repairs["compensation"] in ("mean", "ls"):
+            mpath = moments_path or plan.meta.get("moments_path")
+            if not mpath or not Path(mpath).exists():
+                raise TvsError(f"{plan_path} was made with {repairs['compensation']} compensation, which reads its "
+                               f"moments file ({mpath or 'not recorded'}): give --moments, or --structure-only")
+            moments = Moments.load(mpath)
+            if plan.meta.get("moments_sha256") and sha256_file(mpath) != plan.meta["moments_sha256"]:
+                raise TvsError(f"{mpath} is not the moments file {plan_path} was made with (sha256 differs)")
         if calib is None and recorded.get("path") and Path(recorded["path"]).exists():
             calib = DataOptions(**recorded)
-        if calib is None:
+        if calib is None and (opts.needs_images or (moments is not None and not moments.inputs)):
             where = recorded.get("path") or "not recorded"
-            raise TvsError(f"{plan_path} was made with repairs ({', '.join(k for k, v in repairs.items() if v)}) that "
-                           f"need its calibration images ({where}): give --calib-data, or --structure-only")
-        opts = PruneOptions(bn_recalibrate=bn, mean_compensation=mc, repair_samples_per_class=per_class)
-        module = build_pruned(Context.build(loaded, shape), plan, opts, calib)
+            raise TvsError(f"{plan_path} was made with repairs that need its calibration images ({where}): "
+                           "give --calib-data, or --structure-only")
+        module = build_pruned(Context.build(loaded, shape), plan, opts, calib, moments)
     if out_dir is not None:
         save_pruned(Path(out_dir) / WEIGHTS_FILE, module, plan, loaded, shape, {"repairs": repairs})
     return module

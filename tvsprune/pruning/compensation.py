@@ -1,0 +1,298 @@
+"""Compensation: what a consumer received from removed channels is rebuilt from the kept ones.
+
+At the input of every consumer (a Conv2d that mixes channels, or a Linear) that loses
+input channels R and keeps K, a removed channel is reconstructed as ``a_R ~ M a_K + c``
+and the reconstruction is folded into the consumer's weights:
+``W[:, K] += W[:, R] M`` per kernel tap and ``bias += sum over taps of W[:, R] c``. Channel
+mixing commutes with the spatial kernel, so the fold is exact wherever the kernel does not
+read zero padding.
+
+- ``mean``: M = 0, c = E[a_R] (the zeroth-order case).
+- ``ls``: M, c by ridge regression on the input's mean and covariance, which calibrate
+  collects (pooled over classes and positions): distributional, no images needed.
+- ``ls-seq``: after surgery, each consumer in forward order is re-fitted on calibration
+  images so that its output on the *pruned* network's input matches its output on the
+  unpruned network's input; this also corrects what upstream pruning changed.
+
+Ridge strength is relative to the mean variance of the regressors (``ridge`` x trace / k),
+solved by Cholesky; a failed factorisation raises the ridge tenfold rather than inverting
+a singular matrix.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..calibration.collector import input_rows
+from ..calibration.moments import InputMoments
+from ..errors import TvsError
+from .graph import ChannelGraph
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+COMPENSATIONS = ("none", "mean", "ls", "ls-seq")
+DEFAULT_RIDGE = 1e-3
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class FoldReport:
+    """What a compensation did, for prune.json."""
+
+    method: str
+    consumers: int = 0
+    ridge_raised: list[str] = field(default_factory=list)
+    fallback_mean: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "consumers": self.consumers, "ridge_raised": self.ridge_raised,
+                "fallback_mean": self.fallback_mean, "warnings": self.warnings}
+
+
+def _mixes_channels(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def _removed(graph: ChannelGraph, plan: Plan, dim: str, wanted) -> dict[str, np.ndarray]:
+    """Removed indices in the ``dim`` ("in"/"out") dimension of every module ``wanted`` accepts."""
+    removed = dict(zip((g["root"] for g in plan.groups), plan.removed()))
+    out: dict[str, set[int]] = {}
+    for g in graph.groups:
+        rm = removed.get(g.root)
+        if rm is None or len(rm) == 0:
+            continue
+        mask = np.zeros(g.channels, dtype=bool)
+        mask[rm] = True
+        for it in g.items:
+            if it.dim == dim and wanted(graph.modules[it.module]):
+                out.setdefault(it.module, set()).update(int(i) for i in it.idxs[mask[it.root_idxs]])
+    return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in out.items() if v}
+
+
+def removed_inputs(graph: ChannelGraph, plan: Plan) -> dict[str, np.ndarray]:
+    """Removed input indices of every channel-mixing consumer (union over the groups it reads)."""
+    return _removed(graph, plan, "in", _mixes_channels)
+
+
+def removed_outputs(graph: ChannelGraph, plan: Plan) -> dict[str, np.ndarray]:
+    """Removed output indices of every Conv/Linear layer."""
+    return _removed(graph, plan, "out", lambda m: isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, name: str,
+                report: FoldReport | None = None) -> torch.Tensor:
+    """X = (gram + lam I)^-1 rhs with lam = ridge x mean diagonal (raised tenfold until Cholesky succeeds)."""
+    k = gram.shape[0]
+    scale = float(torch.diagonal(gram).mean()) if k else 0.0
+    if not np.isfinite(scale):
+        raise TvsError(f"compensation for {name}: the input statistics are not finite")
+    scale = max(scale, 1e-12)
+    lam = ridge * scale
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    for attempt in range(8):
+        chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            x = torch.cholesky_solve(rhs, chol)
+            if torch.isfinite(x).all():
+                if attempt and report is not None:
+                    report.ridge_raised.append(name)
+                return x
+        lam *= 10.0
+    raise TvsError(f"compensation for {name}: the input covariance is degenerate even with a large ridge")
+
+
+def _tap_sum(w: torch.Tensor) -> torch.Tensor:
+    """Weight [O, C, ...] -> [O, C]: the sum over kernel taps (what a constant input meets)."""
+    return w.flatten(2).sum(-1) if w.dim() > 2 else w
+
+
+def _mix(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Weight [O, C, ...] with input channels mixed by a [C, K] -> [O, K, ...]."""
+    return torch.einsum("oc...,ck->ok...", w, a)
+
+
+def _add_shift(layer: nn.Module, shift: torch.Tensor, norm: nn.Module | None) -> None:
+    """Add ``shift`` [O] to the layer's output: its bias, else the following BatchNorm's mean, else a new bias."""
+    if layer.bias is not None:
+        layer.bias.data.add_(shift.to(layer.bias.dtype))
+    elif isinstance(norm, NORMS) and norm is not layer:
+        norm.running_mean.sub_(shift.to(norm.running_mean.dtype))
+    else:
+        layer.bias = nn.Parameter(shift.to(layer.weight.dtype).clone())
+
+
+@torch.no_grad()
+def fold_from_moments(graph: ChannelGraph, plan: Plan, inputs: dict[str, InputMoments], method: str,
+                      norm_after: dict[str, str], ridge: float = DEFAULT_RIDGE,
+                      fallback_means: dict[str, np.ndarray] | None = None) -> FoldReport:
+    """``mean`` or ``ls`` folds into every consumer of the original model, before surgery (original indices)."""
+    if method not in ("mean", "ls"):
+        raise TvsError(f"fold_from_moments: unknown method {method!r}")
+    report = FoldReport(method)
+    for name, rm in removed_inputs(graph, plan).items():
+        m = graph.modules[name]
+        w = m.weight.detach().double()
+        width = w.shape[1]
+        im = inputs.get(name)
+        if im is None and fallback_means is not None and name in fallback_means:
+            mean, cov = torch.as_tensor(fallback_means[name], dtype=torch.float64), None
+        elif im is None:
+            raise TvsError(f"compensation: no input statistics for {name} (calibrate with this tvsprune version)")
+        else:
+            mean, cov = im.mean.double(), im.cov
+        if mean.numel() != width:
+            raise TvsError(f"compensation: input statistics of {name} have width {mean.numel()}, the layer {width}")
+        keep = torch.as_tensor(np.setdiff1d(np.arange(width), rm), dtype=torch.long)
+        rmt = torch.as_tensor(rm, dtype=torch.long)
+        offset = torch.zeros(width, dtype=torch.float64)
+        if method == "ls" and cov is not None and len(keep):
+            cov = cov.double()
+            _check_conditioning(name, cov[keep][:, keep], im.n, report)
+            mt = ridge_solve(cov[keep][:, keep], cov[keep][:, rmt], ridge, name, report)  # [K, R] = M^T
+            offset[rmt] = mean[rmt] - mt.T @ mean[keep]
+            w[:, keep] += _mix(w[:, rmt], mt.T)
+        else:
+            if method == "ls":
+                report.fallback_mean.append(name)
+            offset[rmt] = mean[rmt]
+        m.weight.data.copy_(w.to(m.weight.dtype))
+        _add_shift(m, _tap_sum(w) @ offset, graph.modules.get(norm_after.get(name, "")))
+        report.consumers += 1
+    return report
+
+
+def _check_conditioning(name: str, cov: torch.Tensor, rows: int, report: FoldReport) -> None:
+    """Warn (never fail) when the regression is underdetermined or its regressors are collinear."""
+    k = cov.shape[0]
+    msg = None
+    if rows <= k:
+        msg = f"{name}: {rows} calibration rows for {k} regressors: the fit leans on its ridge (more images help)"
+    else:
+        ev = torch.linalg.eigvalsh(cov)
+        if float(ev[0]) <= 1e-10 * max(float(ev[-1]), 1e-300):
+            msg = f"{name}: kept input channels are collinear (singular covariance): the ridge decides the fit"
+    if msg:
+        log.warning("compensation: %s", msg)
+        report.warnings.append(msg)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Capture:
+    """Pre-hook on one layer of each of two models: grabs its input, then stops the forward pass."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inp):
+        self.value = inp[0].detach()
+        raise _Stop
+
+    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self.value = None
+        try:
+            model(x)
+        except _Stop:
+            pass
+        if self.value is None:
+            raise TvsError("ls-seq: a consumer layer was not reached by the forward pass")
+        return self.value
+
+
+class _Cross:
+    """Streaming first and second moments of paired rows (x [N, C], y [N, K]), shifted for accuracy."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.x0 = self.y0 = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        if self.x0 is None:
+            self.x0, self.y0 = x.mean(0), y.mean(0)
+            self.sx, self.sy = torch.zeros_like(self.x0), torch.zeros_like(self.y0)
+            self.sxy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+            self.syy = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
+        dx, dy = x - self.x0, y - self.y0
+        self.n += x.shape[0]
+        self.sx += dx.sum(0)
+        self.sy += dy.sum(0)
+        self.sxy += dx.T @ dy
+        self.syy += dy.T @ dy
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean x, mean y, cov(x, y) [C, K], cov(y) [K, K])."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxy = self.sxy / self.n - torch.outer(mx, my)
+        cyy = self.syy / self.n - torch.outer(my, my)
+        return mx + self.x0, my + self.y0, cxy, cyy
+
+
+@torch.no_grad()
+def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph, plan: Plan, order: list[str],
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], norm_after: dict[str, str],
+                     ridge: float = DEFAULT_RIDGE) -> FoldReport:
+    """``ls-seq``: re-fit each consumer of ``pruned`` (after surgery) in forward order.
+
+    Consumer L gets W' = W A, bias' = bias + W (E[x] - A E[x~]) with A = cov(x, x~)
+    (cov(x~) + lam I)^-1, x its input in the unpruned network and x~ in the pruned one (kept
+    channels only): its output on the pruned network matches the original's in the
+    least-squares sense, whatever upstream changed. One pass over ``batches`` per consumer.
+    """
+    report = FoldReport("ls-seq")
+    batches = list(batches)
+    if not batches:
+        raise TvsError("ls-seq needs calibration images")
+    rin, rout = removed_inputs(graph, plan), removed_outputs(graph, plan)
+    orig_mods, new_mods = dict(original.named_modules()), dict(pruned.named_modules())
+    changed = False
+    original.eval()
+    pruned.eval()
+    for name in order:
+        src, dst = orig_mods.get(name), new_mods.get(name)
+        if not (_mixes_channels(src) and _mixes_channels(dst)):
+            continue
+        if not changed and name not in rin:
+            continue  # nothing upstream was removed yet: the input is the original one
+        changed = True
+        cap_a, cap_b = _Capture(src), _Capture(dst)
+        acc = _Cross()
+        try:
+            for x, _ in batches:
+                xa, xb = cap_a.run(original, x), cap_b.run(pruned, x)
+                acc.add(input_rows(xa), input_rows(xb))
+        finally:
+            cap_a.handle.remove()
+            cap_b.handle.remove()
+        mx, my, cxy, cyy = acc.result()
+        a = ridge_solve(cyy, cxy.T.contiguous(), ridge, name, report).T  # [C, K]
+        w = src.weight.detach().double()
+        b = src.bias.detach().double() if src.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        keep_out = np.setdiff1d(np.arange(w.shape[0]), rout.get(name, np.empty(0, dtype=np.int64)))
+        ko = torch.as_tensor(keep_out, dtype=torch.long)
+        w, b = w[ko], b[ko]
+        new_w = _mix(w, a)
+        if tuple(new_w.shape) != tuple(dst.weight.shape):
+            raise TvsError(f"ls-seq: {name} refit has shape {tuple(new_w.shape)}, the pruned layer "
+                           f"{tuple(dst.weight.shape)}")
+        shift = _tap_sum(w) @ (mx - a @ my)
+        dst.weight.data.copy_(new_w.to(dst.weight.dtype))
+        if src.bias is not None:
+            dst.bias.data.copy_((b + shift).to(dst.bias.dtype))
+        else:
+            _add_shift(dst, shift, new_mods.get(norm_after.get(name, "")))
+        report.consumers += 1
+    return report
+
+
+__all__ = ["COMPENSATIONS", "FoldReport", "fold_from_moments", "refit_sequential", "removed_inputs",
+           "removed_outputs", "ridge_solve"]
