@@ -1,8 +1,15 @@
 """Find a model's prunable layers by running one forward pass with hooks.
 
 A layer is prunable when it is a ``Conv2d`` or a ``Linear`` that does not produce the
-logits. Its statistic point is the layer itself, or the BatchNorm that directly consumes
-its output (detected by tensor identity, which also works for functional forwards).
+logits. Its statistic point is the layer itself, or the first BatchNorm its output reaches
+through channel-wise operations only (ReLU and other activations, pooling, dropout,
+reshapes).
+
+Both answers come from the data flow, not from tensor identity: the probe records
+gradients for its one forward pass, keeps every output alive, and walks the autograd
+graph back from the model's output (and from each BatchNorm's input) to the layer that
+produced it. A functional tail after the classifier (``log_softmax``, ``softmax``, a
+flatten or ``view``, a temperature scale) is walked through.
 """
 from __future__ import annotations
 
@@ -63,26 +70,62 @@ def run_forward(model: nn.Module, x: torch.Tensor, what: str = "model") -> torch
         raise TvsError(f"input of shape {list(x.shape[1:])} does not fit {what}: {first}") from None
 
 
-@torch.no_grad()
+_MULTI_INPUT = ("Add", "Sub", "Cat", "Stack", "Mm", "Bmm", "Matmul", "Addmm", "Convolution", "Einsum")
+
+
+def _walk_back(start, stops: dict, through_multi: bool) -> set:
+    """Layers (values of ``stops``, keyed by grad_fn) reachable backwards from ``start``.
+
+    Does not walk past a layer output. Without ``through_multi``, a node that combines two
+    tensors (an addition, a concatenation, a matrix product) ends the walk: the source is
+    then not unique.
+    """
+    found, seen, todo = set(), set(), [start]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in stops:
+            found.add(stops[fn])
+            continue
+        name = type(fn).__name__
+        if name == "AccumulateGrad":
+            continue
+        inputs = [f for f, _ in fn.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+        if not through_multi and len(inputs) > 1 and name.startswith(_MULTI_INPUT):
+            return set()
+        todo.extend(inputs)
+    return found
+
+
 def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") -> ModelProbe:
     """Run ``example`` through ``model`` and describe its prunable layers."""
     names = {m: n for n, m in model.named_modules()}
     order: list[nn.Module] = []
-    outputs: dict[int, nn.Module] = {}
+    produced: dict = {}             # grad_fn of a layer's output -> layer
     shapes: dict[nn.Module, list[int]] = {}
     follows: dict[nn.Module, nn.Module] = {}
+    alive: list[torch.Tensor] = []  # every hooked tensor lives until the probe ends
     handles = []
 
     def on_layer(m, inp, out):
+        alive.append(out)
         if m not in shapes:
             order.append(m)
             shapes[m] = list(out.shape[1:])
-        outputs[id(out)] = m
+        if out.grad_fn is not None:
+            produced.setdefault(out.grad_fn, m)
 
     def on_norm(m, inp):
-        src = outputs.get(id(inp[0]))
-        if src is not None and src not in follows:
-            follows[src] = m
+        x = inp[0]
+        alive.append(x)
+        if x.grad_fn is None:
+            return
+        src = _walk_back(x.grad_fn, produced, through_multi=False)
+        if len(src) == 1:
+            layer = next(iter(src))
+            follows.setdefault(layer, m)
 
     for m in model.modules():
         if isinstance(m, PRUNABLE):
@@ -91,18 +134,22 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
             handles.append(m.register_forward_pre_hook(on_norm))
     was_training = model.training
     model.eval()
+    x = example.detach().clone().requires_grad_(example.is_floating_point())
     try:
-        out = run_forward(model, example, what)
+        with torch.enable_grad():
+            out = run_forward(model, x, what)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise TvsError(f"{what} returns {type(out).__name__}; tvsprune needs a model that returns one logits tensor")
-    logits = outputs.get(id(out))
-    if logits is None:  # output reshaped after the last layer: take the last Linear executed
-        linears = [m for m in order if isinstance(m, nn.Linear)]
-        logits = linears[-1] if linears else None
+    heads = _walk_back(out.grad_fn, produced, through_multi=True) if out.grad_fn is not None else set()
+    heads = {m for m in heads if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d)}
+    if len(heads) == 1:
+        logits = next(iter(heads))
+    else:  # several heads feed the output (or none is traced): the last layer executed
+        logits = order[-1] if order else None
     layers = []
     for m in order:
         if m is logits:
@@ -113,6 +160,7 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
             channels=m.out_channels if isinstance(m, nn.Conv2d) else m.out_features,
             stat_module=names[stat], out_shape=shapes[m],
             groups=getattr(m, "groups", 1)))
+    del alive
     if not layers:
         raise TvsError(f"{what} has no prunable layer (Conv2d, or Linear before the logits)")
     return ModelProbe(layers, names.get(logits) if logits is not None else None, list(out.shape[1:]))
