@@ -1,22 +1,38 @@
-"""Test accuracy vs fraction of parameters removed, for every criterion, with and without repairs.
+"""Top-1 accuracy at fixed budgets: tvsprune's defaults against Torch-Pruning's own criteria.
 
-Moments come from at most 500 training images per class (default 200); accuracy is on
-all 10,000 CIFAR-10 test images; no fine-tuning anywhere. Every criterion goes through
-the same plan path (allocation, guards, surgery). Also prints the Spearman correlation
-between LDIFF and the accuracy kept when one layer alone is pruned at random.
+No fine-tuning anywhere. For every model and budget (a fraction of parameters or MACs to
+remove) it prints one row per method with the accuracy on all 10,000 CIFAR-10 test images
+and the parameters AND MACs actually removed (both counted by torch_pruning.utils for every
+row, so the columns compare like with like):
 
-    python benchmarks/accuracy_vs_sparsity.py [--models vgg11_bn,resnet20] [--out results.json]
+- tvsprune rows go through the real ``prune()`` path (the CLI's), with its defaults
+  unless the row says otherwise: ``tvs`` (TV score, global allocation, ls compensation +
+  BatchNorm re-estimation), ``tvs ls-seq`` (sequential re-fit, no BatchNorm
+  re-estimation), ``tvs ls-score`` (TV score x LS saliency), ``tvs bn-only`` (no
+  compensation: the wave-1 repair), ``tvs cost-alloc`` (wave 1's allocation), ``l2``
+  (tvsprune's plan path and repairs with an L2 ranking).
+- Torch-Pruning rows: MagnitudeImportance L1/L2, BNScaleImportance, LAMPImportance and
+  GroupTaylorImportance (gradients of the cross-entropy on the calibration images), each
+  uniform (one ratio per layer) and global, the ratio bisected until the removed fraction
+  is within 0.5 point of the budget, then the *same* BatchNorm re-estimation on the same
+  calibration images that tvsprune's repairs use.
+
+Moments from 200 training images per class (pool:4); repairs on 100 per class of them.
+
+    python benchmarks/accuracy_vs_sparsity.py [--models resnet20,vgg11_bn] [--test-per-class N]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CHECKPOINTS, cifar10, machine  # noqa: E402
@@ -24,134 +40,165 @@ from _common import CHECKPOINTS, cifar10, machine  # noqa: E402
 from tvsprune.calibration import DataOptions, calibrate  # noqa: E402
 from tvsprune.data import BatchStream, stratified_indices  # noqa: E402
 from tvsprune.models import load_model  # noqa: E402
-from tvsprune.pruning import layer_scores, ldiff, make_plan, spearman  # noqa: E402
-from tvsprune.pruning.stage import Context, PruneOptions, build_pruned, iterative  # noqa: E402
+from tvsprune.models.probe import probe_model  # noqa: E402
+from tvsprune.pruning import PruneOptions, load_pruned, prune  # noqa: E402
+from tvsprune.pruning.repairs import recalibrate_batchnorm  # noqa: E402
 
-REPAIRS = {"none": (False, False), "bn": (True, False), "mc": (False, True), "both": (True, True)}
+BUDGETS = {"resnet20": "params:0.1,params:0.2,params:0.3,macs:0.3",
+           "vgg11_bn": "params:0.5,params:0.6,params:0.7,macs:0.5"}
+TVSPRUNE_ROWS = {
+    "tvs": {},
+    "tvs ls-seq": {"compensation": "ls-seq", "bn_recalibrate": False},
+    "tvs ls-score": {"tvs_saliency": "ls"},
+    "tvs bn-only": {"compensation": "none"},
+    "tvs cost-alloc": {"allocation": "cost"},
+    "l2": {"method": "l2"},
+}
+TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bnscale", "tp-lamp", "tp-taylor")
 
 
-def decode(data: DataOptions, model, per_class=None, seed=0, exclude=None):
+def decode(data: DataOptions, model, per_class=None, seed=0):
     src = data.open(model)
-    idx = stratified_indices(src.labels, per_class, seed, exclude)
+    idx = stratified_indices(src.labels, per_class, seed)
     xs, ys = zip(*BatchStream(src, idx, 500))
-    return torch.cat(xs), torch.cat(ys), idx
+    return torch.cat(xs), torch.cat(ys)
 
 
 @torch.no_grad()
-def accuracy(model, x, y, bs=500) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
     model.eval()
     hits = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
-    return hits / len(x)
+    return hits / len(x) * 100
+
+
+def count(model: nn.Module) -> tuple[int, int]:
+    """(MACs, params) as Torch-Pruning counts them, for every row alike."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, 32, 32))
+    return int(macs), int(params)
+
+
+def tp_importance(name: str):
+    import torch_pruning as tp
+
+    return {"tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
+            "tp-l2": lambda: tp.importance.MagnitudeImportance(p=2),
+            "tp-bnscale": lambda: tp.importance.BNScaleImportance(),
+            "tp-lamp": lambda: tp.importance.LAMPImportance(p=2),
+            "tp-taylor": lambda: tp.importance.GroupTaylorImportance()}[name]()
+
+
+def tp_prune(base: nn.Module, logits: str, crit: str, global_: bool, ratio: float, grad_batches) -> nn.Module:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(base).eval()
+    ignored = [dict(model.named_modules())[logits]]
+    pruner = tp.pruner.MetaPruner(model, torch.zeros(1, 3, 32, 32), tp_importance(crit), global_pruning=global_,
+                                  pruning_ratio=ratio, ignored_layers=ignored)
+    if crit == "tp-taylor":
+        model.zero_grad()
+        for x, y in grad_batches:
+            nn.functional.cross_entropy(model(x), y).backward()
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def tp_bisect(base, logits, crit, global_, metric, target, base_cost, grad_batches):
+    """The pruning ratio whose removed fraction is closest to ``target`` (within 0.5 point when reachable)."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        model = tp_prune(base, logits, crit, global_, mid, grad_batches)
+        macs, params = count(model)
+        frac = 1 - (params if metric == "params" else macs) / base_cost[metric]
+        if best is None or abs(frac - target) < abs(best[1] - target):
+            best = (model, frac, mid)
+        if abs(frac - target) <= 0.004:
+            break
+        lo, hi = (mid, hi) if frac < target else (lo, mid)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="vgg11_bn,resnet20")
-    ap.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6")
-    ap.add_argument("--criteria", default="tvs,mean-distance,l1,l2,random,bn-scale,fpgm")
-    ap.add_argument("--repairs", default="none,both", help="for every criterion")
-    ap.add_argument("--ablation", default="tvs,l1", help="criteria that also get bn-only and mc-only")
-    ap.add_argument("--samples-per-class", type=int, default=200, help="calibration images per class (<= 500)")
+    ap.add_argument("--models", default="resnet20,vgg11_bn")
+    ap.add_argument("--budgets", action="append", metavar="MODEL=metric:frac,...",
+                    help="override the budgets of one model, e.g. resnet20=params:0.2,macs:0.3")
+    ap.add_argument("--rows", default=",".join(list(TVSPRUNE_ROWS) + list(TP_CRITERIA)))
+    ap.add_argument("--samples-per-class", type=int, default=200, help="calibration images per class")
     ap.add_argument("--resolution", default="pool:4")
-    ap.add_argument("--allocation", default="cost")
     ap.add_argument("--test-per-class", type=int, default=None, help="default: all 1,000 per class")
-    ap.add_argument("--ldiff-frac", type=float, default=0.3, help="fraction of one layer removed at random")
-    ap.add_argument("--iter-max-drop", type=float, default=2.0)
     ap.add_argument("--out", default="accuracy_vs_sparsity.json")
     args = ap.parse_args()
     torch.manual_seed(0)
+    budgets = dict(BUDGETS)
+    for b in args.budgets or []:
+        k, _, v = b.partition("=")
+        budgets[k] = v
+    rows = args.rows.split(",")
     root = cifar10()
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    criteria = args.criteria.split(",")
     results = {"machine": machine(), "args": vars(args), "models": {}}
-    print(f"# accuracy vs parameters removed (no fine-tuning) on {results['machine']}")
+    print(f"# accuracy at fixed budgets, no fine-tuning; {results['machine']}; torch {torch.__version__}")
+    tmp = Path(tempfile.mkdtemp(prefix="tvsprune-avs-"))
     for name in args.models.split(","):
         t0 = time.time()
         lm = load_model(name, str(CHECKPOINTS[name]))
         calib = DataOptions(str(root / "train"), samples_per_class=args.samples_per_class, seed=1, batch_size=250)
-        moments = calibrate(lm, calib, None, args.resolution)
-        test = DataOptions(str(root / "test"))
-        xt, yt, _ = decode(test, lm, args.test_per_class)
-        cal_idx = stratified_indices(calib.open(lm).labels, args.samples_per_class, 1)
-        xv, yv, _ = decode(DataOptions(str(root / "train")), lm, 100, seed=2, exclude=cal_idx)  # iter-tvs val
-        ctx = Context.build(lm, [3, 32, 32])
+        mpath = tmp / f"{name}.moments.safetensors"
+        calibrate(lm, calib, mpath, args.resolution)
+        xt, yt = decode(DataOptions(str(root / "test")), lm, args.test_per_class)
+        src = calib.open(lm)
+        rep_idx = stratified_indices(src.labels, PruneOptions.repair_samples_per_class, calib.seed)
+        repair = list(BatchStream(src, rep_idx, calib.batch_size))
         base = accuracy(lm.module, xt, yt)
-        layers = [l.name for l in ctx.probe.layers]
-        table: dict[str, dict[str, list]] = {}
-        print(f"\n## {name}: unpruned {base * 100:.2f} % on {len(yt)} test images; moments from "
-              f"{moments.meta['samples']} train images at {args.resolution}; allocation {args.allocation}")
-        for crit in criteria:
-            scores = layer_scores(crit, lm.module, moments, layers, ctx.stat_modules, seed=0)
-            lds = {n: ldiff(s) for n, s in scores.items()}
-            reps = args.repairs.split(",") + (["bn", "mc"] if crit in args.ablation.split(",") else [])
-            for s in sparsities:
-                plan = make_plan(ctx.graph, ctx.cost, scores, target=s, allocation=args.allocation, ldiffs=lds)
-                for rep in reps:
-                    bn, mc = REPAIRS[rep]
-                    model = build_pruned(ctx, plan, PruneOptions(bn_recalibrate=bn, mean_compensation=mc,
-                                                                 repair_samples_per_class=100), calib)
-                    table.setdefault(f"{crit}+{rep}", {})[f"{s:.1f}"] = round(accuracy(model, xt, yt) * 100, 2)
-            print(f"  {crit} done ({time.time() - t0:.0f} s)", flush=True)
-        # IterTVSPrune: moments re-collected on the pruned network each round, step 0.1
-        for rep in ("both",):
-            bn, mc = REPAIRS[rep]
-            opts = PruneOptions(method="iter-tvs", target_params=max(sparsities), step=0.1,
-                                max_acc_drop=1000.0, bn_recalibrate=bn, mean_compensation=mc,
-                                repair_samples_per_class=100, allocation=args.allocation)
-            row: dict[str, float] = {}
-
-            def record(plan, frac, row=row, opts=opts):
-                model = build_pruned(ctx, plan, opts, calib)
-                row[f"{round(frac, 1):.1f}"] = round(accuracy(model, xt, yt) * 100, 2)
-
-            iterative(ctx, moments, opts, calib, list(zip(xv.split(500), yv.split(500))),
-                      accuracy(lm.module, xv, yv), on_accept=record)
-            table[f"iter-tvs+{rep}"] = row
-            bounded = PruneOptions(method="iter-tvs", target_params=max(sparsities), step=0.05,
-                                   max_acc_drop=args.iter_max_drop, bn_recalibrate=bn, mean_compensation=mc,
-                                   repair_samples_per_class=100, allocation=args.allocation)
-            plan, rounds = iterative(ctx, moments, bounded, calib, list(zip(xv.split(500), yv.split(500))),
-                                     accuracy(lm.module, xv, yv))
-            final = build_pruned(ctx, plan, bounded, calib)
-            p_after = ctx.cost.cost(plan.removed())[0]
-            results.setdefault("iter_bounded", {})[name] = {
-                "max_acc_drop_on_val": args.iter_max_drop, "rounds": rounds,
-                "params_removed": 1 - p_after / ctx.cost.cost()[0], "test_accuracy": accuracy(final, xt, yt) * 100}
-        print(f"  iter-tvs done ({time.time() - t0:.0f} s)", flush=True)
-        # LDIFF vs per-layer random pruning
-        tv = layer_scores("tvs", None, moments, layers)
-        lds, kept = [], []
-        rng = np.random.default_rng(0)
-        xs, ys = xt[:2000], yt[:2000]
-        for g in ctx.graph.groups:
-            if g.root in ctx.graph.rigid or not g.members:
-                continue
-            accs = []
-            for rep in range(2):
-                rm = np.sort(rng.permutation(g.channels)[: int(round(args.ldiff_frac * g.channels))])
-                from tvsprune.pruning import Plan
-
-                plan = Plan([{"root": gg.root, "members": gg.members, "channels": gg.channels,
-                              "kept": [int(k) for k in np.setdiff1d(np.arange(gg.channels), rm)]
-                              if gg.root == g.root else list(range(gg.channels))} for gg in ctx.graph.groups])
-                accs.append(accuracy(build_pruned(ctx, plan, PruneOptions(), calib), xs, ys))
-            lds.append(max(ldiff(tv[m]) for m in g.members if m in tv))
-            kept.append(float(np.mean(accs)) / accuracy(lm.module, xs, ys))
-        rho = spearman(np.array(lds), np.array(kept))
-        results["models"][name] = {"unpruned": base * 100, "table": table, "ldiff": lds, "random_kept": kept,
-                                   "spearman_ldiff_random": rho, "seconds": time.time() - t0}
-        header = "| criterion+repair | " + " | ".join(f"{int(s * 100)} %" for s in sparsities) + " |"
-        print(header)
-        print("|" + "---|" * (len(sparsities) + 1))
-        for key, row in table.items():
-            print(f"| {key} | " + " | ".join(f"{row.get(f'{s:.1f}', float('nan')):.2f}" for s in sparsities) + " |")
-        ib = results["iter_bounded"][name]
-        print(f"iter-tvs bounded by {args.iter_max_drop} points on val: {ib['params_removed'] * 100:.1f} % params "
-              f"removed, test {ib['test_accuracy']:.2f} % in {len(ib['rounds'])} rounds")
-        print(f"Spearman(LDIFF, accuracy kept under {args.ldiff_frac:.0%} random pruning of one layer) over "
-              f"{len(lds)} layers/groups: {rho:.3f}")
-        print(f"({time.time() - t0:.0f} s)", flush=True)
+        bmacs, bparams = count(lm.module)
+        base_cost = {"params": bparams, "macs": bmacs}
+        logits = probe_model(lm.module, torch.zeros(1, 3, 32, 32)).logits_layer
+        table = []
+        print(f"\n## {name}: unpruned {base:.2f} % on {len(yt)} test images, {bparams:,} params, {bmacs:,} MACs; "
+              f"moments from {args.samples_per_class * 10} train images at {args.resolution}", flush=True)
+        print("| budget | method | top-1 % | drop (points) | params removed % | MACs removed % | seconds |")
+        print("|---|---|---|---|---|---|---|")
+        for budget in budgets[name].split(","):
+            metric, frac = budget.split(":")
+            frac = float(frac)
+            for row in rows:
+                t1 = time.time()
+                if row in TVSPRUNE_ROWS:
+                    kw = {"target_params" if metric == "params" else "target_flops": frac, "compare_criteria": False}
+                    kw.update(TVSPRUNE_ROWS[row])
+                    out = tmp / f"{name}-{budget}-{row.replace(' ', '_')}"
+                    prune(lm, mpath, out, PruneOptions(**kw), calib)
+                    model = load_pruned(out).module
+                else:
+                    crit, _, scope = row.partition(":")
+                    model = None
+                    for glob in ((False, True) if not scope else ((scope == "global"),)):
+                        pm, got, ratio = tp_bisect(lm.module, logits, crit, glob, metric, frac, base_cost,
+                                                   repair[:4])
+                        recalibrate_batchnorm(pm, repair)
+                        _emit(table, budget, f"{crit} {'global' if glob else 'uniform'} (ratio {ratio:.3f})",
+                              pm, xt, yt, base, base_cost, t1)
+                        t1 = time.time()
+                    continue
+                _emit(table, budget, row, model, xt, yt, base, base_cost, t1)
+        results["models"][name] = {"unpruned": base, "params": bparams, "macs": bmacs, "rows": table,
+                                   "seconds": round(time.time() - t0)}
         Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def _emit(table, budget, label, model, xt, yt, base, base_cost, t1) -> None:
+    acc = accuracy(model, xt, yt)
+    macs, params = count(model)
+    row = {"budget": budget, "method": label, "top1": round(acc, 2), "drop": round(base - acc, 2),
+           "params_removed": round(100 * (1 - params / base_cost["params"]), 1),
+           "macs_removed": round(100 * (1 - macs / base_cost["macs"]), 1), "seconds": round(time.time() - t1, 1)}
+    table.append(row)
+    print(f"| {budget} | {label} | {row['top1']:.2f} | {row['drop']:.2f} | {row['params_removed']:.1f} | "
+          f"{row['macs_removed']:.1f} | {row['seconds']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

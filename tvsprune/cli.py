@@ -197,7 +197,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     opts = PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
                         threshold=args.threshold, allocation=args.allocation, cost_power=args.cost_power,
                         guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
-                        pair_reduce=args.pair_reduce, seed=args.seed,
+                        pair_reduce=args.pair_reduce, seed=args.seed, tvs_saliency=args.tvs_saliency,
                         **repair_options(args), repair_samples_per_class=args.repair_samples_per_class,
                         max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
     calib = val = None
@@ -243,7 +243,7 @@ def repair_options(args: argparse.Namespace) -> dict[str, Any]:
 def _register_prune(sub: Any) -> None:
     from .pruning.compensation import COMPENSATIONS
     from .pruning.plan import ALLOCATIONS
-    from .pruning.stage import METHODS, PruneOptions
+    from .pruning.stage import METHODS, TVS_SALIENCY, PruneOptions
 
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p)
@@ -254,8 +254,9 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--target-params", type=float, help="fraction of parameters to remove, e.g. 0.5")
     b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
-    b.add_argument("--allocation", default="cost", choices=ALLOCATIONS,
-                   help="how the budget is spread over layers: cost (default; a channel goes when its "
+    b.add_argument("--allocation", default=PruneOptions.allocation, choices=ALLOCATIONS,
+                   help="how the budget is spread over layers: global (default; one threshold on the scores "
+                        "normalised by each layer's maximum), cost (a channel goes when its "
                         "normalised score is low relative to what removing it saves), cost-rank (the same with "
                         "scores replaced by within-layer ranks: the saving decides how many, the criterion which), "
                         "alpha (the reference rule t_j <= alpha * mean(t)), global, uniform, ldiff")
@@ -264,6 +265,9 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--min-keep", type=int, default=1, help="keep at least this many channels per layer")
     b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple (8/16/32)")
     p.add_argument("--pair-reduce", default="min", choices=["min", "mean"], help="reduction over class pairs")
+    p.add_argument("--tvs-saliency", default=PruneOptions.tvs_saliency, choices=TVS_SALIENCY,
+                   help="tvs/iter-tvs: none (default) ranks by the TV score alone; ls multiplies the per-layer normalised "
+                        "TV score by the least-squares saliency (what removing the channel costs once compensated)")
     p.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
     r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,

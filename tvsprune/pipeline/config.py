@@ -55,12 +55,13 @@ class PruneSection(Strict):
     target_params: float | None = None  # DEFAULT_TARGET_PARAMS when no budget is given
     target_flops: float | None = None
     threshold: float | None = None
-    allocation: str = "cost"
-    cost_power: float = 2.0
+    allocation: str = PruneOptions.allocation
+    cost_power: float = PruneOptions.cost_power
     min_keep_frac: float = 0.1
     min_keep: int = 1
     round_to: int = 1
     pair_reduce: Literal["min", "mean"] = "min"
+    tvs_saliency: Literal["none", "ls"] = PruneOptions.tvs_saliency
     compensation: Literal["none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
     bn_recalibrate: bool = PruneOptions.bn_recalibrate
     ridge: float = PruneOptions.ridge

@@ -109,7 +109,7 @@ class Pipeline:
                             threshold=p.threshold, allocation=p.allocation, cost_power=p.cost_power,
                             guards=Guards(p.min_keep_frac, p.min_keep, p.round_to), pair_reduce=p.pair_reduce,
                             seed=p.seed, bn_recalibrate=p.bn_recalibrate, mean_compensation=p.mean_compensation,
-                            compensation=p.compensation, ridge=p.ridge,
+                            compensation=p.compensation, ridge=p.ridge, tvs_saliency=p.tvs_saliency,
                             repair_samples_per_class=p.repair_samples_per_class, max_acc_drop=p.max_acc_drop,
                             step=p.step)
         model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
