@@ -212,9 +212,9 @@ def test_wrong_input_size_and_class_count(tiny_setup, tmp_path):
     _, _, data = tiny_setup
     out = tmp_path / "m.safetensors"
     # the zoo's VGG expects 32x32 inputs; 16x16 images break its classifier
-    _assert_one_line_failure(run_cli("calibrate", "vgg11_bn", "--data", data, "--out", out,
+    _assert_one_line_failure(run_cli("calibrate", "vgg11_bn", "--data", data, "--out", out, "--allow-random-weights",
                                      "--model-kwargs", "num_classes=3"), out, "input of shape [3, 16, 16]")
-    _assert_one_line_failure(run_cli("calibrate", "resnet20", "--data", data, "--out", out),
+    _assert_one_line_failure(run_cli("calibrate", "resnet20", "--data", data, "--out", out, "--allow-random-weights"),
                              out, "3 classes", "10 logits")
 
 

@@ -25,10 +25,14 @@ def _floats(text: str) -> list[float]:
 
 
 def _ints(text: str) -> list[int]:
+    """Comma-separated positive integers (batch sizes, shapes)."""
     try:
-        return [int(v) for v in text.split(",")]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +91,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration.stage import moments_table
     from .console import print_table, progress_bar
 
+    from .models.spec import is_pruned_artifact
+
+    if not args.weights and not args.allow_random_weights and not is_pruned_artifact(args.model):
+        raise TvsError(f"no --weights given: {args.model} would be calibrated with its random initial weights; "
+                       "give --weights, or --allow-random-weights if the model loads its own")
     model = loaded_model(args)
     with progress_bar("calibrate") as bar:
         moments = calibrate(model, data_options(args), args.out, args.resolution, args.layers, args.device,
@@ -145,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="global", help="global | pool:K | full (default global)")
     p.add_argument("--layers", help="comma-separated globs of layer names (default: every prunable layer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; moments accumulate on that device")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="calibrate without --weights (only for a model that loads its own weights)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("merge-moments", help="merge moments files collected on disjoint shards")

@@ -27,10 +27,15 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, floatf
     if not rows:
         return
     table = Table(title=title, show_lines=False)
-    for key in rows[0]:
-        table.add_column(str(key), justify="right" if isinstance(rows[0][key], (int, float)) else "left")
+    keys: list[str] = []
+    for row in rows:  # every key of every row, in first-seen order: values stay under their heading
+        keys.extend(k for k in row if k not in keys)
+    for key in keys:
+        sample = next((r[key] for r in rows if r.get(key) is not None), None)
+        table.add_column(str(key), justify="right" if isinstance(sample, (int, float)) else "left")
     for row in rows:
-        table.add_row(*[floatfmt.format(v) if isinstance(v, float) else str(v) for v in row.values()])
+        table.add_row(*["" if row.get(k) is None else floatfmt.format(row[k]) if isinstance(row[k], float)
+                        else str(row[k]) for k in keys])
     # a terminal gets its own width; a log file or pipe gets room for every column
     width = max(100, Console().width) if sys.stdout.isatty() else 220
     Console(width=width).print(table)

@@ -230,9 +230,9 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
         if b not in requested and avail.get(b) is None:
             skipped[b] = "not requested (--backend)"
     run = [b for b in requested if avail.get(b) is None]
-    for b in requested:
-        if avail.get(b):
-            log.warning("backend %s skipped: %s", b, avail[b])
+    missing = [b for b in requested if avail.get(b)]
+    if opts.backends and missing:  # asked for by name: a missing one is an error, not a silent skip
+        raise MissingDependencyError("; ".join(f"backend {b} is not available: {avail[b]}" for b in missing))
     kinds = {REGISTRY[b][0] for b in run}
     entries = _load_entries(specs, weights, onnx_paths, model_kwargs)
     shape = _input_shape(entries, data, opts.input_shape)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,20 @@ class DataOptions:
     skip_bad: bool = False
 
     def preprocess(self, model: LoadedModel | None = None) -> Preprocess:
-        mean, std = self.mean, self.std
-        if (mean is None or std is None) and model is not None and model.normalize:
-            mean, std = model.normalize["mean"], model.normalize["std"]
+        """Normalisation: what the user gave, each of mean/std completed from the checkpoint."""
+        saved = (model.normalize if model is not None else None) or {}
+        mean = self.mean if self.mean is not None else saved.get("mean")
+        std = self.std if self.std is not None else saved.get("std")
+        if (mean is None) != (std is None):
+            given = "--mean" if mean is not None else "--std"
+            raise TvsError(f"{given} given without {'--std' if given == '--mean' else '--mean'} (and the checkpoint "
+                           "records no normalisation): give both")
+        if mean is not None:
+            for flag, values in (("--mean", mean), ("--std", std)):
+                if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+                    raise TvsError(f"{flag} {','.join(map(str, values))}: give 1 or 3 finite values (R,G,B)")
+            if any(v <= 0 for v in std):
+                raise TvsError(f"--std {','.join(map(str, std))}: every value must be positive")
         return Preprocess(self.resize, self.crop, mean, std)
 
     def open(self, model: LoadedModel | None = None) -> Source:

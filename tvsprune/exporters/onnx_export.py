@@ -153,6 +153,9 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+MIN_OPSET = 11  # the oldest opset whose Conv/Gemm/Resize semantics the parity check relies on
+
+
 def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, batch: str | int = "dynamic",
                 input_shape: list[int] | None = None, parity_inputs: torch.Tensor | None = None,
                 tolerance: float = 1e-4, exporter: str = "auto") -> dict[str, Any]:
@@ -160,6 +163,10 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
     import onnx
 
     out = Path(out)
+    if opset is not None:
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opset <= newest:
+            raise TvsError(f"--opset {opset} is not supported: give {MIN_OPSET}..{newest} (this onnx package's newest)")
     shape = list(input_shape or loaded.input_shape or [])
     if not shape:
         raise TvsError("the input shape is unknown: pass --input-shape C,H,W")
@@ -205,6 +212,10 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
         proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     proto.producer_name = "tvsprune"
     proto.producer_version = __version__
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        raise TvsError(f"asked for opset {opset}, but the {used} exporter wrote opset {written}: "
+                       f"give --opset {written}, or --exporter torchscript for older opsets")
     if proto.ByteSize() >= TWO_GB:
         raise TvsError("the model is larger than 2 GB: external-data export is not supported yet")
     report: dict[str, Any] = {"file": str(out), "exporter": used, "fallback_reason": fallback_reason,

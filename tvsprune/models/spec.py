@@ -223,6 +223,10 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
                          input_shape=ZOO_INPUT_SHAPE if ms.spec in ZOO else None)
     if ms.weights:
         sd, extras = read_checkpoint(ms.weights)
+        bad = next((k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()
+                    and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise TvsError(f"{ms.weights}: tensor {bad!r} holds NaN or Inf values: refusing to use these weights")
         load_state_dict_strict(module, sd, ms.weights)
         loaded.weights_sha256 = sha256_file(ms.weights)
         loaded.normalize = _normalize_from(extras)

@@ -71,10 +71,14 @@ class Plan:
             raise TvsError(f"{source}: 'groups' must be a list")
         for i, g in enumerate(groups):
             try:
-                c, kept = int(g["channels"]), [int(k) for k in g["kept"]]
+                c, kept = g["channels"], list(g["kept"])
                 str(g["root"]), list(g["members"])
             except (KeyError, TypeError, ValueError) as e:
                 raise TvsError(f"{source}: group {i} is malformed ({e})") from None
+            bad = [k for k in [c, *kept] if type(k) is not int]  # noqa: E721 (bool and float are refused)
+            if bad:
+                raise TvsError(f"{source}: group {g.get('root')!r} holds non-integer channel indices or width "
+                               f"({bad[0]!r}): refusing to cast them")
             if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= c:
                 raise TvsError(f"{source}: group {g['root']!r} keeps invalid channel indices for width {c}")
             g["kept"] = sorted(kept)
