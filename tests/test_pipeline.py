@@ -159,3 +159,17 @@ def test_dockerfile_structure():
         assert word is None or line.startswith((" ", "\t")) or word in {
             "FROM", "RUN", "COPY", "ENV", "ARG", "WORKDIR", "ENTRYPOINT", "CMD", "LABEL", "USER", "EXPOSE",
             "HEALTHCHECK", "SHELL", "VOLUME"}, line
+
+
+@pytest.mark.parametrize("key,value,closest", [
+    ("prune.method", '"tsv"', "'tvs'"), ("prune.allocation", '"costt"', "'cost'"),
+    ("calibrate.resolution", '"pool:x"', "'pool:4'"), ("bench.backends", '["ort-cpuu"]', "'ort-cpu'"),
+    ("prune.compensation", '"lss"', "'ls'"), ("export.int8_method", '"minmaxx"', "'minmax'"),
+])
+def test_misspelt_enumerations_are_refused_at_load_naming_the_closest(tmp_path, key, value, closest):
+    cfg = _config(tmp_path)
+    with pytest.raises(TvsError) as e:
+        load_config(cfg, [f"{key}={value}"])
+    msg = str(e.value)
+    assert key in msg and f"did you mean {closest}" in msg, msg
+    assert "\n" not in msg

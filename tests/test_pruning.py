@@ -348,6 +348,15 @@ def test_cli_iter_tvs_logs_rounds(tiny_calibrated, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "prune.json").read_text())
     assert report["rounds"] and report["rounds"][0]["round"] == 1
+    assert report["stop"].startswith("reached the target")
+    # an accuracy budget nothing fits: it stops short and says why
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--method", "iter-tvs",
+                "--target-params", "0.5", "--out", tmp_path / "short", "--val-data", data, "--max-acc-drop", "-1",
+                "--step", "0.1")
+    assert r.returncode == 0, r.stderr
+    short = json.loads((tmp_path / "short" / "prune.json").read_text())
+    assert short["stop"].startswith("stopped short") and "--max-acc-drop" in short["stop"]
+    assert "stopped short" in r.stderr
     assert "round" in r.stdout
     assert report["params"]["removed_frac"] >= 0.2 - 1e-9
 

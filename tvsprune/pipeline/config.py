@@ -6,6 +6,7 @@ Relative paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,15 @@ from ..pruning.stage import PruneOptions
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def one_of(value: str, valid: list[str] | tuple[str, ...], what: str) -> str:
+    """``value`` if valid, else a ValueError naming the closest valid value."""
+    if value in valid:
+        return value
+    close = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.4)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown {what} {value!r} ({hint}valid: {', '.join(valid)})")
 
 
 class ModelSection(Strict):
@@ -46,6 +56,20 @@ class CalibrateSection(Strict):
     layers: str | None = None
     device: str = "cpu"
 
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: str) -> str:
+        from ..calibration.collector import parse_resolution
+
+        try:
+            parse_resolution(v)
+        except TvsError:
+            if v.startswith("pool"):
+                raise ValueError(f"unknown resolution {v!r} (did you mean 'pool:4'? valid: global, pool:K "
+                                 "with K >= 1, full)") from None
+            one_of(v, ("global", "pool:4", "full"), "resolution")
+        return v
+
 
 DEFAULT_TARGET_PARAMS = 0.3
 
@@ -70,6 +94,20 @@ class PruneSection(Strict):
     max_acc_drop: float = 2.0
     step: float = 0.05
     seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from ..pruning.stage import METHODS
+
+        return one_of(v, METHODS, "method")
+
+    @field_validator("allocation")
+    @classmethod
+    def _allocation(cls, v: str) -> str:
+        from ..pruning.plan import ALLOCATIONS
+
+        return one_of(v, ALLOCATIONS, "allocation")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "PruneSection":
@@ -103,6 +141,20 @@ class BenchSection(Strict):
     iters: int = 10
     eval_samples: int | None = 2000
     threads: int | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        from ..bench.runners import REGISTRY
+
+        return [one_of(b, list(REGISTRY), "backend") for b in v]
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError(f"batch sizes must be positive integers, got {v}")
+        return v
 
 
 class RunConfig(Strict):
@@ -143,8 +195,13 @@ def _explain(e: ValidationError) -> str:
             msgs.append(f"unknown key '{dotted}'{hint}")
         elif err["type"] == "missing":
             msgs.append(f"missing key '{dotted}'")
+        elif err["type"] == "literal_error":
+            valid = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+            close = difflib.get_close_matches(str(err.get("input")), valid, n=1, cutoff=0.4)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            msgs.append(f"'{dotted}': unknown value {err.get('input')!r} ({hint}valid: {', '.join(valid)})")
         else:
-            msgs.append(f"'{dotted}': {err['msg']}")
+            msgs.append(f"'{dotted}': {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(msgs)
 
 

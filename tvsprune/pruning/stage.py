@@ -298,6 +298,16 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
             current_ctx = Context.build(current, list(ctx.example.shape[1:]))
         else:
             step -= opts.step_decrease
+    if removed_frac >= target - 1e-9:
+        reason = f"reached the target ({removed_frac:.3f} of {metric} removed)"
+    elif step <= 1e-9:
+        reason = (f"stopped short of the target: every step down to {opts.step_decrease:g} of {metric} lost more than "
+                  f"{opts.max_acc_drop:g} accuracy points on the validation images (raise --max-acc-drop)")
+    else:
+        reason = f"stopped short of the target: --max-rounds {opts.max_rounds} used up"
+    if removed_frac < target - 1e-9:
+        log.warning("iter-tvs %s; removed %.3f of %s, asked %.3f", reason, removed_frac, metric, target)
+    rounds.append({"stop": reason, "removed_frac": round(removed_frac, 4), "target": target})
     return plan, rounds
 
 
@@ -386,7 +396,8 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
         plan, rounds = iterative(ctx, moments, opts, calib, val_batches, base_acc, log_round)
         p, m = ctx.cost.cost(plan.removed())
         bp, bm = ctx.cost.cost()
-        plan.meta = {"allocation": opts.allocation, "budget": {"metric": metric, "target": target},
+        plan.meta = {"allocation": opts.allocation, "budget": {"metric": metric, "target": target,
+                                                               "stop": rounds[-1]["stop"]},
                      "params": {"before": bp, "after": p, "removed_frac": 1 - p / bp},
                      "macs": {"before": bm, "after": m, "removed_frac": 1 - m / bm}}
     else:
@@ -426,7 +437,8 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
         report["per_class"] = [{"class": c, "before": b, "after": a, "change_points": (a - b) * 100}
                                for c, b, a in zip(source_classes or range(n_classes), base_per, per)]
     if rounds:
-        report["rounds"] = rounds
+        report["rounds"] = [r for r in rounds if "stop" not in r]
+        report["stop"] = rounds[-1]["stop"]
     report["elapsed_s"] = round(time.perf_counter() - t_start, 2)
 
     out_dir.mkdir(parents=True, exist_ok=True)
