@@ -2,5 +2,32 @@
 
 Pipeline stages (each a CLI subcommand and a Python API, file -> file):
 calibrate -> prune -> export -> bench, and `run` / `demo` for all of them.
+
+On a model you hold::
+
+    moments = tvsprune.calibrate(model, "calib_images/")
+    pruned = tvsprune.prune(model, moments, target_flops=0.3)
+    tvsprune.export_onnx(pruned, "pruned.onnx")
+
+The API is imported on first use, so ``import tvsprune`` (and ``tvsprune --version``)
+does not import torch.
 """
 __version__ = "0.1.0"
+
+_API = {"calibrate", "prune", "export_onnx", "Pruned"}
+_OTHER = {"PruneOptions": ".pruning.stage", "DataOptions": ".calibration.stage", "Moments": ".calibration.moments",
+          "TvsError": ".errors"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _API:
+        return getattr(importlib.import_module(".api", __name__), name)
+    if name in _OTHER:
+        return getattr(importlib.import_module(_OTHER[name], __name__), name)
+    raise AttributeError(f"module 'tvsprune' has no attribute {name!r}")
+
+
+__all__ = ["DataOptions", "Moments", "PruneOptions", "Pruned", "TvsError", "calibrate", "export_onnx", "prune",
+           "__version__"]

@@ -142,6 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibration.stage import DEFAULT_RESOLUTION
+
     parser = argparse.ArgumentParser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"tvsprune {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -151,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--out", required=True, help="moments file to write (.safetensors)")
-    p.add_argument("--resolution", default="global", help="global | pool:K | full (default global)")
+    p.add_argument("--resolution", default=DEFAULT_RESOLUTION,
+                   help=f"global | pool:K | full (default {DEFAULT_RESOLUTION})")
     p.add_argument("--layers", help="comma-separated globs of layer names (default: every prunable layer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; moments accumulate on that device")
     p.add_argument("--allow-random-weights", action="store_true",

@@ -18,6 +18,7 @@ from .collector import collect_moments
 from .moments import Moments
 
 log = logging.getLogger(__name__)
+DEFAULT_RESOLUTION = "pool:4"  # what the accuracy benchmark measured; CLI, config and API share it
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _dist_context() -> tuple[int, int, bool]:
 
 
 def calibrate(model: str | LoadedModel, data: DataOptions, out: str | Path | None,
-              resolution: str = "global", layers: str | None = None, device: str = "cpu",
+              resolution: str = DEFAULT_RESOLUTION, layers: str | None = None, device: str = "cpu",
               progress: Callable[[int], None] | None = None,
               on_total: Callable[[int], None] | None = None) -> Moments:
     """Collect class-conditional moments of every prunable layer and write them to ``out``.

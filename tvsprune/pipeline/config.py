@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..errors import TvsError
+from ..calibration.stage import DEFAULT_RESOLUTION
 from ..pruning.stage import PruneOptions
 
 
@@ -52,7 +53,7 @@ class DataSection(Strict):
 
 
 class CalibrateSection(Strict):
-    resolution: str = "pool:4"
+    resolution: str = DEFAULT_RESOLUTION
     layers: str | None = None
     device: str = "cpu"
 

@@ -319,7 +319,15 @@ def _quantiles(s: np.ndarray) -> dict[str, float]:
 def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: str | Path,
           opts: PruneOptions, calib: DataOptions | None = None, val: DataOptions | None = None,
           log_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run one pruning method end to end and write its three artifacts into ``out_dir``."""
+    """Run one pruning method end to end and write its three artifacts into ``out_dir``; returns prune.json."""
+    return prune_model(model, moments_path, out_dir, opts, calib, val, log_round)[0]
+
+
+def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_dir: str | Path,
+                opts: PruneOptions, calib: DataOptions | None = None, val: DataOptions | None = None,
+                log_round: Callable[[dict[str, Any]], None] | None = None
+                ) -> tuple[dict[str, Any], torch.nn.Module, Plan]:
+    """:func:`prune`, also returning the pruned module and its plan."""
     t_start = time.perf_counter()
     if opts.method not in METHODS:
         raise TvsError(f"unknown method {opts.method!r} (one of {', '.join(METHODS)})")
@@ -447,7 +455,7 @@ def prune(model: str | LoadedModel, moments_path: str | Path | None, out_dir: st
     report["artifacts"] = {"plan": str(out_dir / "plan.json"), "weights": str(out_dir / WEIGHTS_FILE),
                            "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE)}
     write_json(out_dir / "prune.json", report)
-    return report
+    return report, pruned, plan
 
 
 def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path | None = None,

@@ -1,0 +1,146 @@
+"""The Python API on a model you already hold: calibrate, prune, export in a few lines.
+
+    import tvsprune
+    moments = tvsprune.calibrate(model, "calib_images/")        # an nn.Module, its weights loaded
+    pruned = tvsprune.prune(model, moments, target_flops=0.3)   # -> Pruned(module, plan, report)
+    tvsprune.export_onnx(pruned, "pruned.onnx")
+
+Each function also takes what the CLI takes (a spec string such as ``resnet20`` or
+``my_models.py:Net`` with ``weights=``, a pruned artifact folder) and uses the same
+defaults as the CLI and the TOML config (``PruneOptions``, ``DEFAULT_RESOLUTION``).
+The stages underneath are the CLI's: nothing here is a second implementation.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .calibration.moments import Moments
+from .calibration.stage import DEFAULT_RESOLUTION, DataOptions
+from .errors import TvsError
+from .models import LoadedModel, load_model
+from .models.spec import ModelSpec
+from .pruning.plan import Guards, Plan
+from .pruning.stage import PruneOptions
+
+Model = "nn.Module | LoadedModel | str"
+
+
+@dataclass
+class Pruned:
+    """A pruned network: the module itself, the plan that made it, and prune.json's content."""
+
+    module: nn.Module
+    plan: Plan
+    report: dict[str, Any]
+    out_dir: Path
+    normalize: dict[str, list[float]] | None = None
+    input_shape: list[int] | None = None
+
+
+def state_sha256(module: nn.Module) -> str:
+    """Content hash of a module's state (names, shapes, dtypes and bytes), for in-memory models."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def as_loaded(model: Any, weights: str | None = None, normalize: dict[str, list[float]] | None = None,
+              input_shape: list[int] | None = None) -> LoadedModel:
+    """An nn.Module, a LoadedModel, a :class:`Pruned` or a spec string -> LoadedModel."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, Pruned):
+        return LoadedModel(module=model.module.eval(), spec=ModelSpec(spec=str(model.out_dir)),
+                           normalize=normalize or model.normalize,
+                           input_shape=tuple(input_shape or model.input_shape or ()) or None,
+                           plan=model.plan.to_dict())
+    if isinstance(model, nn.Module):
+        return LoadedModel(module=model.eval(), spec=ModelSpec(spec=f"<in-memory {type(model).__name__}>"),
+                           weights_sha256=state_sha256(model), normalize=normalize,
+                           input_shape=tuple(input_shape) if input_shape else None)
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), weights)
+    raise TvsError(f"model must be an nn.Module, a spec string or a pruned result, not {type(model).__name__}")
+
+
+def _data(data: Any, **kw: Any) -> DataOptions:
+    if isinstance(data, DataOptions):
+        return data
+    if isinstance(data, (str, Path)):
+        return DataOptions(path=str(data), **{k: v for k, v in kw.items() if v is not None})
+    raise TvsError(f"data must be an image folder path or DataOptions, not {type(data).__name__}")
+
+
+def calibrate(model: Any, data: Any, *, out: str | Path | None = None, weights: str | None = None,
+              resolution: str = DEFAULT_RESOLUTION, samples_per_class: int | None = None,
+              mean: list[float] | None = None, std: list[float] | None = None,
+              batch_size: int | None = None, device: str = "cpu") -> Moments:
+    """Class-conditional moments (and the consumers' second moments) of ``model`` on ``data``.
+
+    ``data``: an image folder (one sub-folder per class), an .npz, CIFAR batches, or
+    :class:`DataOptions`. ``out`` also writes the moments file.
+    """
+    from .calibration.stage import calibrate as _calibrate
+
+    loaded = as_loaded(model, weights, {"mean": mean, "std": std} if mean and std else None)
+    opts = _data(data, samples_per_class=samples_per_class, mean=mean, std=std, batch_size=batch_size)
+    return _calibrate(loaded, opts, out, resolution, device=device)
+
+
+def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None = None,
+          weights: str | None = None, calib_data: Any = None, **options: Any) -> Pruned:
+    """Prune ``model`` with the moments from :func:`calibrate`; returns the pruned module and its plan.
+
+    ``options`` are :class:`PruneOptions` fields (``target_params``, ``target_flops``,
+    ``method``, ``allocation``, ``compensation``, ``bn_recalibrate``, ...) plus
+    ``min_keep_frac``, ``min_keep`` and ``round_to``; a parameter budget of 0.3 applies
+    when none is given. ``out`` keeps plan.json, pruned.safetensors and prune.json (a
+    temporary folder otherwise).
+    """
+    from .pruning.stage import prune_model
+
+    guard_keys = {f.name for f in fields(Guards)}
+    guards = Guards(**{k: options.pop(k) for k in list(options) if k in guard_keys})
+    known = {f.name for f in fields(PruneOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TvsError(f"unknown prune option(s) {', '.join(unknown)} (see tvsprune.PruneOptions)")
+    if not any(options.get(k) is not None for k in ("target_params", "target_flops", "threshold")):
+        options["target_params"] = 0.3
+    opts = PruneOptions(guards=guards, **options)
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tvsprune-"))
+    if isinstance(moments, Moments):
+        path = out_dir / "moments.safetensors"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        moments.save(path)
+    else:
+        path = Path(moments)
+    loaded = as_loaded(model, weights)
+    calib = _data(calib_data) if calib_data is not None else None
+    report, module, plan = prune_model(loaded, path, out_dir, opts, calib)
+    mom_meta = Moments.load(path).meta
+    pre = (mom_meta.get("data") or {}).get("preprocess") or {}
+    norm = loaded.normalize or ({"mean": pre["mean"], "std": pre["std"]} if pre.get("mean") else None)
+    return Pruned(module.eval(), plan, report, out_dir, norm, mom_meta.get("input_shape"))
+
+
+def export_onnx(model: Any, out: str | Path, *, input_shape: list[int] | None = None, opset: int | None = None,
+                batch: str | int = "dynamic", tolerance: float = 1e-4) -> dict[str, Any]:
+    """Write an ONNX file (checked, cleaned, parity-tested on ONNX Runtime); returns its sidecar."""
+    from .exporters.onnx_export import export_onnx as _export
+
+    loaded = as_loaded(model, input_shape=input_shape)
+    return _export(loaded, out, opset, batch, list(input_shape) if input_shape else None, tolerance=tolerance)
+
+
+__all__ = ["Pruned", "as_loaded", "calibrate", "export_onnx", "prune", "state_sha256"]
