@@ -6,11 +6,12 @@ and the parameters AND MACs actually removed (both counted by torch_pruning.util
 row, so the columns compare like with like):
 
 - tvsprune rows go through the real ``prune()`` path (the CLI's), with its defaults
-  unless the row says otherwise: ``tvs`` (TV score, global allocation, ls compensation +
-  BatchNorm re-estimation), ``tvs ls-seq`` (sequential re-fit, no BatchNorm
-  re-estimation), ``tvs ls-score`` (TV score x LS saliency), ``tvs bn-only`` (no
-  compensation: the wave-1 repair), ``tvs cost-alloc`` (wave 1's allocation), ``l2``
-  (tvsprune's plan path and repairs with an L2 ranking).
+  unless the row says otherwise: ``tvs`` (TV score, ls compensation +
+  BatchNorm re-estimation; allocation ``auto``: cost for parameter budgets, global for
+  MAC budgets), ``tvs ls-seq`` (sequential re-fit, no BatchNorm re-estimation),
+  ``tvs ls-score`` (TV score x LS saliency), ``tvs bn-only`` (no compensation: the
+  wave-1 repair), ``tvs global-alloc`` / ``tvs cost-alloc`` (one allocation for both
+  budget kinds), ``l2`` (tvsprune's plan path and repairs with an L2 ranking).
 - Torch-Pruning rows: MagnitudeImportance L1/L2, BNScaleImportance, LAMPImportance and
   GroupTaylorImportance (gradients of the cross-entropy on the calibration images), each
   uniform (one ratio per layer) and global, the ratio bisected until the removed fraction
@@ -51,6 +52,7 @@ TVSPRUNE_ROWS = {
     "tvs ls-seq": {"compensation": "ls-seq", "bn_recalibrate": False},
     "tvs ls-score": {"tvs_saliency": "ls"},
     "tvs bn-only": {"compensation": "none"},
+    "tvs global-alloc": {"allocation": "global"},
     "tvs cost-alloc": {"allocation": "cost"},
     "l2": {"method": "l2"},
 }

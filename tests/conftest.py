@@ -1,52 +1,11 @@
-"""Shared fixtures: tiny models built in code, tiny data written on the fly, shared/ paths."""
+"""Shared fixtures (helpers live in helpers.py, which test modules import directly)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TVSPRUNE_SHARED", REPO.parent / "shared"))
-MODELS = SHARED / "models"
-CIFAR_TGZ = SHARED / "datasets" / "cifar10-jpg.tar.gz"
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run ``python -m tvsprune ARGS`` and return the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "tvsprune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorm layers non-trivial statistics so equivalence tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
-
-
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 16, seed: int = 0) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        d = root / f"class{k}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = (rng.random((size, size, 3)) * 80 + k * 60).clip(0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(d / f"{i:03d}.png")
-    return root
+from helpers import CIFAR_TGZ, MODELS, REPO, make_tiny_checkpoint, run_cli, write_image_folder
 
 
 @pytest.fixture
@@ -80,3 +39,20 @@ def shared_models() -> Path:
     if not (MODELS / "resnet20_cifar10.pt").exists():
         pytest.skip(f"shared models not found in {MODELS}")
     return MODELS
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, image_folder) -> tuple[str, Path, Path]:
+    """A user model file with saved weights (and normalisation), and an image folder of 3 classes."""
+    return make_tiny_checkpoint(tmp_path / "tiny", image_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated(tmp_path_factory) -> tuple[str, Path, Path, Path]:
+    """The same, calibrated once per session (read-only: tests write into their own tmp_path)."""
+    root = tmp_path_factory.mktemp("tiny-calibrated")
+    spec, weights, images = make_tiny_checkpoint(root, write_image_folder(root / "images"))
+    moments = root / "m.safetensors"
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", images, "--out", moments, "--samples-per-class", "3")
+    assert r.returncode == 0, r.stderr
+    return spec, weights, images, moments

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 import torch
-from conftest import REPO, write_image_folder
+from helpers import REPO, write_image_folder
 
 
 def _readme_example() -> str:

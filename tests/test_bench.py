@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_bn
+from helpers import randomize_bn
 from tiny_models import TinyCNN
 
 from tvsprune.bench.latency import LatencyConfig, measure_interleaved, summarize
@@ -122,7 +122,7 @@ def tiny_report(tmp_path_factory):
     """A bench run of a tiny base model and two pruned variants on torch-cpu and ort-cpu."""
     import shutil as sh
 
-    from conftest import run_cli, write_image_folder
+    from helpers import run_cli, write_image_folder
 
     root = tmp_path_factory.mktemp("bench")
     src = root / "tiny_models.py"

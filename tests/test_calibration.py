@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_bn, run_cli
+from helpers import randomize_bn, run_cli
 from tiny_models import TinyCNN
 
 from tvsprune.calibration import LayerMoments, Moments, collect_moments, reduce_map
@@ -127,18 +126,6 @@ def test_dead_filter_and_single_sample_class_do_not_produce_nan():
 
 
 # ------------------------------------------------------------------ CLI-level behaviour
-@pytest.fixture
-def tiny_setup(tmp_path, image_folder):
-    """A user model file with saved weights, and an image folder of 3 classes."""
-    src = tmp_path / "tiny_models.py"
-    shutil.copy(Path(__file__).parent / "tiny_models.py", src)
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny.pt"
-    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
-                "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}, weights)
-    return f"{src}:TinyCNN", weights, image_folder
-
-
 def test_cli_calibrate_writes_file(tiny_setup, tmp_path):
     spec, weights, data = tiny_setup
     out = tmp_path / "m.safetensors"
@@ -263,4 +250,4 @@ def test_acceptance_resnet20_on_cifar(shared_models, cifar_dir, tmp_path):
 
     with safe_open(str(out), framework="numpy") as f:
         assert f.get_tensor("conv1/count").tolist() == [100] * 10
-        assert f.get_tensor("layers.8.conv2/mean").shape == (10, 64, 1)
+        assert f.get_tensor("layers.8.conv2/mean").shape == (10, 64, 16)  # pool:4 by default

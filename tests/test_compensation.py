@@ -5,14 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomize_bn, run_cli
+from helpers import randomize_bn, run_cli
 from safetensors.torch import load_file, save_file
 from tiny_models import TinyCNN
 
@@ -23,7 +21,6 @@ from tvsprune.pruning.compensation import DEFAULT_RIDGE, fold_from_moments, refi
 from tvsprune.pruning.graph import ChannelGraph
 from tvsprune.pruning.stage import PruneOptions
 
-TINY = os.path.join(os.path.dirname(__file__), "tiny_models.py")
 
 
 class NoPadNet(nn.Module):
@@ -202,14 +199,10 @@ def test_prune_without_flags_equals_run_with_default_config(tiny_run, tmp_path, 
     assert bare["repairs"]["compensation"] == "none" and not bare["repairs"]["bn_recalibrate"]
 
 
-def test_old_format_moments_file_still_prunes_with_mean_fallback(tmp_path, image_folder):
-    src = tmp_path / "tiny_models.py"
-    shutil.copy(TINY, src)
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny.pt"
-    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict()}, weights)
+def test_old_format_moments_file_still_prunes_with_mean_fallback(tmp_path, tiny_setup):
+    spec, weights, image_folder = tiny_setup
     new = tmp_path / "m2.safetensors"
-    r = run_cli("calibrate", f"{src}:TinyCNN", "--weights", weights, "--data", image_folder, "--out", new)
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", image_folder, "--out", new)
     assert r.returncode == 0, r.stderr
     # rewrite it as format 1 wrote it: no input statistics
     from safetensors import safe_open
@@ -223,7 +216,7 @@ def test_old_format_moments_file_still_prunes_with_mean_fallback(tmp_path, image
     save_file(tensors, str(old), metadata={"tvsprune": json.dumps(meta)})
     assert not Moments.load(old).inputs and Moments.load(new).inputs
     out = tmp_path / "pruned"
-    r = run_cli("prune", f"{src}:TinyCNN", "--weights", weights, "--moments", old, "--target-params", "0.3",
+    r = run_cli("prune", spec, "--weights", weights, "--moments", old, "--target-params", "0.3",
                 "--out", out)
     assert r.returncode == 0, r.stderr
     assert "falls back to mean" in r.stderr

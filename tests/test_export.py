@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import randomize_bn, run_cli
+from helpers import randomize_bn, run_cli
 from tiny_models import TinyCNN
 
 from tvsprune.exporters import export_onnx

@@ -2,26 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_bn, run_cli
+from helpers import randomize_bn, run_cli
 from tiny_models import TinyCNN
 
-TINY = Path(__file__).parent / "tiny_models.py"
-
-
-@pytest.fixture
-def tiny(tmp_path, image_folder):
-    src = tmp_path / "tiny_models.py"
-    shutil.copy(TINY, src)
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny.pt"
-    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
-                "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}, weights)
-    return f"{src}:TinyCNN", weights, image_folder
 
 
 def _one_error(r, *needles: str, code: int = 1) -> None:
@@ -32,8 +18,8 @@ def _one_error(r, *needles: str, code: int = 1) -> None:
         assert n in errors[0], errors[0]
 
 
-def test_nan_weights_are_refused(tiny, tmp_path):
-    spec, weights, data = tiny
+def test_nan_weights_are_refused(tiny_setup, tmp_path):
+    spec, weights, data = tiny_setup
     sd = randomize_bn(TinyCNN()).state_dict()
     sd["features.4.weight"][0, 0, 0, 0] = float("nan")
     bad = tmp_path / "nan.pt"
@@ -49,15 +35,15 @@ def test_nan_weights_are_refused(tiny, tmp_path):
     (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "1 or 3"),
     (["--mean", "0.5", "--std", "0"], "positive"),
 ])
-def test_bad_normalisation_is_refused(tiny, tmp_path, flags, needle):
-    spec, weights, data = tiny
+def test_bad_normalisation_is_refused(tiny_setup, tmp_path, flags, needle):
+    spec, weights, data = tiny_setup
     out = tmp_path / "m.safetensors"
     _one_error(run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out, *flags), needle)
     assert not out.exists()
 
 
-def test_mean_alone_is_used_with_the_checkpoints_std(tiny, tmp_path):
-    spec, weights, data = tiny
+def test_mean_alone_is_used_with_the_checkpoints_std(tiny_setup, tmp_path):
+    spec, weights, data = tiny_setup
     out = tmp_path / "m.safetensors"
     r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out, "--mean", "0.4,0.4,0.4")
     assert r.returncode == 0, r.stderr
@@ -67,8 +53,8 @@ def test_mean_alone_is_used_with_the_checkpoints_std(tiny, tmp_path):
     assert pre["mean"] == [0.4, 0.4, 0.4] and pre["std"] == [0.25, 0.25, 0.25]
 
 
-def test_calibrate_without_weights_is_refused_unless_asked(tiny, tmp_path):
-    spec, _, data = tiny
+def test_calibrate_without_weights_is_refused_unless_asked(tiny_setup, tmp_path):
+    spec, _, data = tiny_setup
     out = tmp_path / "m.safetensors"
     _one_error(run_cli("calibrate", spec, "--data", data, "--out", out), "--weights")
     assert not out.exists()
@@ -77,8 +63,8 @@ def test_calibrate_without_weights_is_refused_unless_asked(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("value", [1.0, True, "2"])
-def test_plan_with_non_integer_indices_is_refused(tiny, tmp_path, value):
-    spec, weights, data = tiny
+def test_plan_with_non_integer_indices_is_refused(tiny_setup, tmp_path, value):
+    spec, weights, data = tiny_setup
     moments, out = tmp_path / "m.safetensors", tmp_path / "p"
     assert run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", moments).returncode == 0
     r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--target-params", "0.3", "--out", out)
@@ -102,13 +88,13 @@ def test_zero_batch_size_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "positive" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_requested_missing_backend_fails_with_exit_2(tiny, tmp_path):
+def test_requested_missing_backend_fails_with_exit_2(tiny_setup, tmp_path):
     pytest.importorskip("onnxruntime")
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
-    spec, weights, data = tiny
+    spec, weights, data = tiny_setup
     out = tmp_path / "bench"
     r = run_cli("bench", spec, "--weights", weights, "--data", data, "--out", out, "--backend", "tensorrt")
     _one_error(r, "tensorrt", code=2)

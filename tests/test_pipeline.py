@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, randomize_bn, run_cli, write_image_folder
+from helpers import REPO, randomize_bn, run_cli, write_image_folder
 from tiny_models import TinyCNN
 
 from tvsprune.errors import TvsError

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from conftest import randomize_bn, run_cli
+from helpers import randomize_bn, run_cli
 from tiny_models import ConcatNet, DepthwiseNet, DynamicViewNet, TinyCNN, ViewNet
 
 from tvsprune.calibration import LayerMoments, collect_moments
@@ -298,20 +298,6 @@ def test_spearman():
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.fixture
-def tiny_calibrated(tmp_path, image_folder):
-    src = tmp_path / "tiny_models.py"
-    shutil.copy(TINY, src)
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny.pt"
-    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict()}, weights)
-    moments = tmp_path / "m.safetensors"
-    r = run_cli("calibrate", f"{src}:TinyCNN", "--weights", weights, "--data", image_folder, "--out", moments,
-                "--samples-per-class", "3")
-    assert r.returncode == 0, r.stderr
-    return f"{src}:TinyCNN", weights, image_folder, moments
-
-
 @pytest.mark.parametrize("method", ["tvs", "l1", "l2", "random", "bn-scale", "fpgm", "mean-distance"])
 def test_cli_prune_every_criterion(tiny_calibrated, tmp_path, method):
     spec, weights, data, moments = tiny_calibrated

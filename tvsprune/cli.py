@@ -256,8 +256,7 @@ def repair_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _register_prune(sub: Any) -> None:
     from .pruning.compensation import COMPENSATIONS
-    from .pruning.plan import ALLOCATIONS
-    from .pruning.stage import METHODS, TVS_SALIENCY, PruneOptions
+    from .pruning.stage import ALLOCATION_CHOICES, METHODS, TVS_SALIENCY, PruneOptions
 
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p)
@@ -268,9 +267,10 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--target-params", type=float, help="fraction of parameters to remove, e.g. 0.5")
     b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
-    b.add_argument("--allocation", default=PruneOptions.allocation, choices=ALLOCATIONS,
-                   help="how the budget is spread over layers: global (default; one threshold on the scores "
-                        "normalised by each layer's maximum), cost (a channel goes when its "
+    b.add_argument("--allocation", default=PruneOptions.allocation, choices=ALLOCATION_CHOICES,
+                   help="how the budget is spread over layers: auto (default: cost for --target-params, global for "
+                        "--target-flops), global (one threshold on the scores normalised by each layer's maximum), "
+                        "cost (a channel goes when its "
                         "normalised score is low relative to what removing it saves), cost-rank (the same with "
                         "scores replaced by within-layer ranks: the saving decides how many, the criterion which), "
                         "alpha (the reference rule t_j <= alpha * mean(t)), global, uniform, ldiff")

@@ -106,9 +106,9 @@ class PruneSection(Strict):
     @field_validator("allocation")
     @classmethod
     def _allocation(cls, v: str) -> str:
-        from ..pruning.plan import ALLOCATIONS
+        from ..pruning.stage import ALLOCATION_CHOICES
 
-        return one_of(v, ALLOCATIONS, "allocation")
+        return one_of(v, ALLOCATION_CHOICES, "allocation")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "PruneSection":
