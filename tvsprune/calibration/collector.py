@@ -17,7 +17,7 @@ from .moments import InputMoments, LayerMoments, Moments
 log = logging.getLogger(__name__)
 
 RESOLUTIONS = ("global", "pool:K", "full")
-POSITIONS_MAX = 256  # input positions per image kept for the second moments (strided subsample)
+POSITIONS_MAX = 64  # input positions per image kept for the second moments (strided subsample)
 
 
 def consumer_layers(model: nn.Module) -> list[str]:

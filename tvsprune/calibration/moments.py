@@ -137,13 +137,17 @@ class InputMoments:
         return InputMoments(self.count + other.count, mean, m2)
 
     def add_rows(self, rows: torch.Tensor) -> "InputMoments":
-        """Fold rows [N, C] (one per image and sampled position) in."""
-        rows = rows.to(torch.float64)
-        mean = rows.mean(0)
+        """Fold rows [N, C] (one per image and sampled position) in.
+
+        The batch's mean is taken in float64; its co-moment matrix in the rows' own dtype
+        on rows centred by that mean (float32 activations: a float32 matrix product, the
+        cost that matters), then merged in float64 like every other statistic.
+        """
+        mean = rows.mean(0, dtype=torch.float64)
         m2 = None
         if self.m2 is not None:
-            d = rows - mean
-            m2 = d.T @ d
+            d = rows - mean.to(rows.dtype)
+            m2 = (d.T @ d).to(torch.float64)
         count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
         return self.merge(InputMoments(count, mean, m2))
 
