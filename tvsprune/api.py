@@ -21,16 +21,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calibration.moments import Moments
+from .artifacts import read_safetensors
+from .calibration.moments import FORMATS, Moments
 from .calibration.stage import DEFAULT_RESOLUTION, DataOptions
 from .errors import TvsError
 from .models import LoadedModel, load_model
 from .models.spec import ModelSpec
 from .pruning.plan import Guards, Plan
-from .pruning.stage import PruneOptions
-
-Model = "nn.Module | LoadedModel | str"
-
+from .pruning.stage import DEFAULT_TARGET_PARAMS, PruneOptions
 
 @dataclass
 class Pruned:
@@ -92,7 +90,7 @@ def calibrate(model: Any, data: Any, *, out: str | Path | None = None, weights: 
     """
     from .calibration.stage import calibrate as _calibrate
 
-    loaded = as_loaded(model, weights, {"mean": mean, "std": std} if mean and std else None)
+    loaded = as_loaded(model, weights)
     opts = _data(data, samples_per_class=samples_per_class, mean=mean, std=std, batch_size=batch_size)
     return _calibrate(loaded, opts, out, resolution, device=device)
 
@@ -116,19 +114,20 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
     if unknown:
         raise TvsError(f"unknown prune option(s) {', '.join(unknown)} (see tvsprune.PruneOptions)")
     if not any(options.get(k) is not None for k in ("target_params", "target_flops", "threshold")):
-        options["target_params"] = 0.3
+        options["target_params"] = DEFAULT_TARGET_PARAMS
     opts = PruneOptions(guards=guards, **options)
     out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tvsprune-"))
     if isinstance(moments, Moments):
         path = out_dir / "moments.safetensors"
         out_dir.mkdir(parents=True, exist_ok=True)
         moments.save(path)
+        mom_meta = moments.meta
     else:
         path = Path(moments)
+        mom_meta = read_safetensors(path, "moments file", FORMATS, tensors=False)[0]
     loaded = as_loaded(model, weights)
     calib = _data(calib_data) if calib_data is not None else None
     report, module, plan = prune_model(loaded, path, out_dir, opts, calib)
-    mom_meta = Moments.load(path).meta
     pre = (mom_meta.get("data") or {}).get("preprocess") or {}
     norm = loaded.normalize or ({"mean": pre["mean"], "std": pre["std"]} if pre.get("mean") else None)
     return Pruned(module.eval(), plan, report, out_dir, norm, mom_meta.get("input_shape"))

@@ -90,7 +90,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate
     from .calibration.stage import moments_table
     from .console import print_table, progress_bar
-
     from .models.spec import is_pruned_artifact
 
     if not args.weights and not args.allow_random_weights and not is_pruned_artifact(args.model):
@@ -250,8 +249,8 @@ def repair_options(args: argparse.Namespace) -> dict[str, Any]:
     """--compensation / --bn-recalibrate / --no-repair / --ridge as PruneOptions keywords."""
     if args.no_repair:
         return {"compensation": "none", "bn_recalibrate": False, "ridge": args.ridge}
-    comp = "mean" if args.mean_compensation else args.compensation
-    return {"compensation": comp, "bn_recalibrate": args.bn_recalibrate, "ridge": args.ridge}
+    return {"compensation": args.compensation, "mean_compensation": args.mean_compensation,
+            "bn_recalibrate": args.bn_recalibrate, "ridge": args.ridge}
 
 
 def _register_prune(sub: Any) -> None:

@@ -20,14 +20,17 @@ RESOLUTIONS = ("global", "pool:K", "full")
 POSITIONS_MAX = 64  # input positions per image kept for the second moments (strided subsample)
 
 
-def consumer_layers(model: nn.Module) -> list[str]:
-    """Layers whose input channels pruning can remove and compensation can fold into.
+def mixes_channels(m: nn.Module) -> bool:
+    """A Linear, or a Conv2d with groups == 1: a layer whose input channels compensation folds into.
 
-    Every Linear and every Conv2d that mixes channels (groups == 1); a depthwise or grouped
-    convolution loses a removed channel's own filter instead.
+    A depthwise or grouped convolution loses a removed channel's own filter instead.
     """
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def consumer_layers(model: nn.Module) -> list[str]:
+    """Layers whose input statistics calibrate collects (see :func:`mixes_channels`)."""
+    return [n for n, m in model.named_modules() if mixes_channels(m)]
 
 
 def input_rows(x: torch.Tensor) -> torch.Tensor:

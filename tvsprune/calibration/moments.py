@@ -105,8 +105,10 @@ class InputMoments:
     m2: torch.Tensor | None      # [C, C] float64
 
     @classmethod
-    def zeros(cls, channels: int, device: torch.device | str = "cpu") -> "InputMoments":
-        m2 = torch.zeros(channels, channels, dtype=torch.float64, device=device) if channels <= COV_MAX else None
+    def zeros(cls, channels: int, device: torch.device | str = "cpu", cov: bool | None = None) -> "InputMoments":
+        """Empty statistics; ``cov`` keeps the co-moment matrix (default: when ``channels <= COV_MAX``)."""
+        keep = channels <= COV_MAX if cov is None else cov
+        m2 = torch.zeros(channels, channels, dtype=torch.float64, device=device) if keep else None
         return cls(torch.zeros(1, dtype=torch.int64, device=device),
                    torch.zeros(channels, dtype=torch.float64, device=device), m2)
 

@@ -160,7 +160,6 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
             channels=m.out_channels if isinstance(m, nn.Conv2d) else m.out_features,
             stat_module=names[stat], out_shape=shapes[m],
             groups=getattr(m, "groups", 1)))
-    del alive
     if not layers:
         raise TvsError(f"{what} has no prunable layer (Conv2d, or Linear before the logits)")
     return ModelProbe(layers, names.get(logits) if logits is not None else None, list(out.shape[1:]))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from ..errors import TvsError
 from ..calibration.stage import DEFAULT_RESOLUTION
-from ..pruning.stage import PruneOptions
+from ..pruning.stage import DEFAULT_TARGET_PARAMS, PruneOptions
 
 
 class Strict(BaseModel):
@@ -72,7 +72,6 @@ class CalibrateSection(Strict):
         return v
 
 
-DEFAULT_TARGET_PARAMS = 0.3
 
 
 class PruneSection(Strict):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..calibration.collector import input_rows
+from ..calibration.collector import input_rows, mixes_channels
 from ..calibration.moments import InputMoments
 from ..errors import TvsError
 from .graph import ChannelGraph
@@ -55,10 +55,6 @@ class FoldReport:
                 "fallback_mean": self.fallback_mean, "warnings": self.warnings}
 
 
-def _mixes_channels(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
-
-
 def _removed(graph: ChannelGraph, plan: Plan, dim: str, wanted) -> dict[str, np.ndarray]:
     """Removed indices in the ``dim`` ("in"/"out") dimension of every module ``wanted`` accepts."""
     removed = dict(zip((g["root"] for g in plan.groups), plan.removed()))
@@ -77,7 +73,7 @@ def _removed(graph: ChannelGraph, plan: Plan, dim: str, wanted) -> dict[str, np.
 
 def removed_inputs(graph: ChannelGraph, plan: Plan) -> dict[str, np.ndarray]:
     """Removed input indices of every channel-mixing consumer (union over the groups it reads)."""
-    return _removed(graph, plan, "in", _mixes_channels)
+    return _removed(graph, plan, "in", mixes_channels)
 
 
 def removed_outputs(graph: ChannelGraph, plan: Plan) -> dict[str, np.ndarray]:
@@ -85,26 +81,32 @@ def removed_outputs(graph: ChannelGraph, plan: Plan) -> dict[str, np.ndarray]:
     return _removed(graph, plan, "out", lambda m: isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, name: str,
-                report: FoldReport | None = None) -> torch.Tensor:
-    """X = (gram + lam I)^-1 rhs with lam = ridge x mean diagonal (raised tenfold until Cholesky succeeds)."""
+def ridge_cholesky(gram: torch.Tensor, ridge: float, name: str) -> tuple[torch.Tensor, bool]:
+    """Cholesky factor of gram + lam I, lam = ridge x mean diagonal, raised tenfold until it factorises.
+
+    Returns (factor, whether the ridge had to be raised); never a bare inverse.
+    """
     k = gram.shape[0]
     scale = float(torch.diagonal(gram).mean()) if k else 0.0
     if not np.isfinite(scale):
-        raise TvsError(f"compensation for {name}: the input statistics are not finite")
-    scale = max(scale, 1e-12)
-    lam = ridge * scale
+        raise TvsError(f"{name}: the input statistics are not finite")
+    lam = ridge * max(scale, 1e-12)
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     for attempt in range(8):
         chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
-        if int(info) == 0:
-            x = torch.cholesky_solve(rhs, chol)
-            if torch.isfinite(x).all():
-                if attempt and report is not None:
-                    report.ridge_raised.append(name)
-                return x
+        if int(info) == 0 and torch.isfinite(chol).all():
+            return chol, attempt > 0
         lam *= 10.0
-    raise TvsError(f"compensation for {name}: the input covariance is degenerate even with a large ridge")
+    raise TvsError(f"{name}: the input covariance is degenerate even with a large ridge")
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, name: str,
+                report: FoldReport | None = None) -> torch.Tensor:
+    """X = (gram + lam I)^-1 rhs (see :func:`ridge_cholesky`)."""
+    chol, raised = ridge_cholesky(gram, ridge, f"compensation for {name}")
+    if raised and report is not None:
+        report.ridge_raised.append(name)
+    return torch.cholesky_solve(rhs, chol)
 
 
 def _tap_sum(w: torch.Tensor) -> torch.Tensor:
@@ -153,8 +155,9 @@ def fold_from_moments(graph: ChannelGraph, plan: Plan, inputs: dict[str, InputMo
         offset = torch.zeros(width, dtype=torch.float64)
         if method == "ls" and cov is not None and len(keep):
             cov = cov.double()
-            _check_conditioning(name, cov[keep][:, keep], im.n, report)
-            mt = ridge_solve(cov[keep][:, keep], cov[keep][:, rmt], ridge, name, report)  # [K, R] = M^T
+            ckk = cov[keep][:, keep]
+            _check_conditioning(name, ckk, im.n, report)
+            mt = ridge_solve(ckk, cov[keep][:, rmt], ridge, name, report)  # [K, R] = M^T
             offset[rmt] = mean[rmt] - mt.T @ mean[keep]
             w[:, keep] += _mix(w[:, rmt], mt.T)
         else:
@@ -208,35 +211,6 @@ class _Capture:
         return self.value
 
 
-class _Cross:
-    """Streaming first and second moments of paired rows (x [N, C], y [N, K]), shifted for accuracy."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.x0 = self.y0 = None
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.double(), y.double()
-        if self.x0 is None:
-            self.x0, self.y0 = x.mean(0), y.mean(0)
-            self.sx, self.sy = torch.zeros_like(self.x0), torch.zeros_like(self.y0)
-            self.sxy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
-            self.syy = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
-        dx, dy = x - self.x0, y - self.y0
-        self.n += x.shape[0]
-        self.sx += dx.sum(0)
-        self.sy += dy.sum(0)
-        self.sxy += dx.T @ dy
-        self.syy += dy.T @ dy
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean x, mean y, cov(x, y) [C, K], cov(y) [K, K])."""
-        mx, my = self.sx / self.n, self.sy / self.n
-        cxy = self.sxy / self.n - torch.outer(mx, my)
-        cyy = self.syy / self.n - torch.outer(my, my)
-        return mx + self.x0, my + self.y0, cxy, cyy
-
-
 @torch.no_grad()
 def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph, plan: Plan, order: list[str],
                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]], norm_after: dict[str, str],
@@ -259,21 +233,23 @@ def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph
     pruned.eval()
     for name in order:
         src, dst = orig_mods.get(name), new_mods.get(name)
-        if not (_mixes_channels(src) and _mixes_channels(dst)):
+        if not (mixes_channels(src) and mixes_channels(dst)):
             continue
         if not changed and name not in rin:
             continue  # nothing upstream was removed yet: the input is the original one
         changed = True
         cap_a, cap_b = _Capture(src), _Capture(dst)
-        acc = _Cross()
+        width = src.weight.shape[1]  # joint statistics of [x, x~]: C + K columns
+        acc = InputMoments.zeros(width + dst.weight.shape[1], cov=True)
         try:
             for x, _ in batches:
                 xa, xb = cap_a.run(original, x), cap_b.run(pruned, x)
-                acc.add(input_rows(xa), input_rows(xb))
+                acc = acc.add_rows(torch.cat([input_rows(xa), input_rows(xb)], dim=1).double())
         finally:
             cap_a.handle.remove()
             cap_b.handle.remove()
-        mx, my, cxy, cyy = acc.result()
+        mx, my = acc.mean[:width], acc.mean[width:]
+        cxy, cyy = acc.cov[:width, width:], acc.cov[width:, width:]
         a = ridge_solve(cyy, cxy.T.contiguous(), ridge, name, report).T  # [C, K]
         w = src.weight.detach().double()
         b = src.bias.detach().double() if src.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)

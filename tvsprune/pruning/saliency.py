@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..calibration.moments import InputMoments
 from ..errors import TvsError
-from .compensation import DEFAULT_RIDGE
+from ..calibration.collector import mixes_channels
+from .compensation import DEFAULT_RIDGE, ridge_cholesky
 from .graph import ChannelGraph
 
 
@@ -36,16 +36,7 @@ def _consumer_saliency(w: torch.Tensor, cov: torch.Tensor, ridge: float,
     if keep is not None:
         k = torch.as_tensor(keep, dtype=torch.long)
         cov, taps = cov[k][:, k], taps[:, k]
-    c = cov.shape[0]
-    lam = ridge * max(float(torch.diagonal(cov).mean()), 1e-12)
-    eye = torch.eye(c, dtype=torch.float64)
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(cov + lam * eye)
-        if int(info) == 0:
-            break
-        lam *= 10
-    else:
-        raise TvsError("saliency: input covariance is degenerate")
+    chol, _ = ridge_cholesky(cov, ridge, "saliency")
     prec_diag = torch.diagonal(torch.cholesky_inverse(chol))
     resid = 1.0 / prec_diag
     wnorm = (taps ** 2).sum(dim=(0, 2))                                  # [C]
@@ -77,7 +68,7 @@ def ls_saliency(graph: ChannelGraph, inputs: dict[str, InputMoments], layers: li
         sal = np.zeros(g.channels)
         for it in g.items:
             m = graph.modules[it.module]
-            if it.dim != "in" or not (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)):
+            if it.dim != "in" or not mixes_channels(m):
                 continue
             im = inputs.get(it.module)
             if im is None or im.m2 is None:

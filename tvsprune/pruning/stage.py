@@ -32,13 +32,19 @@ from .surgery import apply_plan
 log = logging.getLogger(__name__)
 METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA if c != "tvs")
 TVS_SALIENCY = ("ls", "none")
+DEFAULT_TARGET_PARAMS = 0.3  # the budget `run` and the Python API use when none is given
+NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
+                "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
 ALLOCATION_CHOICES = ("auto",) + ALLOCATIONS
 
 
-def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions") -> dict[str, np.ndarray]:
-    """TVSPrune's per-layer scores: the TV lower bound, times the LS saliency when asked and known."""
+def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions",
+               tv: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """TVSPrune's per-layer scores: the TV lower bound (``tv`` when already computed), times the
+    LS saliency when asked and known."""
     layers = [l.name for l in ctx.probe.layers]
-    tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device)
+    if tv is None:
+        tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device)
     if opts.tvs_saliency == "none" or opts.threshold is not None:
         return tv
     if not moments.inputs:
@@ -192,16 +198,13 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
     report = report if report is not None else {}
     method = opts.compensation
     inputs = moments.inputs if moments is not None else {}
-    if method in ("mean", "ls") and not inputs:
-        if method == "ls":
-            log.warning("the moments file has no input second moments (made by an older tvsprune, or none given): "
-                        "least-squares compensation falls back to mean compensation")
-            report["compensation_fallback"] = "mean: no input second moments in the moments file"
-            method = "mean"
+    if method == "ls" and not inputs:
+        log.warning("the moments file has no input second moments (made by an older tvsprune, or none given): "
+                    "least-squares compensation falls back to mean compensation")
+        report["compensation_fallback"] = "mean: no input second moments in the moments file"
+        method = "mean"
     if (opts.needs_images or (method == "mean" and not inputs)) and calib is None:
-        raise TvsError("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation "
-                       "from an old moments file): give --calib-data (the moments file's data folder was not found)"
-                       " or --no-repair")
+        raise TvsError(NEEDS_IMAGES)
     graph = ChannelGraph(model, ctx.example, ctx.probe.logits_layer)
     t0 = time.perf_counter()
     if method in ("mean", "ls"):
@@ -212,18 +215,18 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
         fold = fold_from_moments(graph, plan, inputs, method, ctx.stat_modules, opts.ridge, fallback)
         report["compensation"] = fold.to_dict()
     apply_plan(model, plan, ctx.example, ctx.probe.logits_layer, graph=graph)
+    repair = None  # ls-seq holds the repair images in memory; BatchNorm re-estimation reuses them
     if method == "ls-seq":
-        _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
+        repair = list(_batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
         order = [l.name for l in ctx.probe.layers] + ([ctx.probe.logits_layer] if ctx.probe.logits_layer else [])
-        fold = refit_sequential(ctx.loaded.module, model, ctx.graph, plan, order, stream, ctx.stat_modules,
+        fold = refit_sequential(ctx.loaded.module, model, ctx.graph, plan, order, repair, ctx.stat_modules,
                                 opts.ridge)
         report["compensation"] = fold.to_dict()
     if "compensation" in report:
         report["compensation"]["seconds"] = round(time.perf_counter() - t0, 3)
     if opts.bn_recalibrate:
         t0 = time.perf_counter()
-        _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
-        seen = recalibrate_batchnorm(model, stream)
+        seen = recalibrate_batchnorm(model, repair or _batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
         report["bn_recalibrate"] = {"images": seen, "seconds": round(time.perf_counter() - t0, 3)}
     return model.eval()
 
@@ -362,14 +365,15 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         raise TvsError("give a budget (--target-params F or --target-flops F) or --threshold ETA")
     layers = [l.name for l in ctx.probe.layers]
     criterion = "tvs" if opts.method == "iter-tvs" else opts.method
+    tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device) \
+        if moments else {}
     if criterion == "tvs":
-        scores = tvs_scores(ctx, moments, opts)
+        scores = tvs_scores(ctx, moments, opts, tv)
     else:
         scores = layer_scores(criterion, loaded.module, moments, layers, ctx.stat_modules, opts.seed,
                               opts.pair_reduce, opts.device)
     if not scores:
         raise TvsError("no layer has scores: the moments file covers none of the model's prunable layers")
-    tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce) if moments else {}
     ldiffs = {n: ldiff(s) for n, s in (tv or scores).items()}
 
     val_batches: list | None = None
@@ -401,10 +405,8 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
             "repairs": opts.repairs}
     if moments_path and opts.compensation in ("mean", "ls"):
         meta["moments_path"] = str(Path(moments_path).resolve())  # what `replay` reads the fold from
-    if opts.compensation != "none" or opts.bn_recalibrate:
-        if calib is None and opts.needs_images:
-            raise TvsError("the repairs need calibration images (BatchNorm re-estimation or ls-seq): give "
-                           "--calib-data (the moments file's data folder was not found) or --no-repair")
+    if calib is None and opts.needs_images:
+        raise TvsError(NEEDS_IMAGES)
     if calib is not None and (opts.compensation != "none" or opts.bn_recalibrate):
         # what `replay` needs to redo the repairs bit for bit (batch size included: BatchNorm
         # re-estimation averages per-batch statistics)
