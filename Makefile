@@ -19,7 +19,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/tvsprune demo --out demo-out
 
-test: setup
+# torchvision and timm for the architecture tests only: their model definitions are pure
+# Python; --no-deps keeps pip from replacing the CPU torch (see tests/hub_models.py).
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps torchvision==0.29.2 timm==1.0.31
+	touch $@
+
+test: setup $(VENV)/.test-installed
 	$(PY) -m pytest -q
 
 clean:

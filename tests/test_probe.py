@@ -87,14 +87,11 @@ def test_probe_finds_logits_and_statistic_points_for_every_batch_size(cls):
     logits, stats, shape = EXPECTED[cls]
     torch.manual_seed(0)
     model = cls().eval()
-    for batch in range(1, 65):
-        for repeat in range(20 if batch <= 4 else 1):
+    for repeat in range(20):
+        for batch in range(1, 65):
             probe = probe_model(model, torch.randn(batch, *shape))
             assert probe.logits_layer == logits, (batch, repeat)
             assert {l.name: l.stat_module for l in probe.layers} == stats, (batch, repeat)
-    for repeat in range(20):  # 20 repeats at every batch size, in a cheaper order
-        for batch in (1, 2, 7, 16, 33, 64):
-            assert probe_model(model, torch.randn(batch, *shape)).logits_layer == logits
 
 
 def test_probe_refuses_models_that_return_several_tensors():

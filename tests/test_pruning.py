@@ -354,3 +354,22 @@ def test_cli_prune_errors_leave_nothing(tiny_calibrated, tmp_path):
     assert r.returncode == 1 and "budget" in r.stderr and not out.exists()
     r = run_cli("prune", "resnet20", "--moments", moments, "--target-params", "0.2", "--out", out)
     assert r.returncode == 1 and "error:" in r.stderr and not out.exists()
+
+
+def test_tied_scores_do_not_overshoot_the_budget():
+    """Dead filters score 0 alike: the allocation must not remove every tie at once."""
+    from tvsprune.models.probe import probe_model
+    from tvsprune.pruning.graph import ChannelGraph, CostModel
+    from tvsprune.pruning.plan import make_plan
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4)).eval()
+    example = torch.randn(1, 3, 12, 12)
+    probe = probe_model(model, example)
+    graph = ChannelGraph(model, example, probe.logits_layer)
+    cost = CostModel(model, graph, {l.name: l.out_shape for l in probe.layers})
+    scores = {l.name: np.zeros(l.channels) for l in probe.layers}
+    for allocation in ("global", "cost", "cost-rank"):
+        plan = make_plan(graph, cost, scores, target=0.3, allocation=allocation)
+        removed = plan.meta["params"]["removed_frac"]
+        assert 0.3 <= removed < 0.36, (allocation, removed)

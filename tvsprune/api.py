@@ -82,6 +82,7 @@ def _data(data: Any, **kw: Any) -> DataOptions:
 def calibrate(model: Any, data: Any, *, out: str | Path | None = None, weights: str | None = None,
               resolution: str = DEFAULT_RESOLUTION, samples_per_class: int | None = None,
               mean: list[float] | None = None, std: list[float] | None = None,
+              resize: int | None = None, crop: int | None = None,
               batch_size: int | None = None, device: str = "cpu") -> Moments:
     """Class-conditional moments (and the consumers' second moments) of ``model`` on ``data``.
 
@@ -91,7 +92,8 @@ def calibrate(model: Any, data: Any, *, out: str | Path | None = None, weights: 
     from .calibration.stage import calibrate as _calibrate
 
     loaded = as_loaded(model, weights)
-    opts = _data(data, samples_per_class=samples_per_class, mean=mean, std=std, batch_size=batch_size)
+    opts = _data(data, samples_per_class=samples_per_class, mean=mean, std=std, resize=resize, crop=crop,
+                 batch_size=batch_size)
     return _calibrate(loaded, opts, out, resolution, device=device)
 
 
@@ -134,12 +136,18 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
 
 
 def export_onnx(model: Any, out: str | Path, *, input_shape: list[int] | None = None, opset: int | None = None,
-                batch: str | int = "dynamic", tolerance: float = 1e-4) -> dict[str, Any]:
-    """Write an ONNX file (checked, cleaned, parity-tested on ONNX Runtime); returns its sidecar."""
+                batch: str | int = "dynamic", tolerance: float = 1e-4,
+                parity_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write an ONNX file (checked, cleaned, parity-tested on ONNX Runtime); returns its sidecar.
+
+    ``parity_inputs`` (preprocessed images, [N, C, H, W]) replace the random normal inputs
+    of the parity check, as ``tvsprune export onnx --data`` does.
+    """
     from .exporters.onnx_export import export_onnx as _export
 
     loaded = as_loaded(model, input_shape=input_shape)
-    return _export(loaded, out, opset, batch, list(input_shape) if input_shape else None, tolerance=tolerance)
+    return _export(loaded, out, opset, batch, list(input_shape) if input_shape else None, parity_inputs,
+                   tolerance=tolerance)
 
 
 __all__ = ["Pruned", "as_loaded", "calibrate", "export_onnx", "prune", "state_sha256"]

@@ -348,8 +348,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     p = rep["parity"]
     print(f"wrote {args.out} ({rep['size_bytes'] / 1e6:.2f} MB, {rep['parameters']:,} parameters, opset {rep['opset']}, "
           f"{rep['exporter']} exporter); checker {rep['checker']}")
-    print(f"parity vs PyTorch on {p['samples']} {p['inputs']}: max |diff| {p['max_abs_diff']:.3g} "
-          f"(tolerance {p['tolerance']:g}), top-1 agreement {p['top1_agreement'] * 100:.2f} %, "
+    print(f"parity vs PyTorch on {p['samples']} {p['inputs']}: max |diff| {p['max_abs_diff']:.3g} for logits up to "
+          f"{p['max_abs_logit']:.3g} (scaled {p['max_scaled_diff']:.3g}, tolerance {p['tolerance']:g}), top-1 agreement {p['top1_agreement'] * 100:.2f} %, "
           f"batch sizes {p['batch_sizes']}")
     if not p["within_tolerance"]:
         print("WARNING: parity outside tolerance (recorded in the report)")
@@ -444,7 +444,8 @@ def _register_export(sub: Any) -> None:
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="auto: torch.export-based, TorchScript when that fails")
     p.add_argument("--parity-samples", type=int, default=512)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max logit difference over max(1, largest |logit|): absolute for logits within "
+                   "+-1, relative beyond (default 1e-4)")
     p.add_argument("--strict", action="store_true", help="exit 3 when parity is outside tolerance")
     add_data_args(p, required=False)
     p.set_defaults(func=cmd_export_onnx)

@@ -33,15 +33,27 @@ def consumer_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if mixes_channels(m)]
 
 
-def input_rows(x: torch.Tensor) -> torch.Tensor:
-    """A consumer's input [B, C, H, W] or [..., C] -> rows [N, C] (positions strided to <= POSITIONS_MAX)."""
+def input_rows(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A consumer's input -> rows [N, C], positions strided to <= POSITIONS_MAX per image.
+
+    A Conv2d reads [B, C, H, W]; a Linear reads [..., C] (``channels_last``), which is
+    [B, H, W, C] when it serves as a pointwise convolution (ConvNeXt).
+    """
+    if not channels_last and x.dim() == 4:
+        x = x.permute(0, 2, 3, 1)
     if x.dim() == 4:
-        hw = x.shape[2] * x.shape[3]
+        hw = x.shape[1] * x.shape[2]
         step = max(1, math.ceil(math.sqrt(hw / POSITIONS_MAX)))
         if step > 1:
-            x = x[:, :, ::step, ::step]
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            x = x[:, ::step, ::step, :]
     return x.reshape(-1, x.shape[-1])
+
+
+def layer_output(y: torch.Tensor, kind: str) -> torch.Tensor:
+    """A Linear's output [B, ..., C] -> [B, C] (mean over positions); a conv's is left as it is."""
+    if kind == "linear" and y.dim() > 2:
+        return y.reshape(y.shape[0], -1, y.shape[-1]).mean(1)
+    return y
 
 
 def parse_resolution(resolution: str) -> tuple[str, int]:
@@ -103,9 +115,10 @@ class MomentCollector:
     def __enter__(self) -> "MomentCollector":
         modules = dict(self.model.named_modules())
         for info in self.layers:
-            self._handles.append(modules[info.stat_module].register_forward_hook(self._hook(info.name)))
+            self._handles.append(modules[info.stat_module].register_forward_hook(self._hook(info)))
         for name in self.consumers:
-            self._handles.append(modules[name].register_forward_pre_hook(self._input_hook(name)))
+            self._handles.append(modules[name].register_forward_pre_hook(
+                self._input_hook(name, isinstance(modules[name], nn.Linear))))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -113,17 +126,17 @@ class MomentCollector:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, name: str) -> Callable:
+    def _hook(self, info: LayerInfo) -> Callable:
         def hook(module, inp, out):
             if self._labels is not None:
-                self.moments[name] = self.moments[name].add_batch(reduce_map(out.detach(), self.resolution),
-                                                                  self._labels)
+                y = reduce_map(layer_output(out.detach(), info.kind), self.resolution)
+                self.moments[info.name] = self.moments[info.name].add_batch(y, self._labels)
         return hook
 
-    def _input_hook(self, name: str) -> Callable:
+    def _input_hook(self, name: str, channels_last: bool) -> Callable:
         def hook(module, inp):
             if self._labels is not None:
-                self.inputs[name] = self.inputs[name].add_rows(input_rows(inp[0].detach()))
+                self.inputs[name] = self.inputs[name].add_rows(input_rows(inp[0].detach(), channels_last))
         return hook
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

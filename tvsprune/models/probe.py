@@ -99,8 +99,31 @@ def _walk_back(start, stops: dict, through_multi: bool) -> set:
     return found
 
 
+_ATTENTION_PARTS = (("qkv",), ("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+
+
+def attention_block(model: nn.Module) -> tuple[str, str] | None:
+    """The first attention block (name, class) in ``model``: ``nn.MultiheadAttention``, or a
+    module with a ``qkv`` projection or separate query/key/value projections."""
+    for name, m in model.named_modules():
+        children = dict(m.named_children())
+        if isinstance(m, nn.MultiheadAttention) or any(all(isinstance(children.get(c), PRUNABLE) for c in parts)
+                                                       for parts in _ATTENTION_PARTS):
+            return name, type(m).__name__
+    return None
+
+
+def refuse_attention(model: nn.Module, what: str = "model") -> None:
+    """Attention (ViT, Swin) is outside what tvsprune prunes: one clear error naming the block."""
+    found = attention_block(model)
+    if found is not None:
+        raise TvsError(f"{what} has an attention block, {found[0] or '(the model)'} ({found[1]}): tvsprune prunes "
+                       "convolutional networks; attention models (ViT, Swin, ...) are not supported")
+
+
 def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") -> ModelProbe:
     """Run ``example`` through ``model`` and describe its prunable layers."""
+    refuse_attention(model, what)
     names = {m: n for n, m in model.named_modules()}
     order: list[nn.Module] = []
     produced: dict = {}             # grad_fn of a layer's output -> layer

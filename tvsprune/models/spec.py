@@ -198,6 +198,17 @@ def _normalize_from(extras: dict[str, Any]) -> dict[str, list[float]] | None:
     return None
 
 
+def _timm_config(module: nn.Module) -> tuple[tuple[int, ...] | None, dict[str, list[float]] | None]:
+    """Input size and normalisation from a timm model's pretrained config, when it has one."""
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    shape = tuple(int(v) for v in size) if isinstance(size, (list, tuple)) and len(size) == 3 else None
+    mean, std = cfg.get("mean"), cfg.get("std")
+    norm = ({"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+            if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) else None)
+    return shape, norm
+
+
 def is_pruned_artifact(spec: str) -> bool:
     p = Path(spec)
     return (p.is_dir() and (p / "pruned.safetensors").is_file()) or (
@@ -221,6 +232,8 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
     module = build_module(ms.spec, ms.kwargs)
     loaded = LoadedModel(module=module, spec=ms,
                          input_shape=ZOO_INPUT_SHAPE if ms.spec in ZOO else None)
+    if ms.spec.startswith("timm:"):
+        loaded.input_shape, loaded.normalize = _timm_config(module)
     if ms.weights:
         sd, extras = read_checkpoint(ms.weights)
         bad = next((k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()
@@ -229,6 +242,6 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
             raise TvsError(f"{ms.weights}: tensor {bad!r} holds NaN or Inf values: refusing to use these weights")
         load_state_dict_strict(module, sd, ms.weights)
         loaded.weights_sha256 = sha256_file(ms.weights)
-        loaded.normalize = _normalize_from(extras)
+        loaded.normalize = _normalize_from(extras) or loaded.normalize
     module.eval()
     return loaded

@@ -239,12 +239,13 @@ def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph
             continue  # nothing upstream was removed yet: the input is the original one
         changed = True
         cap_a, cap_b = _Capture(src), _Capture(dst)
+        linear = isinstance(src, nn.Linear)
         width = src.weight.shape[1]  # joint statistics of [x, x~]: C + K columns
         acc = InputMoments.zeros(width + dst.weight.shape[1], cov=True)
         try:
             for x, _ in batches:
                 xa, xb = cap_a.run(original, x), cap_b.run(pruned, x)
-                acc = acc.add_rows(torch.cat([input_rows(xa), input_rows(xb)], dim=1).double())
+                acc = acc.add_rows(torch.cat([input_rows(xa, linear), input_rows(xb, linear)], dim=1).double())
         finally:
             cap_a.handle.remove()
             cap_b.handle.remove()

@@ -9,6 +9,7 @@ index maps) that plans, surgery and the cost model share.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,64 @@ class Group:
     channels: int
     members: list[str]       # Conv/Linear layers whose output channels are in the group
     items: list[GroupItem] = field(default_factory=list)
+    blocks: int = 1          # a grouped convolution in the group: remove the same channels of every block
+
+    @property
+    def block_size(self) -> int:
+        return self.channels // self.blocks
+
+    def expand(self, local: np.ndarray) -> np.ndarray:
+        """Block-local channel indices -> root channels (the same indices in every block)."""
+        local = np.asarray(local, dtype=np.int64)
+        return np.sort((np.arange(self.blocks)[:, None] * self.block_size + local[None, :]).ravel())
+
+    def is_uniform(self, removed: np.ndarray) -> bool:
+        """Whether ``removed`` root channels are the same block-local indices in every block."""
+        if self.blocks == 1:
+            return True
+        removed = np.sort(np.asarray(removed, dtype=np.int64))
+        return np.array_equal(removed, self.expand(removed[removed < self.block_size]))
+
+
+def is_grouped_conv(m: nn.Module) -> bool:
+    """A Conv2d whose channels split into groups that do not mix (depthwise excepted)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+
+
+@contextlib.contextmanager
+def reshapes_guarded():
+    """While Torch-Pruning builds its graph, note each reshape whose channel mapping it cannot infer.
+
+    Torch-Pruning maps channels through 2-D/4-D flattens only. A reshape that splits the
+    channel dimension (ShuffleNet's channel shuffle: a 5-D view, a transpose, a view back)
+    is either left unmapped or fails inside its index inference. Such reshapes are
+    recorded (``graph.tvsprune_unmapped``), not mapped, and every group whose channels pass through one is left unpruned
+    (see ``ChannelGraph``): coupling channels through an unknown permutation would give
+    a network that runs and computes the wrong thing. The library function is replaced
+    only while tvsprune calls the graph (which re-runs the mapping on every query), and
+    only to add this bookkeeping.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        unmapped = graph.__dict__.setdefault("tvsprune_unmapped", set())
+        size = getattr(node.grad_fn, "_saved_self_sizes", None) or getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if node in unmapped or (size is not None and len(size) > 4):
+            unmapped.add(node)
+            return None
+        try:
+            return original(graph, node)
+        except ArithmeticError:
+            unmapped.add(node)
+            return None
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
 
 
 def _dep_graph(model: nn.Module, example: torch.Tensor):
@@ -43,12 +102,13 @@ def _dep_graph(model: nn.Module, example: torch.Tensor):
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), reshapes_guarded():
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as e:  # unsupported op in tracing
         raise TvsError(f"cannot trace the model's channel dependencies: {type(e).__name__}: {e}") from None
     finally:
         model.train(was_training)
+    dg.__dict__.setdefault("tvsprune_unmapped", set())
     return dg
 
 
@@ -66,9 +126,12 @@ class ChannelGraph:
         self.modules = dict(model.named_modules())
         ignored = [self.modules[logits_layer]] if logits_layer else []
         self.groups: list[Group] = []
-        for g in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        reshaped: list[str] = []
+        failed: dict[str, str] = {}
+        for g in self._all_groups(ignored, failed):
             root = g[0].dep.target.module
             items, members = [], []
+            through = next((it.dep.target for it in g.items if it.dep.target in self.dg.tvsprune_unmapped), None)
             for item in g.items:
                 m = item.dep.target.module
                 if not isinstance(m, nn.Module) or m not in self.names:
@@ -80,7 +143,62 @@ class ChannelGraph:
                     members.append(self.names[m])
             channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
             self.groups.append(Group(self.names[root], channels, members, items))
-        self.rigid: dict[str, str] = {}
+            if through is not None:
+                reshaped.append(self.names[root])
+        self.rigid: dict[str, str] = dict(failed)
+        self.rigid.update({r: "its channels pass through a reshape that reorders them (e.g. a channel "
+                                         "shuffle), which the dependency graph cannot map" for r in reshaped})
+        for g in self.groups:
+            self._set_blocks(g)
+
+    def _all_groups(self, ignored: list[nn.Module], failed: dict[str, str]) -> list[Any]:
+        """Torch-Pruning's group of every Conv2d/Linear (each channel in one group), one root at a time.
+
+        A root whose group Torch-Pruning cannot build (an index mapping it cannot infer)
+        is left unpruned with the reason, instead of failing the whole model.
+        """
+        groups, visited = [], set()
+        for m in list(self.dg.module2node):
+            if not isinstance(m, (nn.Conv2d, nn.Linear)) or m in ignored or m in visited:
+                continue
+            pruner = self.dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                with reshapes_guarded():
+                    g = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except Exception as e:  # an index mapping Torch-Pruning could not work out
+                failed[self.names[m]] = f"the dependency graph cannot map its channels ({type(e).__name__}: {e})"
+                continue
+            outs = [dep.target.module for dep, _ in g if self.dg.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(outs)
+            if not any(o in ignored for o in outs):
+                groups.append(g)
+        return groups
+
+    def _set_blocks(self, g: Group) -> None:
+        """Grouped convolutions keep their group count: their channels go in equal numbers per block.
+
+        As Torch-Pruning's pruners do, the same block-local channels are removed from every
+        block. A grouped convolution reached through a reordering of channels (e.g. a
+        concatenation) is left unpruned, with the reason.
+        """
+        blocks = 1
+        for it in g.items:
+            m = self.modules[it.module]
+            if not is_grouped_conv(m):
+                continue
+            width = m.out_channels if it.dim == "out" else m.in_channels
+            if width != g.channels or not np.array_equal(it.idxs, it.root_idxs) or \
+                    not np.array_equal(np.sort(it.idxs), np.arange(width)):
+                self.rigid[g.root] = (f"coupled to grouped convolution {it.module} (groups={m.groups}) "
+                                      "through a channel reordering")
+                return
+            blocks = int(np.lcm(blocks, m.groups))
+        if g.channels % blocks:
+            self.rigid[g.root] = f"{g.channels} channels do not split into {blocks} equal blocks"
+            return
+        g.blocks = blocks
 
     def find_rigid_groups(self, example: torch.Tensor) -> dict[str, str]:
         """Groups whose width the forward pass cannot change (e.g. ``x.view(-1, 128)``).
@@ -96,7 +214,10 @@ class ChannelGraph:
             modules = dict(model.named_modules())
             for r in roots:
                 m = modules[r]
-                dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0]).prune(record_history=False)
+                first = [int(i) for i in self.group(r).expand(np.array([0]))]
+                with reshapes_guarded():
+                    dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, first).prune(
+                        record_history=False)
             try:
                 with torch.no_grad():
                     model(example)
@@ -104,7 +225,7 @@ class ChannelGraph:
                 return str(e).strip().splitlines()[0]
             return None
 
-        roots = [g.root for g in self.groups if g.channels > 1]
+        roots = [g.root for g in self.groups if g.block_size > 1 and g.root not in self.rigid]
         if roots and trial(roots) is not None:
             for r in roots:
                 reason = trial([r])
@@ -112,13 +233,21 @@ class ChannelGraph:
                     self.rigid[r] = f"the forward pass fails when this width changes ({reason})"
         return self.rigid
 
+    def group(self, root: str) -> Group | None:
+        return next((g for g in self.groups if g.root == root), None)
+
     def prune_group(self, root: str, remove: np.ndarray, members: list[str] | None = None) -> Any:
         """Remove root channels ``remove`` of the group rooted at ``root`` (and all coupled ones)."""
         module = self.modules.get(root)
         if module is None:
             raise TvsError(f"plan names layer {root!r}, which the model does not have")
+        g = self.group(root)
+        if g is not None and not g.is_uniform(remove):
+            raise TvsError(f"plan removes different channels from the {g.blocks} blocks of group {root!r} "
+                           "(a grouped convolution needs the same channels removed in every block)")
         pruner = self.dg.get_pruner_of_module(module)
-        group = self.dg.get_pruning_group(module, pruner.prune_out_channels, [int(i) for i in remove])
+        with reshapes_guarded():
+            group = self.dg.get_pruning_group(module, pruner.prune_out_channels, [int(i) for i in remove])
         if members is not None:
             found = sorted({self.names[it.dep.target.module] for it in group.items
                             if isinstance(it.dep.target.module, (nn.Conv2d, nn.Linear))
@@ -138,7 +267,7 @@ class _Costed:
     k: int           # kernel area
     spatial: int     # output positions
     bias: bool
-    depthwise: bool
+    groups: int      # 0: depthwise (groups follow the channels)
 
 
 class CostModel:
@@ -153,16 +282,14 @@ class CostModel:
         tracked = 0
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
-                if m.groups not in (1, m.in_channels):
-                    raise TvsError(f"layer {name}: grouped convolution (groups={m.groups}) is not supported")
                 hw = shapes.get(name, [m.out_channels, 1, 1])
                 spatial = int(np.prod(hw[1:])) if len(hw) >= 3 else 1
                 c = _Costed(name, "conv", m.out_channels, m.in_channels, m.kernel_size[0] * m.kernel_size[1],
-                            spatial, m.bias is not None, m.groups == m.in_channels and m.groups > 1)
+                            spatial, m.bias is not None, m.groups if is_grouped_conv(m) or m.groups == 1 else 0)
             elif isinstance(m, nn.Linear):
-                c = _Costed(name, "linear", m.out_features, m.in_features, 1, 1, m.bias is not None, False)
+                c = _Costed(name, "linear", m.out_features, m.in_features, 1, 1, m.bias is not None, 1)
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                c = _Costed(name, "bn", m.num_features, m.num_features, 1, 1, False, False)
+                c = _Costed(name, "bn", m.num_features, m.num_features, 1, 1, False, 1)
             else:
                 continue
             self.layers[name] = c
@@ -193,7 +320,7 @@ class CostModel:
             if c.kind == "bn":
                 params += 2 * out[n]
                 continue
-            w = out[n] * c.k if c.depthwise else out[n] * inp[n] * c.k
+            w = out[n] * c.k if c.groups == 0 else out[n] * (inp[n] // c.groups) * c.k
             params += w + (out[n] if c.bias else 0)
             macs += w * c.spatial
         return int(params), int(macs)

@@ -120,6 +120,19 @@ def group_scores(graph: ChannelGraph, scores: dict[str, np.ndarray], normalise: 
     return out
 
 
+def block_scores(graph: ChannelGraph, gscores: list[np.ndarray | None]) -> list[np.ndarray | None]:
+    """Per group, one score per block-local channel: the mean over the blocks of a grouped convolution.
+
+    Groups without a grouped convolution have one block, so this is the identity for them.
+    """
+    return [t if t is None or g.blocks == 1 else t.reshape(g.blocks, -1).mean(0)
+            for g, t in zip(graph.groups, gscores)]
+
+
+def _expand(graph: ChannelGraph, local: list[np.ndarray]) -> list[np.ndarray]:
+    return [g.expand(rm) if g.blocks > 1 else rm for g, rm in zip(graph.groups, local)]
+
+
 def _order(t: np.ndarray) -> np.ndarray:
     return np.argsort(t, kind="stable")
 
@@ -170,11 +183,11 @@ class Allocator:
                 counts.append(0)
                 continue
             if self.allocation == "alpha":
-                n = int((t <= lam * self.alpha_max * mean).sum())
+                n = int((t < lam * self.alpha_max * mean).sum())
             elif self.allocation == "global":
-                n = int((t <= lam).sum())
+                n = int((t < lam).sum())
             elif self.allocation == "cost":
-                n = int((t <= lam * self.lam_max * w).sum())
+                n = int((t < lam * self.lam_max * w).sum())
             elif self.allocation == "uniform":
                 n = int(math.floor(lam * c + 1e-9))
             else:  # ldiff-weighted uniform
@@ -185,6 +198,32 @@ class Allocator:
     def removed(self, counts: list[int]) -> list[np.ndarray]:
         return [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64)
                 for o, n in zip(self.orders, counts)]
+
+
+def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, metric: str, base: int,
+               target: float) -> list[int]:
+    """Between the bisection's bounds, add channels one at a time until the target is met.
+
+    Tied scores (dead filters score 0 alike) make the allocation jump past the target in
+    one step; here the channels that the step adds are taken round-robin over the groups,
+    each in its group's removal order, and stop as soon as the budget is reached.
+    """
+    counts = list(lo)
+    extra = [h - l for l, h in zip(lo, hi)]
+    if sum(extra) <= 1 or alloc.guards.round_to > 1 or target <= 0:
+        return list(hi)
+    step = max(1, sum(extra) // 2000)  # bounded work for very large tie sets
+    while any(extra):
+        for i in range(len(counts)):
+            take = min(step, extra[i])
+            if not take:
+                continue
+            counts[i] += take
+            extra[i] -= take
+            p, m = cost_of(counts)
+            if 1.0 - (p if metric == "params" else m) / base >= target:
+                return counts
+    return list(hi)
 
 
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
@@ -201,47 +240,50 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     already comparable between layers, such as the least-squares saliency).
     """
     guards = guards or Guards()
-    channels = [g.channels for g in graph.groups]
+    channels = [g.block_size for g in graph.groups]  # what the allocation counts: block-local channels
     base_params, base_macs = cost.cost()
     base = base_params if metric == "params" else base_macs
     if metric not in ("params", "macs"):
         raise TvsError(f"unknown budget metric {metric!r} (params or macs)")
     if threshold is not None:
-        raw = group_scores(graph, scores, normalise=False)
+        raw = block_scores(graph, group_scores(graph, scores, normalise=False))
         counts = [0 if t is None else guards.clamp(len(t), int((t < threshold).sum())) for t in raw]
         orders = [None if t is None else _order(t) for t in raw]
-        removed = [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64) for o, n in zip(orders, counts)]
+        removed = _expand(graph, [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64)
+                                  for o, n in zip(orders, counts)])
         lam = None
     else:
         if target is None or not (0.0 <= target < 1.0):
             raise TvsError(f"the budget must be a fraction in [0, 1), got {target}")
-        gs = group_scores(graph, scores, normalise=normalise)
+        gs = block_scores(graph, group_scores(graph, scores, normalise=normalise))
         gl = [max((ldiffs or {}).get(m, 0.0) for m in g.members) if g.members else 0.0 for g in graph.groups]
         unit = []
         for i, g in enumerate(graph.groups):  # what removing one channel of each group saves
             one = [np.empty(0, dtype=np.int64)] * len(graph.groups)
-            one[i] = np.array([0])
+            one[i] = g.expand(np.array([0]))
             p1, m1 = cost.cost(one)
             unit.append(float(base - (p1 if metric == "params" else m1)))
         alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power)
 
+        def removal(lam: float) -> list[np.ndarray]:
+            return _expand(graph, alloc.removed(alloc.counts(lam)))
+
         def frac(lam: float) -> float:
-            p, m = cost.cost(alloc.removed(alloc.counts(lam)))
+            p, m = cost.cost(removal(lam))
             return 1.0 - (p if metric == "params" else m) / base
 
         lo, hi = 0.0, 1.0
-        if frac(hi) < target:
-            lam = hi
-            removed = alloc.removed(alloc.counts(hi))
-        else:
+        if frac(hi) >= target:
             for _ in range(50):
                 mid = (lo + hi) / 2
                 if frac(mid) >= target:
                     hi = mid
                 else:
                     lo = mid
-            lam = hi
-            removed = alloc.removed(alloc.counts(hi))
+        lam = hi
+        counts = _fill_ties(alloc, alloc.counts(lo), alloc.counts(hi),
+                            lambda c: cost.cost(_expand(graph, alloc.removed(c))), metric, base, target)
+        removed = _expand(graph, alloc.removed(counts))
     params, macs = cost.cost(removed)
     groups = []
     for g, rm in zip(graph.groups, removed):

@@ -56,7 +56,7 @@ def consumer_input_means(model: nn.Module, consumers: list[str],
     def hook(name):
         def fn(m, inp):
             x = inp[0].detach().double()
-            if x.dim() == 4:
+            if x.dim() == 4 and not isinstance(m, nn.Linear):
                 s, n = x.sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
             else:
                 x = x.reshape(-1, x.shape[-1])

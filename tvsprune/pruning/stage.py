@@ -146,8 +146,13 @@ class Context:
         example = torch.zeros(1, *input_shape)
         probe = probe_model(loaded.module, example, what=f"model {loaded.spec.spec}")
         graph = ChannelGraph(loaded.module, example, probe.logits_layer)
-        for root, reason in graph.find_rigid_groups(example).items():
-            log.warning("not pruning %s: %s", root, reason)
+        rigid = graph.find_rigid_groups(example)
+        by_reason: dict[str, list[str]] = {}
+        for root, reason in rigid.items():
+            by_reason.setdefault(reason, []).append(root)
+        for reason, roots in by_reason.items():
+            shown = ", ".join(roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
+            log.warning("not pruning %s: %s (prune.json lists them)", shown, reason)
         shapes = {l.name: l.out_shape for l in probe.layers}
         return cls(loaded, example, probe, graph, CostModel(loaded.module, graph, shapes))
 

@@ -1,0 +1,138 @@
+"""torchvision and timm models for the architecture matrix (tests and benchmarks/architectures.py).
+
+TEST-ENVIRONMENT WORKAROUND. torchvision's PyPI wheels are CUDA builds; with this
+machine's CPU build of torch, ``import torchvision`` fails while it registers fake
+kernels for its compiled operators (nms, roi_align, ...), which do not exist here. The
+model definitions themselves are pure Python. :func:`tolerant_fake_registration` lets
+that registration skip operators torch does not know, for the duration of the import
+only. tvsprune itself never does this: it imports torchvision only for
+``torchvision:NAME`` specs, and says so when the import fails. Install the packages with
+``pip install --no-deps torchvision timm`` (the Makefile's test target does).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# name -> (constructor keyword arguments, input size); 10 classes everywhere
+TORCHVISION = {
+    "resnet18": ({}, 64), "resnet50": ({}, 64), "resnext50_32x4d": ({}, 64), "wide_resnet50_2": ({}, 64),
+    "mobilenet_v2": ({}, 64), "mobilenet_v3_small": ({}, 64), "efficientnet_b0": ({}, 64),
+    "densenet121": ({}, 64), "googlenet": ({"aux_logits": False, "init_weights": False}, 64),
+    # Inception v3 needs at least 75x75 inputs
+    "inception_v3": ({"aux_logits": False, "init_weights": False}, 96),
+    "shufflenet_v2_x1_0": ({}, 64), "squeezenet1_1": ({}, 64), "regnet_y_400mf": ({}, 64),
+    "convnext_tiny": ({}, 64), "mnasnet0_5": ({}, 64), "vgg16_bn": ({}, 64),
+    "vit_b_16": ({"image_size": 64}, 64), "swin_t": ({}, 64),
+}
+TIMM = {
+    "resnet18d": ({}, 64), "efficientnet_b0": ({}, 64), "mobilenetv3_small_100": ({}, 64),
+    "regnety_002": ({}, 64), "convnext_atto": ({}, 64), "ghostnet_100": ({}, 64),
+}
+ATTENTION = {"vit_b_16", "swin_t"}  # the only models allowed to be refused
+
+
+@contextlib.contextmanager
+def tolerant_fake_registration():
+    """``torch.library.register_fake`` skips operators torch does not have (see module docstring)."""
+    real = torch.library.register_fake
+
+    def register_fake(op, *args, **kwargs):
+        name = op if isinstance(op, str) else getattr(op, "_name", "")
+        try:
+            torch._C._dispatch_find_schema_or_throw(str(name), "")
+        except RuntimeError:
+            return lambda fn=None: fn
+        return real(op, *args, **kwargs)
+
+    torch.library.register_fake = register_fake
+    try:
+        yield
+    finally:
+        torch.library.register_fake = real
+
+
+def import_hub(name: str):
+    """``torchvision.models`` or ``timm``, or None when the package is not installed."""
+    if importlib.util.find_spec(name) is None:
+        return None
+    with tolerant_fake_registration():
+        importlib.import_module("torchvision")
+        return importlib.import_module("torchvision.models" if name == "torchvision" else name)
+
+
+def image_tensors(folder: Path, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(Path(folder).rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255)
+                     .permute(2, 0, 1) for f in files])
+    return (x - mean) / std
+
+
+def build(hub: str, name: str, kwargs: dict[str, Any], images: torch.Tensor) -> torch.nn.Module:
+    """A randomly initialised model with 10 classes whose BatchNorm statistics come from ``images``."""
+    from tvsprune.pruning.repairs import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    if hub == "torchvision":
+        model = import_hub("torchvision").get_model(name, num_classes=10, **kwargs)
+    else:
+        model = import_hub("timm").create_model(name, num_classes=10, pretrained=False, **kwargs)
+    recalibrate_batchnorm(model, [(images[i:i + 8], None) for i in range(0, len(images), 8)])
+    return model.eval()
+
+
+def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1"), target: float = 0.3,
+             size: int | None = None) -> dict[str, Any]:
+    """calibrate -> prune (each method) -> ONNX export with parity; one row of the matrix.
+
+    Parity is checked on the calibration images (as ``export onnx --data`` does): random
+    normal inputs are far outside what BatchNorm statistics estimated on images expect,
+    and a randomly initialised network amplifies rounding there.
+
+    ``status``: "ok", "refused" (a TvsError: one clean line), or "error" (anything else,
+    with its traceback: a bug).
+    """
+    import tvsprune
+    from tvsprune.calibration.stage import DataOptions
+    from tvsprune.errors import TvsError
+
+    kwargs, default_size = (TORCHVISION if hub == "torchvision" else TIMM).get(name, ({}, 64))
+    size = size or default_size
+    row: dict[str, Any] = {"model": f"{hub}:{name}", "input": size}
+    t0 = time.perf_counter()
+    try:
+        images = image_tensors(folder)
+        if images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear")
+        model = build(hub, name, kwargs, images)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        data = DataOptions(path=str(folder), resize=size, mean=[0.5] * 3, std=[0.25] * 3)
+        moments = tvsprune.calibrate(model, data)
+        for method in methods:
+            pruned = tvsprune.prune(model, moments, method=method, target_params=target, calib_data=data,
+                                    out=out / f"{name}-{method}")
+            side = tvsprune.export_onnx(pruned, out / f"{name}-{method}.onnx", input_shape=[3, size, size],
+                                        parity_inputs=images)
+            plan = pruned.plan.meta
+            row[method] = {"params_removed": round(plan["params"]["removed_frac"], 3),
+                           "macs_removed": round(plan["macs"]["removed_frac"], 3),
+                           "unpruned_groups": len(plan.get("rigid_groups", {})),
+                           "parity_scaled": side["parity"]["max_scaled_diff"],
+                           "parity_ok": side["parity"]["within_tolerance"]}
+        row["status"] = "ok"
+    except TvsError as e:
+        row["status"], row["reason"] = "refused", str(e)
+    except Exception as e:  # noqa: BLE001 - a traceback is what the matrix exists to find
+        row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc()
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
