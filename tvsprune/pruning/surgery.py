@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ..errors import TvsError
+from .compensation import removed_outputs
 from .graph import ChannelGraph
 from .plan import Plan
 
@@ -40,19 +40,9 @@ def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, logits_layer
 
 def expected_widths(graph: ChannelGraph, plan: Plan) -> dict[str, int]:
     """Output width of every Conv2d/Linear after the plan, from the groups' index maps."""
-    modules = graph.modules
-    widths = {n: _width(m) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    removed = dict(zip((g["root"] for g in plan.groups), plan.removed()))
-    for g in graph.groups:
-        rm = removed.get(g.root)
-        if rm is None or len(rm) == 0:
-            continue
-        mask = np.zeros(g.channels, dtype=bool)
-        mask[rm] = True
-        for it in g.items:
-            if it.dim == "out" and it.module in widths:
-                widths[it.module] -= int(mask[it.root_idxs].sum())
-    return widths
+    removed = removed_outputs(graph, plan)
+    return {n: _width(m) - len(removed.get(n, ())) for n, m in graph.modules.items()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def _width(m: nn.Module) -> int:
