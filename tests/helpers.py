@@ -62,3 +62,49 @@ def make_tiny_checkpoint(root: Path, image_folder: Path) -> tuple[str, Path, Pat
     torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
                 "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}, weights)
     return f"{src}:TinyCNN", weights, image_folder
+
+
+def write_run_config(tmp_path: Path, extra: str = "", prune_extra: str = "") -> Path:
+    """A run.toml for TinyCNN on tiny image folders (global resolution, ort-cpu bench), with its files."""
+    import shutil
+
+    from tiny_models import TinyCNN
+
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(REPO / "tests" / "tiny_models.py", src)
+    torch.manual_seed(0)
+    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
+                "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "w.pt")
+    write_image_folder(tmp_path / "calib", per_class=8)
+    write_image_folder(tmp_path / "eval", per_class=4, seed=1)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""output_dir = "out"
+{extra}
+[model]
+spec = "tiny_models.py:TinyCNN"
+weights = "w.pt"
+
+[data]
+calibration = "calib"
+evaluation = "eval"
+samples_per_class = 6
+
+[calibrate]
+resolution = "global"
+
+[prune]
+target_params = 0.3
+{prune_extra}
+
+[export]
+onnx = true
+int8 = false
+
+[bench]
+backends = ["ort-cpu"]
+batch_sizes = [1, 4]
+rounds = 2
+iters = 2
+eval_samples = 12
+""")
+    return cfg

@@ -25,6 +25,8 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
     assert sum(p.numel() for p in pruned.module.parameters()) < sum(p.numel() for p in model.parameters())
     assert pruned.report["macs"]["removed_frac"] >= 0.3 - 1e-9
     assert (tmp_path / "pruned.onnx").is_file()
+    report = scope["report"]
+    assert (tmp_path / "report" / "report.json").is_file() and len(report["models"]) == 2
     with torch.no_grad():
         assert pruned.module(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 

@@ -85,7 +85,7 @@ def test_unsupported_opset_is_refused(tmp_path):
 
 def test_zero_batch_size_is_a_usage_error(tmp_path):
     r = run_cli("bench", "resnet20", "--data", tmp_path, "--out", tmp_path / "b", "--batch-sizes", "0")
-    assert r.returncode == 2 and "positive" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 64 and "positive" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_requested_missing_backend_fails_with_exit_2(tiny_setup, tmp_path):
@@ -110,3 +110,31 @@ def test_table_columns_are_the_union_of_row_keys(capsys):
     row_b = next(l for l in out.splitlines() if " b " in l or "│ b" in l)
     assert header.index("int8") > header.index("p50")
     assert row_b.index("3.5") < row_b.index("2.5")  # p50 value under p50, int8 value under int8
+
+
+def test_pruned_artifact_survives_a_move_and_a_changed_model_file(tiny_setup, tmp_path):
+    """The artifact records its user model file by absolute path and hash, and keeps a copy."""
+    import shutil
+
+    from tvsprune.models import load_model
+
+    spec, weights, data = tiny_setup
+    moments, out = tmp_path / "m.safetensors", tmp_path / "p"
+    assert run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", moments).returncode == 0
+    assert run_cli("prune", spec, "--weights", weights, "--moments", moments, "--out", out).returncode == 0
+    assert (out / "model_source.py").is_file()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        want = load_model(str(out)).module(x)
+    moved = tmp_path / "elsewhere" / "p"
+    shutil.move(str(out), moved)
+    src = spec.rsplit(":", 1)[0]
+    with open(src, "a") as f:  # the original file changes after pruning ...
+        f.write("\nraise RuntimeError('edited after pruning')\n")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(moved)).module(x), want)  # ... the copy is used
+    (moved / "model_source.py").write_text("# altered\n")
+    import os
+
+    os.remove(src)
+    _one_error(run_cli("eval", moved, "--data", data), "model_source.py", "restore")

@@ -7,53 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import REPO, randomize_bn, run_cli, write_image_folder
-from tiny_models import TinyCNN
+from helpers import REPO, run_cli, write_run_config as _config
 
 from tvsprune.errors import TvsError
 from tvsprune.pipeline import load_config
 
 
-def _config(tmp_path: Path, extra: str = "", prune_extra: str = "") -> Path:
-    src = tmp_path / "tiny_models.py"
-    shutil.copy(Path(__file__).parent / "tiny_models.py", src)
-    torch.manual_seed(0)
-    torch.save({"state_dict": randomize_bn(TinyCNN()).state_dict(),
-                "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "w.pt")
-    write_image_folder(tmp_path / "calib", per_class=8)
-    write_image_folder(tmp_path / "eval", per_class=4, seed=1)
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""output_dir = "out"
-{extra}
-[model]
-spec = "tiny_models.py:TinyCNN"
-weights = "w.pt"
-
-[data]
-calibration = "calib"
-evaluation = "eval"
-samples_per_class = 6
-
-[calibrate]
-resolution = "global"
-
-[prune]
-target_params = 0.3
-{prune_extra}
-
-[export]
-onnx = true
-int8 = false
-
-[bench]
-backends = ["ort-cpu"]
-batch_sizes = [1, 4]
-rounds = 2
-iters = 2
-eval_samples = 12
-""")
-    return cfg
 
 
 def test_misspelt_key_names_it_and_suggests(tmp_path):

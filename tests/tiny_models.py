@@ -87,3 +87,17 @@ class DepthwiseNet(nn.Module):
 
 def build(name: str = "tiny", num_classes: int = 3):
     return {"tiny": TinyCNN, "view": ViewNet, "dynview": DynamicViewNet, "concat": ConcatNet, "depthwise": DepthwiseNet}[name](num_classes)
+
+
+class SlowCNN(TinyCNN):
+    """TinyCNN whose forward sleeps ``delay`` seconds: a run long enough to interrupt."""
+
+    def __init__(self, delay: float = 0.0, **kw) -> None:
+        super().__init__(**kw)
+        self.delay = delay
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)

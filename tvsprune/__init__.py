@@ -8,6 +8,7 @@ On a model you hold::
     moments = tvsprune.calibrate(model, "calib_images/")
     pruned = tvsprune.prune(model, moments, target_flops=0.3)
     tvsprune.export_onnx(pruned, "pruned.onnx")
+    report = tvsprune.bench("resnet20", pruned, out="report/", data="eval_images/")
 
 The API is imported on first use, so ``import tvsprune`` (and ``tvsprune --version``)
 does not import torch.
@@ -15,13 +16,15 @@ does not import torch.
 __version__ = "0.1.0"
 
 _API = {"calibrate", "prune", "export_onnx", "Pruned"}
-_OTHER = {"PruneOptions": ".pruning.stage", "DataOptions": ".calibration.stage", "Moments": ".calibration.moments",
+_OTHER = {"BenchOptions": ".bench.stage", "PruneOptions": ".pruning.stage", "DataOptions": ".calibration.stage", "Moments": ".calibration.moments",
           "TvsError": ".errors"}
 
 
 def __getattr__(name: str):
     import importlib
 
+    if name == "bench":  # the bench package, callable as the API's bench()
+        return importlib.import_module(".bench", __name__)
     if name in _API:
         return getattr(importlib.import_module(".api", __name__), name)
     if name in _OTHER:
@@ -29,5 +32,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tvsprune' has no attribute {name!r}")
 
 
-__all__ = ["DataOptions", "Moments", "PruneOptions", "Pruned", "TvsError", "calibrate", "export_onnx", "prune",
+__all__ = ["BenchOptions", "DataOptions", "Moments", "PruneOptions", "Pruned", "TvsError", "bench", "calibrate",
+           "export_onnx", "prune",
            "__version__"]

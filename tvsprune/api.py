@@ -28,7 +28,8 @@ from .errors import TvsError
 from .models import LoadedModel, load_model
 from .models.spec import ModelSpec
 from .pruning.plan import Guards, Plan
-from .pruning.stage import DEFAULT_TARGET_PARAMS, PruneOptions
+from .exporters import defaults as export_defaults
+from .pruning.stage import PruneOptions
 
 @dataclass
 class Pruned:
@@ -115,8 +116,6 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
     unknown = sorted(set(options) - known)
     if unknown:
         raise TvsError(f"unknown prune option(s) {', '.join(unknown)} (see tvsprune.PruneOptions)")
-    if not any(options.get(k) is not None for k in ("target_params", "target_flops", "threshold")):
-        options["target_params"] = DEFAULT_TARGET_PARAMS
     opts = PruneOptions(guards=guards, **options)
     out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tvsprune-"))
     if isinstance(moments, Moments):
@@ -136,7 +135,7 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
 
 
 def export_onnx(model: Any, out: str | Path, *, input_shape: list[int] | None = None, opset: int | None = None,
-                batch: str | int = "dynamic", tolerance: float = 1e-4,
+                batch: str | int = "dynamic", tolerance: float = export_defaults.TOLERANCE,
                 parity_inputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Write an ONNX file (checked, cleaned, parity-tested on ONNX Runtime); returns its sidecar.
 
@@ -150,4 +149,29 @@ def export_onnx(model: Any, out: str | Path, *, input_shape: list[int] | None = 
                    tolerance=tolerance)
 
 
-__all__ = ["Pruned", "as_loaded", "calibrate", "export_onnx", "prune", "state_sha256"]
+def bench(base: Any, *pruned: Any, out: str | Path, data: Any = None, weights: str | None = None,
+          **options: Any) -> dict[str, Any]:
+    """Latency, memory and accuracy of ``base`` against each ``pruned`` on every backend present.
+
+    Models are nn.Modules, spec strings (zoo name, file.py:Name, ...), pruned artifact
+    folders, .onnx files or :class:`Pruned` results; ``options`` are :class:`~tvsprune.bench.stage.BenchOptions`
+    fields. Writes report.json, report.md and report.html under ``out``; returns the report.
+    """
+    from dataclasses import fields
+
+    from .bench.stage import BenchOptions, bench as _bench
+
+    known = {f.name for f in fields(BenchOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TvsError(f"unknown bench option(s) {', '.join(unknown)} (see tvsprune.BenchOptions)")
+
+    models = [base, *pruned]
+    reports = {i: m.report for i, m in enumerate(models) if isinstance(m, Pruned)}
+    specs = [str(m) if isinstance(m, (str, Path)) else as_loaded(m, weights if i == 0 else None)
+             for i, m in enumerate(models)]
+    return _bench(specs, out, _data(data) if data is not None else None, weights, BenchOptions(**options),
+                  prune_reports=reports)
+
+
+__all__ = ["Pruned", "as_loaded", "bench", "calibrate", "export_onnx", "prune", "state_sha256"]

@@ -28,9 +28,78 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as e:
+        if isinstance(e, OSError) or "safetensor" in type(e).__name__.lower():
+            from .errors import TvsError
+
+            reason = getattr(e, "strerror", None) or str(e)
+            raise TvsError(f"cannot write {path}: {reason}") from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``folder``; when the block fails, remove the files (and now-empty folders) it created
+    there, so a failed stage leaves the folder as it found it."""
+    folder = Path(folder)
+    existed = folder.exists()
+    before = {p for p in folder.rglob("*")} if existed else set()
+    try:
+        yield folder
+    except BaseException:
+        if folder.exists():
+            new = sorted((p for p in folder.rglob("*") if p not in before), key=lambda p: len(p.parts), reverse=True)
+            for p in new:
+                if p.is_dir() and not p.is_symlink():
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
+                else:
+                    p.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, kind: str = "file") -> Iterator[None]:
+    """Hold an exclusive lock on the output ``path`` (a ``file`` or a ``dir``) for a command's duration.
+
+    A second tvsprune process writing the same output is refused at once with a one-line
+    error instead of interleaving its files with the first one's. The lock is an ``flock``
+    on a file in the temporary directory named by the output's absolute path (nothing is
+    created beside the output; the kernel releases it when the process dies, even by
+    SIGKILL). Also refuses an output that exists as the wrong kind (a file where a
+    directory is written, or the reverse).
+    """
+    from .errors import TvsError
+
+    path = Path(path).absolute()
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise TvsError(f"output directory {path} exists and is not a directory")
+    if kind == "file" and path.is_dir():
+        raise TvsError(f"output file {path} exists and is a directory")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    folder = Path(tempfile.gettempdir()) / "tvsprune-locks"
+    folder.mkdir(exist_ok=True)
+    lock = folder / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TvsError(f"{path} is being written by another tvsprune process; wait for it to finish "
+                           "or choose another output") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -1,7 +1,8 @@
 """The ``tvsprune`` command line: parse, call the library, print, exit.
 
-Exit codes: 0 success, 1 user error (bad input), 2 missing optional dependency / hardware,
-3 a check failed (e.g. parity outside tolerance with --strict).
+Exit codes: 0 success, 1 user error (bad input, unwritable output), 2 missing optional
+dependency / hardware, 3 a check failed (e.g. parity outside tolerance with --strict),
+64 usage error (unknown flag, bad flag value; EX_USAGE), 130 interrupted (Ctrl-C, SIGTERM).
 """
 from __future__ import annotations
 
@@ -35,6 +36,24 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (1 for sizes and counts, 0 for worker processes)."""
+    what = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
+_count, _nonneg = _int_at_least(1), _int_at_least(0)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="zoo name (resnet20, vgg11_bn, ...), file.py:Name, module:Name, "
@@ -45,18 +64,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
+    from .calibration.stage import DataOptions as D
+
     g = p.add_argument_group("data")
     g.add_argument(flag, dest="data", required=required,
                    help="image folder (root/<class>/*.jpg), .npz with x and y, or CIFAR python batches")
-    g.add_argument("--split", default="test", choices=["train", "test"], help="split for CIFAR batch folders")
-    g.add_argument("--samples-per-class", type=int, help="seeded stratified subset of N images per class")
-    g.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
-    g.add_argument("--resize", type=int, help="resize the shorter side to N pixels")
-    g.add_argument("--crop", type=int, help="center-crop to N x N")
+    g.add_argument("--split", default=D.split, choices=["train", "test"], help="split for CIFAR batch folders")
+    g.add_argument("--samples-per-class", type=_count, help="seeded stratified subset of N images per class")
+    g.add_argument("--seed", type=int, default=D.seed, help=f"seed for sampling (default {D.seed})")
+    _add_image_flags(g)
+
+
+def _add_image_flags(g: Any) -> None:
+    """Resize, crop, normalisation and loading flags, shared by every command that reads images."""
+    from .calibration.stage import DataOptions as D
+
+    g.add_argument("--resize", type=_count, help="resize the shorter side to N pixels")
+    g.add_argument("--crop", type=_count, help="center-crop to N x N")
     g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: checkpoint's)")
     g.add_argument("--std", type=_floats, help="normalisation std (default: checkpoint's)")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--batch-size", type=_count, default=D.batch_size, help=f"default {D.batch_size}")
+    g.add_argument("--workers", type=_nonneg, default=D.workers, help="data-loading worker processes")
     g.add_argument("--skip-bad", action="store_true", help="skip and count undecodable files instead of failing")
 
 
@@ -73,10 +101,13 @@ def data_options_for(args: argparse.Namespace, path: str):
     return data_options(argparse.Namespace(**{**vars(args), "data": path}))
 
 
-def add_hidden_preprocess_args(p: argparse.ArgumentParser) -> None:
-    """--resize/--crop/--mean/--std for commands whose extra data folders need them (not shown in help)."""
-    for flag, kw in (("--resize", int), ("--crop", int), ("--mean", _floats), ("--std", _floats)):
-        p.add_argument(flag, type=kw, help=argparse.SUPPRESS)
+def add_preprocess_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Preprocessing flags for commands whose data comes from other folders (--calib-data, --val-data)."""
+    from .calibration.stage import DataOptions as D
+
+    g = p.add_argument_group(f"preprocessing of {what} (default: as recorded in the moments file / checkpoint)")
+    _add_image_flags(g)
+    p.set_defaults(split=D.split, samples_per_class=D.samples_per_class)
 
 
 def loaded_model(args: argparse.Namespace):
@@ -124,7 +155,6 @@ def cmd_merge_moments(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .bench.accuracy import evaluate
-    from .calibration.stage import DataOptions  # noqa: F401
     from .console import print_table, progress_bar
 
     model = loaded_model(args)
@@ -143,9 +173,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .calibration.stage import DEFAULT_RESOLUTION
 
-    parser = argparse.ArgumentParser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""))
+    parser = _Parser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""),
+                     epilog="exit codes: 0 passed, 1 bad input, 2 missing optional backend, 3 check failed "
+                            "(--strict), 64 usage, 130 interrupted")
     parser.add_argument("--version", action="version", version=f"tvsprune {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors and the final PASSED/FAILED line only")
+    parser.add_argument("--log-file", help="also write the log (info level, debug with -vv) to this file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("calibrate", help="collect class-conditional filter moments in one streaming pass")
@@ -180,39 +214,114 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
+EXIT_USAGE = 64  # sysexits.h EX_USAGE; 2 stays "a missing optional backend"
+DIR_OUTPUTS = {"prune", "replay", "bench"}  # commands whose --out is a directory (run/demo lock in Pipeline)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on exit code 64 and the usual FAILED line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"FAILED | usage | {self.prog.removeprefix('tvsprune').strip() or 'tvsprune'}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """-q: errors only; default: warnings; -v: info; -vv: debug; --log-file: everything, to a file."""
+    level = logging.ERROR if args.quiet else logging.WARNING - 10 * min(args.verbose, 2)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setLevel(level)
+    if args.log_file:
+        try:
+            fh = logging.FileHandler(args.log_file)
+        except OSError as e:
+            raise TvsError(f"cannot open --log-file {args.log_file}: {e.strerror}") from None
+        fh.setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(fh)
+    logging.basicConfig(level=min(h.level for h in handlers), format="%(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+    for noisy in ("torch", "onnx", "onnxruntime", "onnxscript", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without importing torch
+        print(f"tvsprune {__version__}")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        parser.print_help(sys.stderr)
+        print("tvsprune: error: no command given", file=sys.stderr)
+        print("FAILED | usage | tvsprune", file=sys.stderr)
+        return EXIT_USAGE
+    import contextlib
+    import os
+    import signal
+
+    from .artifacts import output_lock
+
     t0 = time.perf_counter()
+    label = args.command + (f" {args.target}" if getattr(args, "target", None) else "")
+
+    def failed(message: str, code: int) -> int:
+        print(f"tvsprune {label}: error: {message}", file=sys.stderr)
+        print(f"FAILED | {label} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return code
+
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if hasattr(signal, "SIGTERM") else None
     try:
-        code = args.func(args)
+        _setup_logging(args)
+        with contextlib.ExitStack() as stack:
+            rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the output
+            if getattr(args, "out", None) and args.command not in ("run", "demo") and rank0:
+                stack.enter_context(output_lock(args.out, "dir" if args.command in DIR_OUTPUTS else "file"))
+            if args.quiet:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            else:
+                from .console import activity
+
+                stack.enter_context(activity(f"tvsprune {label}"))
+            code = args.func(args)
     except TvsError as e:
-        print(f"tvsprune {args.command}: error: {e}", file=sys.stderr)
-        print(f"FAILED | {args.command} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        return e.exit_code
+        return failed(str(e), e.exit_code)
+    except OSError as e:  # the environment, not a bug: unwritable output, disk full, missing file
+        what = f"cannot use {e.filename}: " if e.filename else ""
+        return failed(f"{what}{e.strerror or e}", 1)
     except KeyboardInterrupt:
-        print(f"tvsprune {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return failed("interrupted; no partial output was kept", 130)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     status = "PASSED" if code == 0 else "FAILED"
-    print(f"{status} | {args.command} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"{status} | {label} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return code
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .console import print_table
-    from .pruning import Guards, PruneOptions, prune
+def prune_options(args: argparse.Namespace):
+    """The PruneOptions that ``tvsprune prune`` flags describe (defaults: PruneOptions' own)."""
+    from .pruning import Guards, PruneOptions
 
-    opts = PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
+    return PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
                         threshold=args.threshold, allocation=args.allocation, cost_power=args.cost_power,
                         guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
                         pair_reduce=args.pair_reduce, seed=args.seed, tvs_saliency=args.tvs_saliency,
                         **repair_options(args), repair_samples_per_class=args.repair_samples_per_class,
                         max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .console import print_table
+    from .pruning import prune
+
+    opts = prune_options(args)
     calib = val = None
     if args.calib_data:
         calib = data_options_for(args, args.calib_data)
@@ -255,15 +364,19 @@ def repair_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _register_prune(sub: Any) -> None:
     from .pruning.compensation import COMPENSATIONS
-    from .pruning.stage import ALLOCATION_CHOICES, METHODS, TVS_SALIENCY, PruneOptions
+    from .pruning.plan import Guards
+    from .pruning.stage import ALLOCATION_CHOICES, DEFAULT_TARGET_PARAMS, METHODS, TVS_SALIENCY, PruneOptions
 
+    P = PruneOptions
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p)
     p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
-    p.add_argument("--method", default="tvs", choices=METHODS)
+    p.add_argument("--method", default=P.method, choices=METHODS)
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     b = p.add_argument_group("budget")
-    b.add_argument("--target-params", type=float, help="fraction of parameters to remove, e.g. 0.5")
+    b.add_argument("--target-params", type=float,
+                   help=f"fraction of parameters to remove, e.g. 0.5 (default {DEFAULT_TARGET_PARAMS} when no budget "
+                        "is given)")
     b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
     b.add_argument("--allocation", default=PruneOptions.allocation, choices=ALLOCATION_CHOICES,
@@ -273,15 +386,18 @@ def _register_prune(sub: Any) -> None:
                         "normalised score is low relative to what removing it saves), cost-rank (the same with "
                         "scores replaced by within-layer ranks: the saving decides how many, the criterion which), "
                         "alpha (the reference rule t_j <= alpha * mean(t)), global, uniform, ldiff")
-    b.add_argument("--cost-power", type=float, default=2.0, help="exponent of the saving in --allocation cost")
-    b.add_argument("--min-keep-frac", type=float, default=0.1, help="keep at least this fraction per layer")
-    b.add_argument("--min-keep", type=int, default=1, help="keep at least this many channels per layer")
-    b.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple (8/16/32)")
-    p.add_argument("--pair-reduce", default="min", choices=["min", "mean"], help="reduction over class pairs")
+    b.add_argument("--cost-power", type=float, default=P.cost_power, help="exponent of the saving in --allocation cost")
+    b.add_argument("--min-keep-frac", type=float, default=Guards.min_keep_frac,
+                   help="keep at least this fraction per layer")
+    b.add_argument("--min-keep", type=_count, default=Guards.min_keep, help="keep at least this many channels per layer")
+    b.add_argument("--round-to", type=_count, default=Guards.round_to,
+                   help="round kept widths up to a multiple (8/16/32)")
+    p.add_argument("--pair-reduce", default=P.pair_reduce, choices=["min", "mean"],
+                   help="reduction over class pairs")
     p.add_argument("--tvs-saliency", default=PruneOptions.tvs_saliency, choices=TVS_SALIENCY,
                    help="tvs/iter-tvs: none (default) ranks by the TV score alone; ls multiplies the per-layer normalised "
                         "TV score by the least-squares saliency (what removing the channel costs once compensated)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=P.seed)
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
     r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
                    help="rebuild removed channels from kept ones at every consumer: ls (default; ridge regression "
@@ -294,18 +410,15 @@ def _register_prune(sub: Any) -> None:
                    help="ridge strength of the least-squares fits, relative to the mean input variance")
     r.add_argument("--mean-compensation", action="store_true", help=argparse.SUPPRESS)  # old spelling
     r.add_argument("--calib-data", help="images for the repairs (default: the moments file's data)")
-    r.add_argument("--repair-samples-per-class", type=int, default=100)
+    r.add_argument("--repair-samples-per-class", type=_count, default=P.repair_samples_per_class)
     i = p.add_argument_group("iter-tvs / validation")
     i.add_argument("--val-data", help="held-out labelled images (accuracy before/after; required by iter-tvs)")
-    i.add_argument("--val-samples-per-class", type=int)
-    i.add_argument("--max-acc-drop", type=float, default=2.0, help="accuracy points iter-tvs may lose")
-    i.add_argument("--step", type=float, default=0.05, help="fraction removed per iter-tvs round")
-    add_hidden_preprocess_args(p)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--device", default="cpu", help="device for scoring")
-    p.set_defaults(func=cmd_prune, split="test", samples_per_class=None)
+    i.add_argument("--val-samples-per-class", type=_count)
+    i.add_argument("--max-acc-drop", type=float, default=P.max_acc_drop, help="accuracy points iter-tvs may lose")
+    i.add_argument("--step", type=float, default=P.step, help="fraction removed per iter-tvs round")
+    add_preprocess_args(p, "--calib-data and --val-data")
+    p.add_argument("--device", default=P.device, help="device for scoring")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model, redoing its repairs")
     add_model_args(p)
@@ -314,9 +427,8 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--calib-data", help="images for the plan's repairs (default: the folder recorded in the plan)")
     p.add_argument("--structure-only", action="store_true", help="remove the channels, skip the repairs")
     p.add_argument("--moments", help="moments file for the plan's compensation (default: the one recorded in the plan)")
-    add_hidden_preprocess_args(p)
-    p.set_defaults(func=cmd_replay, split="test", samples_per_class=None, seed=0, batch_size=128, workers=0,
-                   skip_bad=False)
+    add_preprocess_args(p, "--calib-data")
+    p.set_defaults(func=cmd_replay, seed=0)
 
 
 _EXTRA_COMMANDS.append(_register_prune)
@@ -370,7 +482,12 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     rep = quantize_int8(args.model, batches, args.out, args.method, per_channel=not args.per_tensor)
     if args.eval_data:
         esrc = _onnx_data(args, args.eval_data, meta).open()
-        rep["evaluation"] = compare_int8(args.model, args.out, esrc, args.eval_samples)
+        rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)
+        if e["latency_ratio_int8_over_fp32"] > 1.0:
+            rep.setdefault("warnings", []).append(
+                f"INT8 is slower than FP32 on this CPU ({e['latency_ratio_int8_over_fp32']:.2f}x the latency at batch "
+                f"{e['latency_batch']}): ONNX Runtime has no fast INT8 kernels for some layers (e.g. depthwise); "
+                "deploy FP32 here, or measure INT8 on the target (TensorRT)")
     write_report(args.out, rep)
     print(f"wrote {args.out} (QDQ, {rep['calibration_method']}, {rep['calibration_images']} calibration images, "
           f"{rep['size_bytes'] / 1e6:.2f} MB)")
@@ -379,6 +496,8 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
         print(f"top-1 FP32 {e['fp32_top1'] * 100:.2f} % -> INT8 {e['int8_top1'] * 100:.2f} % "
               f"({e['change_points']:+.2f} points) on {e['samples']} images; CPU latency INT8/FP32 at batch "
               f"{e['latency_batch']}: {e['latency_ratio_int8_over_fp32']:.2f}")
+    for w in rep.get("warnings", []):
+        print(f"WARNING: {w}")
     return 0
 
 
@@ -429,6 +548,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _register_export(sub: Any) -> None:
+    from .exporters import defaults as ED
     from .exporters.int8 import METHODS as INT8_METHODS
     from .exporters.tensorrt import PRECISIONS
 
@@ -443,9 +563,11 @@ def _register_export(sub: Any) -> None:
     p.add_argument("--input-shape", type=_ints, help="C,H,W (default: the model's, or the data's)")
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="auto: torch.export-based, TorchScript when that fails")
-    p.add_argument("--parity-samples", type=int, default=512)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max logit difference over max(1, largest |logit|): absolute for logits within "
-                   "+-1, relative beyond (default 1e-4)")
+    p.add_argument("--parity-samples", type=_count, default=ED.PARITY_SAMPLES,
+                   help=f"images from --data compared on ONNX Runtime (default {ED.PARITY_SAMPLES})")
+    p.add_argument("--tolerance", type=float, default=ED.TOLERANCE,
+                   help="max logit difference over max(1, largest |logit|): absolute for logits within "
+                        f"+-1, relative beyond (default {ED.TOLERANCE:g})")
     p.add_argument("--strict", action="store_true", help="exit 3 when parity is outside tolerance")
     add_data_args(p, required=False)
     p.set_defaults(func=cmd_export_onnx)
@@ -454,22 +576,22 @@ def _register_export(sub: Any) -> None:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--calib-data", required=True)
-    p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--method", default="minmax", choices=INT8_METHODS)
+    p.add_argument("--calib-samples", type=_count, default=ED.INT8_SAMPLES)
+    p.add_argument("--method", default=ED.INT8_METHOD, choices=INT8_METHODS)
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     p.add_argument("--eval-data", help="labelled images: FP32 vs INT8 accuracy and CPU latency")
-    p.add_argument("--eval-samples", type=int, help="limit evaluation images (default all)")
-    add_data_args(p, required=False, flag="--data-unused")
-    p.set_defaults(func=cmd_export_int8)
+    p.add_argument("--eval-samples", type=_count, help="limit evaluation images (default all)")
+    add_preprocess_args(p, "--calib-data and --eval-data")
+    p.set_defaults(func=cmd_export_int8, seed=0)
 
     p = esub.add_parser("trt", help="TensorRT engine (needs TensorRT and an NVIDIA GPU; see the Dockerfile)")
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--precision", default="fp16", choices=PRECISIONS)
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=8)
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--workspace", type=int, help="workspace limit in MiB")
+    p.add_argument("--min-batch", type=_count, default=ED.MIN_BATCH)
+    p.add_argument("--opt-batch", type=_count, default=ED.OPT_BATCH)
+    p.add_argument("--max-batch", type=_count, default=ED.MAX_BATCH)
+    p.add_argument("--workspace", type=_count, help="workspace limit in MiB")
     p.add_argument("--timing-cache", help="timing cache file, read and updated (kept across builds)")
     p.add_argument("--opt-level", type=int, help="builder optimization level 0-5")
     p.add_argument("--strongly-typed", action="store_true", help="TensorRT 10: build a strongly typed network")
@@ -482,16 +604,23 @@ def _register_export(sub: Any) -> None:
 _EXTRA_COMMANDS.append(_register_export)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench_options(args: argparse.Namespace):
+    """The BenchOptions that ``tvsprune bench`` flags describe (defaults: BenchOptions' own)."""
     from .bench.latency import LatencyConfig
-    from .bench.report import summary_rows
-    from .bench.stage import BenchOptions, bench
-    from .console import print_table
+    from .bench.stage import BenchOptions
 
-    opts = BenchOptions(backends=args.backend.split(",") if args.backend else None, batch_sizes=args.batch_sizes,
+    return BenchOptions(backends=args.backend.split(",") if args.backend else None, batch_sizes=args.batch_sizes,
                         latency=LatencyConfig(rounds=args.rounds, iters=args.iters),
                         eval_samples=args.eval_samples, trt_precision=args.trt_precision, threads=args.threads,
                         input_shape=args.input_shape)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.report import summary_rows
+    from .bench.stage import bench
+    from .console import print_table
+
+    opts = bench_options(args)
     data = data_options(args) if args.data else None
     report = bench([args.base, *args.pruned], args.out, data, args.weights, opts,
                    progress=lambda s: print(f"... {s}", file=sys.stderr))
@@ -503,6 +632,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _register_bench(sub: Any) -> None:
+    from .bench.stage import BenchOptions
+
+    B = BenchOptions()
     p = sub.add_parser("bench", help="latency, memory and accuracy of base vs pruned models on every backend")
     p.add_argument("base", metavar="BASE", help="the unpruned model (zoo name / spec / .onnx)")
     p.add_argument("pruned", nargs="*", metavar="PRUNED", help="pruned artifact directories or .onnx files")
@@ -510,12 +642,12 @@ def _register_bench(sub: Any) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--backend", help="comma-separated: " + ", ".join(__import__("tvsprune.bench.runners",
                    fromlist=["REGISTRY"]).REGISTRY) + " (default: every backend present)")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
-    p.add_argument("--rounds", type=int, default=5, help="A/B interleaved rounds")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per model per round")
-    p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
-    p.add_argument("--eval-samples", type=int, default=2000, help="images for accuracy (stratified)")
-    p.add_argument("--trt-precision", default="fp16", choices=["fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--batch-sizes", type=_ints, default=B.batch_sizes)
+    p.add_argument("--rounds", type=_count, default=B.latency.rounds, help="A/B interleaved rounds")
+    p.add_argument("--iters", type=_count, default=B.latency.iters, help="timed iterations per model per round")
+    p.add_argument("--threads", type=_count, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--eval-samples", type=_count, default=B.eval_samples, help="images for accuracy (stratified)")
+    p.add_argument("--trt-precision", default=B.trt_precision, choices=["fp32", "fp16", "bf16", "int8"],
                    help="precision of the engines built for the tensorrt backend; fp16 also turns on fp16 in "
                         "ONNX Runtime's TensorRT provider (ort-trt), whose engines are cached under OUT/models")
     p.add_argument("--input-shape", type=_ints, help="C,H,W when neither the models nor --data tell it")

@@ -19,6 +19,37 @@ def progress_bar(desc: str, unit: str = "img", total: int | None = None) -> Iter
         bar.close()
 
 
+_status: Any = None
+
+
+@contextmanager
+def activity(title: str) -> Iterator[None]:
+    """A spinner on stderr naming the current step of a long command (only on a terminal;
+    pipes, CI logs and -q get nothing). Library code reports steps with :func:`step`."""
+    global _status
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(title) as st:
+        _status = (st, title)
+        try:
+            yield
+        finally:
+            _status = None
+
+
+def step(text: str) -> None:
+    """Name the step a long operation is in: on the spinner when one is shown, and in the log (-v)."""
+    import logging
+
+    logging.getLogger("tvsprune.progress").info(text)
+    if _status is not None:
+        st, title = _status
+        st.update(f"{title}: {text}")
+
+
 def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, floatfmt: str = "{:.4g}") -> None:
     """Render dict rows as a table on stdout."""
     from rich.console import Console

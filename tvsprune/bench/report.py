@@ -47,6 +47,27 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def provenance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per model: where it came from (spec) and, for a pruned one, how it was pruned."""
+    rows = []
+    for m in report["models"]:
+        row = {"model": m["label"], "source": m["spec"]}
+        p = m.get("prune")
+        if p:
+            b = p.get("budget") or {}
+            r = p.get("repairs") or {}
+            row["method"] = str(p.get("method"))
+            row["budget"] = (f"{b['target']:g} of {b['metric']}" if b.get("target") is not None
+                             else f"threshold {b.get('threshold')}") if b else "-"
+            row["allocation"] = str(p.get("allocation") or "-")
+            row["repairs"] = ", ".join(filter(None, [f"compensation {r.get('compensation', 'none')}",
+                                                     "BatchNorm re-estimated" if r.get("bn_recalibrate") else None]))
+            row["removed"] = (f"{p['params']['removed_frac'] * 100:.1f} % params, "
+                              f"{p['macs']['removed_frac'] * 100:.1f} % MACs") if p.get("params") else "-"
+        rows.append(row)
+    return rows
+
+
 def _md_table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return ""
@@ -164,7 +185,9 @@ def _details(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
     for backend, per in report.get("memory", {}).items():
         for label, m in per.items():
             mem_rows.append({"backend": backend, "model": label,
-                             "peak RSS MB": _fmt((m.get("peak_rss_bytes") or 0) / 1e6, 1),
+                             "model RSS MB": _fmt(m["model_rss_bytes"] / 1e6, 1)
+                             if m.get("model_rss_bytes") is not None else "-",
+                             "process peak RSS MB": _fmt((m.get("peak_rss_bytes") or 0) / 1e6, 1),
                              "GPU peak alloc MB": _fmt((m.get("gpu_peak_allocated_bytes") or 0) / 1e6, 1)
                              if m.get("gpu_peak_allocated_bytes") else "-",
                              "GPU mem delta MB": _fmt(m["gpu_memory_delta_bytes"] / 1e6, 1)
@@ -203,9 +226,15 @@ def render(report: dict[str, Any], out: str | Path) -> None:
     head = (f"tvsprune {report['tvsprune_version']} on {mach.get('cpu', '?')} ({mach.get('cpu_count')} cores, "
             f"{report['flags']['threads']} threads), GPU: {gpu}; created {report['created']}")
     summary = summary_rows(report)
+    provenance = provenance_rows(report)
+    warnings = report.get("warnings") or []
     note = ("Speedups are medians of per-round ratios (base / model) from A/B-interleaved rounds, "
             "with their min-max in brackets; compare them with the MACs ratio.")
-    md = [f"# tvsprune benchmark report", "", head, "", "## Summary", "", _md_table(summary), "", note, ""]
+    md = ["# tvsprune benchmark report", "", head, "", "## What was measured", "", _md_table(provenance), "",
+          f"Accuracy data: {report.get('data') or 'none given'}", ""]
+    if warnings:
+        md += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    md += ["## Summary", "", _md_table(summary), "", note, ""]
     for name in plots:
         md += [f"![{name}](plots/{name}.png)", ""]
     for title, rows in _details(report):
@@ -214,13 +243,17 @@ def render(report: dict[str, Any], out: str | Path) -> None:
     imgs = "".join(f'<figure><img alt="{n}" data-plot="{n}" src="data:image/png;base64,'
                    f'{base64.b64encode(p).decode()}"><figcaption>{n}</figcaption></figure>' for n, p in plots.items())
     details = "".join(f"<h2>{html.escape(t)}</h2>{_html_table(r) or '<p>(none)</p>'}" for t, r in _details(report))
+    warn_html = ("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+                 + "</ul>") if warnings else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tvsprune report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}}th{{background:#f3f3f3}}
 figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head><body>
-<h1>tvsprune benchmark report</h1><p>{html.escape(head)}</p><h2>Summary</h2>{_html_table(summary)}<p>{html.escape(note)}</p>
+<h1>tvsprune benchmark report</h1><p>{html.escape(head)}</p>
+<h2>What was measured</h2>{_html_table(provenance)}<p>Accuracy data: {html.escape(str(report.get('data') or 'none given'))}</p>
+{warn_html}<h2>Summary</h2>{_html_table(summary)}<p>{html.escape(note)}</p>
 {imgs}{details}
-<pre id="render-check"></pre>
+<pre id="render-check" hidden></pre>
 <script>window.addEventListener('load',function(){{var r=[];document.querySelectorAll('img[data-plot]').forEach(function(i){{
 r.push({{plot:i.dataset.plot,width:i.naturalWidth,height:i.naturalHeight}});}});
 document.getElementById('render-check').textContent=JSON.stringify(r);}});</script>

@@ -193,7 +193,7 @@ class OrtRunner(Runner):
         self.device = "cpu" if backend == "ort-cpu" else "cuda"
 
     def _activate(self) -> None:
-        import onnxruntime as ort
+        from ..exporters.onnx_export import ort_session
 
         want = self.PROVIDERS[self.name]
         opts: dict[str, Any] = {}
@@ -201,14 +201,10 @@ class OrtRunner(Runner):
             opts = {"trt_fp16_enable": self.fp16, "trt_engine_cache_enable": bool(self.engine_cache)}
             if self.engine_cache:
                 opts["trt_engine_cache_path"] = self.engine_cache
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
         providers = [want] if want == "CPUExecutionProvider" else [want, "CPUExecutionProvider"]
         options = [opts] + ([{}] if len(providers) > 1 else [])
         before = _gpu_free_bytes() if self.device == "cuda" else None
-        self.sess = ort.InferenceSession(str(self.artifact), so, providers=providers, provider_options=options)
+        self.sess = ort_session(self.artifact, providers, options, self.threads)
         loaded = self.sess.get_providers()
         self.info["providers_loaded"] = loaded
         if want not in loaded:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..artifacts import versions, write_json
+from ..artifacts import removed_on_failure, versions, write_json
 from ..calibration.stage import DataOptions
 from ..data import take_images
 from ..errors import MissingDependencyError, TvsError
@@ -85,10 +85,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _load_entries(specs: list[str], weights: str | None, onnx_paths: dict[int, Path] | None = None,
-                  model_kwargs: dict[str, Any] | None = None) -> list[Entry]:
+def _load_entries(specs: list[str | LoadedModel], weights: str | None, onnx_paths: dict[int, Path] | None = None,
+                  model_kwargs: dict[str, Any] | None = None,
+                  prune_reports: dict[int, dict[str, Any]] | None = None) -> list[Entry]:
     entries, used = [], set()
     for i, spec in enumerate(specs):
+        if isinstance(spec, LoadedModel):  # a module held in memory (Python API)
+            name = "base" if i == 0 else f"pruned{i}"
+            e = Entry(_label_for(name, i, used), spec.spec.spec, loaded=spec,
+                      prune_report=(prune_reports or {}).get(i))
+            entries.append(e)
+            continue
         e = Entry(_label_for(spec, i, used), spec)
         if spec.endswith(".onnx"):
             e.onnx = Path(spec)
@@ -208,15 +215,52 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions)
     return out
 
 
-def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None, weights: str | None = None,
-          opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None,
-          onnx_paths: dict[int, Path] | None = None, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure every model on every backend present; write report.json, report.md, report.html."""
-    opts = opts or BenchOptions()
+def bench(specs: list[str | LoadedModel], out_dir: str | Path, data: DataOptions | None = None,
+          weights: str | None = None, opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None,
+          onnx_paths: dict[int, Path] | None = None, model_kwargs: dict[str, Any] | None = None,
+          prune_reports: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Measure every model on every backend present; write report.json, report.md, report.html.
+
+    ``specs``: the base model first; each a spec string, an .onnx path or a LoadedModel."""
+    with removed_on_failure(out_dir):  # a failed bench leaves no exported models or half a report
+        return _bench(specs, Path(out_dir), data, weights, opts or BenchOptions(), progress, onnx_paths,
+                      model_kwargs, prune_reports)
+
+
+def report_warnings(report: dict[str, Any]) -> list[str]:
+    """What a reader must not miss: unstable timings, and a model slower than the base (all ratios
+    are base / model, so below 1 is slower) at a batch size on a backend."""
+    out: list[str] = []
+    base = report["models"][0]["label"]
+    for backend, per_batch in report.get("latency", {}).items():
+        for bs in sorted(per_batch, key=int):
+            lat = per_batch[bs]
+            out += [f"{backend}, batch {bs}: {w}" for w in lat.get("warnings", [])]
+            stats = lat.get("stats", {})
+            for label, sp in lat.get(f"speedup_vs_{base}", {}).items():
+                p50, base_p50 = stats.get(label, {}).get("p50_ms"), stats.get(base, {}).get("p50_ms")
+                slower_p50 = p50 is not None and base_p50 is not None and p50 > base_p50
+                if label != base and (sp["speedup_median"] < 1.0 or slower_p50):
+                    out.append(f"{backend}, batch {bs}: {label} is slower than {base} (speedup "
+                               f"{sp['speedup_median']:.2f} [{sp['speedup_min']:.2f}-{sp['speedup_max']:.2f}], "
+                               f"p50 {p50:.3g} vs {base_p50:.3g} ms)" if slower_p50 else
+                               f"{backend}, batch {bs}: {label} is slower than {base} (speedup "
+                               f"{sp['speedup_median']:.2f} [{sp['speedup_min']:.2f}-{sp['speedup_max']:.2f}])")
+            for label, st in stats.items():  # an INT8 model against its own FP32 version
+                fp32 = stats.get(label.removesuffix(".int8")) if label.endswith(".int8") else None
+                if fp32 and st["p50_ms"] > fp32["p50_ms"]:
+                    out.append(f"{backend}, batch {bs}: {label} is slower than its FP32 model ({st['p50_ms']:.3g} vs "
+                               f"{fp32['p50_ms']:.3g} ms at p50): this backend lacks fast INT8 kernels for some "
+                               "layers; measure INT8 on the target (TensorRT)")
+    return out
+
+
+def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, weights: str | None,
+           opts: BenchOptions, progress: Callable[[str], None] | None, onnx_paths: dict[int, Path] | None,
+           model_kwargs: dict[str, Any] | None, prune_reports: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
     progress = progress or (lambda s: log.info(s))
     if not specs:
         raise TvsError("bench needs at least one model")
-    out = Path(out_dir)
     t0 = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -234,7 +278,7 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
     if missing:  # only a backend asked for by name can be missing: an error, not a silent skip
         raise MissingDependencyError("; ".join(f"backend {b} is not available: {avail[b]}" for b in missing))
     kinds = {REGISTRY[b][0] for b in run}
-    entries = _load_entries(specs, weights, onnx_paths, model_kwargs)
+    entries = _load_entries(specs, weights, onnx_paths, model_kwargs, prune_reports)
     shape = _input_shape(entries, data, opts.input_shape)
     _prepare(entries, shape, out, "onnx" in kinds, "engine" in kinds, opts.trt_precision, progress)
     report: dict[str, Any] = {"tvsprune_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -252,7 +296,7 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
             m["params"], m["macs"] = count_params_macs(e.loaded.module, shape)
         if e.prune_report:
             m["prune"] = {k: e.prune_report.get(k) for k in ("method", "params", "macs", "layers", "accuracy",
-                                                               "per_class", "repairs", "allocation")}
+                                                               "per_class", "repairs", "allocation", "budget")}
         report["models"].append(m)
     rng = np.random.default_rng(opts.seed)
     for b in run:
@@ -270,7 +314,11 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
                     r.activate()
                     r.infer(rng.standard_normal((max(opts.batch_sizes), *shape)).astype(np.float32))
                 runners[e.label] = r
-                report["memory"].setdefault(b, {})[e.label] = {"peak_rss_bytes": mem["peak"],
+                # the process holds every model: its own memory is what the peak rose by while it
+                # loaded and ran one batch (the process-wide peak is kept for reference)
+                grown = max(0, mem["peak"] - mem["before"]) if mem["peak"] and mem["before"] else None
+                report["memory"].setdefault(b, {})[e.label] = {"model_rss_bytes": grown,
+                                                               "peak_rss_bytes": mem["peak"],
                                                                "rss_before_bytes": mem["before"],
                                                                "method": mem.get("method"), **r.info}
             for bs in opts.batch_sizes:
@@ -287,6 +335,10 @@ def bench(specs: list[str], out_dir: str | Path, data: DataOptions | None = None
     if data is not None and entries[0].loaded is not None:
         progress("accuracy and functional similarity")
         report["accuracy"] = _accuracy_block(entries, data, opts)
+    report["data"] = data.path if data is not None else None
+    report["warnings"] = report_warnings(report)
+    for w in report["warnings"]:
+        log.warning(w)
     report["elapsed_s"] = round(time.perf_counter() - t0, 1)
     from .report import render
 

@@ -33,7 +33,7 @@ class DataOptions:
     split: str = "test"
     samples_per_class: int | None = None
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 128
     workers: int = 0
     skip_bad: bool = False
 

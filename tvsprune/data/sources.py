@@ -126,8 +126,31 @@ class ImageFolderSource(Source):
         return self.preprocess(x)
 
 
+def array_layout(name: str, x: np.ndarray) -> str:
+    """NHWC or NCHW, read from the shape (a channel axis of 1, 3 or 4 at one end only); when both
+    ends could be channels (e.g. 3x3 images), the dtype decides as torchvision's conventions do:
+    uint8 is NHWC, float is NCHW. Values: uint8 in 0..255, float in 0..1."""
+    first, last = x.shape[1] in (1, 3, 4), x.shape[-1] in (1, 3, 4)
+    if first and not last:
+        layout = "NCHW"
+    elif last and not first:
+        layout = "NHWC"
+    elif first and last:
+        layout = "NHWC" if x.dtype == np.uint8 else "NCHW"
+    else:
+        raise TvsError(f"{name}: cannot tell the channel axis of x with shape {list(x.shape)} "
+                       "(expected N,H,W,C or N,C,H,W with 1, 3 or 4 channels)")
+    if x.dtype != np.uint8 and x.size:
+        head = np.asarray(x[:256], dtype=np.float64)
+        lo, hi = float(head.min()), float(head.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -0.01 or hi > 1.01:
+            raise TvsError(f"{name}: float images must hold unnormalised values in 0..1 (found {lo:g}..{hi:g}); "
+                           "store uint8 0..255 or values/255 (tvsprune applies --mean/--std itself)")
+    return layout
+
+
 class ArraySource(Source):
-    """In-memory arrays: ``x`` as (N, H, W, C) uint8 or (N, C, H, W) float, ``y`` labels."""
+    """In-memory arrays: ``x`` as (N, H, W, C) or (N, C, H, W), uint8 0..255 or float 0..1; ``y`` labels."""
 
     def __init__(self, name: str, x: np.ndarray, y: np.ndarray, classes: list[str] | None,
                  preprocess: Preprocess) -> None:
@@ -138,7 +161,8 @@ class ArraySource(Source):
             raise TvsError(f"{name}: x has {len(x)} samples but y has {len(y)}")
         if len(x) == 0:
             raise TvsError(f"{name}: holds no samples")
-        self.channels_last = x.dtype == np.uint8
+        self.channels_last = array_layout(name, x) == "NHWC"
+        self.scale = 255.0 if x.dtype == np.uint8 else 1.0
         self.x = x
         self.labels = np.asarray(y, dtype=np.int64).reshape(-1)
         if self.labels.min() < 0:
@@ -151,11 +175,11 @@ class ArraySource(Source):
         self.empty_classes = [c for k, c in enumerate(self.classes) if k not in present]
 
     def load(self, i: int) -> torch.Tensor:
-        a = self.x[i]
+        x = torch.from_numpy(np.asarray(self.x[i], dtype=np.float32).copy())
         if self.channels_last:
-            x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
-        else:
-            x = torch.from_numpy(np.asarray(a, dtype=np.float32).copy())
+            x = x.permute(2, 0, 1).contiguous()
+        if self.scale != 1.0:
+            x.div_(self.scale)
         return self.preprocess(x)
 
 

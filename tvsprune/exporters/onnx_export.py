@@ -14,6 +14,8 @@ import torch
 
 from .. import __version__
 from ..artifacts import atomic_path, sha256_file, sha256_json, write_json
+from .defaults import TOLERANCE
+from ..console import step
 from ..errors import TvsError
 from ..models import LoadedModel
 
@@ -111,16 +113,27 @@ def clean_graph(model_proto):
     return onnx.shape_inference.infer_shapes(cleaned)
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, provider_options: list[dict] | None = None):
+def ort_session(path: str | Path, providers: list[str] | None = None, provider_options: list[dict] | None = None,
+                threads: int | None = None):
+    """An ONNX Runtime session (CPU unless ``providers`` say otherwise); a file ONNX Runtime cannot
+    parse or load is a one-line TvsError naming it."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
-                                provider_options=provider_options)
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
+                                    provider_options=provider_options)
+    except Exception as e:
+        if type(e).__name__ in ("InvalidProtobuf", "NoSuchFile", "InvalidGraph", "InvalidArgument", "Fail"):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TvsError(f"{path} is not an ONNX model ONNX Runtime can load: {first}") from None
+        raise
 
 
-def parity_check(model: torch.nn.Module, onnx_path: str | Path, inputs: torch.Tensor, tolerance: float = 1e-4,
+def parity_check(model: torch.nn.Module, onnx_path: str | Path, inputs: torch.Tensor, tolerance: float = TOLERANCE,
                  batch_sizes: tuple[int, ...] = (1, 7, 64)) -> ParityResult:
     """Compare PyTorch and ONNX Runtime (CPU) logits on ``inputs``, at several batch sizes."""
     sess = ort_session(onnx_path)
@@ -168,7 +181,7 @@ MIN_OPSET = 11  # the oldest opset whose Conv/Gemm/Resize semantics the parity c
 
 def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, batch: str | int = "dynamic",
                 input_shape: list[int] | None = None, parity_inputs: torch.Tensor | None = None,
-                tolerance: float = 1e-4, exporter: str = "auto") -> dict[str, Any]:
+                tolerance: float = TOLERANCE, exporter: str = "auto") -> dict[str, Any]:
     """Write ``out`` (ONNX) and ``out``'s ``export.json`` sidecar; returns the sidecar's content."""
     import onnx
 
@@ -234,10 +247,12 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
                               "parameters": params, "macs": macs, "metadata": meta}
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
+        step("checking the ONNX model")
         onnx.checker.check_model(str(tmp), full_check=True)
         report["checker"] = "passed (full_check)"
         inputs = parity_inputs if parity_inputs is not None else torch.randn(64, *shape)
         sizes = (1, 7, 64) if dynamic else (n,)
+        step("parity on ONNX Runtime")
         parity = parity_check(model, tmp, inputs, tolerance, sizes)  # a shape mismatch raises: no file is kept
         report["parity"] = parity.to_dict() | {"inputs": "calibration images" if parity_inputs is not None else
                                                "random normal inputs"}

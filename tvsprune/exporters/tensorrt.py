@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_path, sha256_file, write_json
+from .defaults import MAX_BATCH, MIN_BATCH, OPT_BATCH
 from ..errors import MissingDependencyError, TvsError
 from .probe import INSTALL_TRT, require_tensorrt
 
@@ -54,8 +55,8 @@ def convert_low_precision(onnx_path: Path, precision: str, out: Path) -> Path:
     return out
 
 
-def build_engine(onnx_path: str | Path, out: str | Path, precision: str = "fp16", min_batch: int = 1,
-                 opt_batch: int = 8, max_batch: int = 64, workspace_mib: int | None = None,
+def build_engine(onnx_path: str | Path, out: str | Path, precision: str = "fp16", min_batch: int = MIN_BATCH,
+                 opt_batch: int = OPT_BATCH, max_batch: int = MAX_BATCH, workspace_mib: int | None = None,
                  timing_cache: str | Path | None = None, opt_level: int | None = None,
                  strongly_typed: bool = False) -> dict[str, Any]:
     """Build and serialize an engine; writes ``out`` and ``<out>.json``; returns the sidecar."""

@@ -79,6 +79,16 @@ def parse_kwargs(items: list[str] | str | None) -> dict[str, Any]:
     return out
 
 
+def user_file(spec: str) -> tuple[Path, str] | None:
+    """(file, attribute) when ``spec`` names a model in a user's .py file, else None."""
+    if ":" not in spec or spec.startswith(("torchvision:", "timm:")):
+        return None
+    target, attr = spec.rsplit(":", 1)
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        return Path(target), attr
+    return None
+
+
 def _load_user_file(path: Path) -> Any:
     if not path.is_file():
         raise TvsError(f"model file not found: {path}")
@@ -147,6 +157,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     Returns the state_dict and the other top-level entries (e.g. ``normalize``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise TvsError(f"checkpoint {path} is a directory, not a weights file")
     if not path.is_file():
         raise TvsError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

@@ -11,11 +11,20 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
+from ..bench.stage import BenchOptions
+from ..calibration.stage import DEFAULT_RESOLUTION, DataOptions
 from ..errors import TvsError
-from ..calibration.stage import DEFAULT_RESOLUTION
+from ..exporters import defaults as export_defaults
+from ..pruning.plan import Guards
 from ..pruning.stage import DEFAULT_TARGET_PARAMS, PruneOptions
+
+# Every default below is read from the library's own options (DataOptions, PruneOptions,
+# Guards, BenchOptions, exporters.defaults): the CLI reads the same ones, and
+# tests/test_defaults.py checks that the three agree.
+_BENCH = BenchOptions()
 
 
 class Strict(BaseModel):
@@ -40,16 +49,16 @@ class ModelSection(Strict):
 class DataSection(Strict):
     calibration: str
     evaluation: str | None = None
-    samples_per_class: int | None = 200
-    eval_samples: int | None = None
-    split: Literal["train", "test"] = "test"
-    resize: int | None = None
-    crop: int | None = None
+    samples_per_class: PositiveInt | None = DataOptions.samples_per_class
+    eval_samples: PositiveInt | None = None
+    split: Literal["train", "test"] = DataOptions.split
+    resize: PositiveInt | None = None
+    crop: PositiveInt | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    batch_size: int = 128
-    workers: int = 0
-    skip_bad: bool = False
+    batch_size: PositiveInt = DataOptions.batch_size
+    workers: NonNegativeInt = DataOptions.workers
+    skip_bad: bool = DataOptions.skip_bad
 
 
 class CalibrateSection(Strict):
@@ -75,25 +84,25 @@ class CalibrateSection(Strict):
 
 
 class PruneSection(Strict):
-    method: str = "tvs"
+    method: str = PruneOptions.method
     target_params: float | None = None  # DEFAULT_TARGET_PARAMS when no budget is given
     target_flops: float | None = None
     threshold: float | None = None
     allocation: str = PruneOptions.allocation
     cost_power: float = PruneOptions.cost_power
-    min_keep_frac: float = 0.1
-    min_keep: int = 1
-    round_to: int = 1
-    pair_reduce: Literal["min", "mean"] = "min"
+    min_keep_frac: float = Guards.min_keep_frac
+    min_keep: int = Guards.min_keep
+    round_to: int = Guards.round_to
+    pair_reduce: Literal["min", "mean"] = PruneOptions.pair_reduce
     tvs_saliency: Literal["none", "ls"] = PruneOptions.tvs_saliency
     compensation: Literal["none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
     bn_recalibrate: bool = PruneOptions.bn_recalibrate
     ridge: float = PruneOptions.ridge
     mean_compensation: bool = False  # old spelling of compensation = "mean"
-    repair_samples_per_class: int = 100
-    max_acc_drop: float = 2.0
-    step: float = 0.05
-    seed: int = 0
+    repair_samples_per_class: PositiveInt | None = PruneOptions.repair_samples_per_class
+    max_acc_drop: float = PruneOptions.max_acc_drop
+    step: float = PruneOptions.step
+    seed: int = PruneOptions.seed
 
     @field_validator("method")
     @classmethod
@@ -114,7 +123,7 @@ class PruneSection(Strict):
         given = [k for k in ("target_params", "target_flops", "threshold") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
-        if not given:
+        if not given:  # PruneOptions' default budget, shown in the resolved config
             self.__dict__["target_params"] = DEFAULT_TARGET_PARAMS  # bypasses validate_assignment recursion
         return self
 
@@ -122,13 +131,15 @@ class PruneSection(Strict):
 class ExportSection(Strict):
     onnx: bool = True
     opset: int | None = None
+    parity_samples: PositiveInt = export_defaults.PARITY_SAMPLES
+    tolerance: float = export_defaults.TOLERANCE
     int8: bool = False
-    int8_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    int8_samples: int = 512
+    int8_method: Literal["minmax", "entropy", "percentile"] = export_defaults.INT8_METHOD
+    int8_samples: PositiveInt = export_defaults.INT8_SAMPLES
     tensorrt: list[Literal["fp32", "fp16", "bf16", "int8"]] = []
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 64
+    min_batch: int = export_defaults.MIN_BATCH
+    opt_batch: int = export_defaults.OPT_BATCH
+    max_batch: int = export_defaults.MAX_BATCH
     workspace_mib: int | None = None
     opt_level: int | None = None
 
@@ -136,11 +147,12 @@ class ExportSection(Strict):
 class BenchSection(Strict):
     enabled: bool = True
     backends: list[str] = []
-    batch_sizes: list[int] = [1, 8, 32]
-    rounds: int = 5
-    iters: int = 10
-    eval_samples: int | None = 2000
-    threads: int | None = None
+    batch_sizes: list[int] = _BENCH.batch_sizes
+    rounds: PositiveInt = _BENCH.latency.rounds
+    iters: PositiveInt = _BENCH.latency.iters
+    eval_samples: PositiveInt | None = _BENCH.eval_samples
+    threads: PositiveInt | None = None
+    trt_precision: Literal["fp32", "fp16", "bf16", "int8"] = _BENCH.trt_precision
 
     @field_validator("backends")
     @classmethod

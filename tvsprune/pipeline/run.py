@@ -13,13 +13,18 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
-from ..artifacts import sha256_file, sha256_json, versions, write_json
+from ..artifacts import output_lock, sha256_file, sha256_json, versions, write_json
 from ..calibration.stage import DataOptions
+from ..console import step
 from ..errors import MissingDependencyError, TvsError
 from .config import RunConfig
+
+if TYPE_CHECKING:
+    from ..bench.stage import BenchOptions
+    from ..pruning.stage import PruneOptions
 
 log = logging.getLogger(__name__)
 STAGES = ("calibrate", "prune", "export", "bench")
@@ -46,6 +51,31 @@ def _data(cfg: RunConfig, path: str | None, per_class: int | None) -> DataOption
     return DataOptions(path=path or d.calibration, resize=d.resize, crop=d.crop, mean=d.mean, std=d.std,
                        split=d.split, samples_per_class=per_class, batch_size=d.batch_size, workers=d.workers,
                        skip_bad=d.skip_bad)
+
+
+def prune_options(cfg: RunConfig) -> PruneOptions:
+    """The PruneOptions that a config's [prune] section describes."""
+    from ..pruning import Guards, PruneOptions
+
+    p = cfg.prune
+    return PruneOptions(method=p.method, target_params=p.target_params, target_flops=p.target_flops,
+                        threshold=p.threshold, allocation=p.allocation, cost_power=p.cost_power,
+                        guards=Guards(p.min_keep_frac, p.min_keep, p.round_to), pair_reduce=p.pair_reduce,
+                        seed=p.seed, bn_recalibrate=p.bn_recalibrate, mean_compensation=p.mean_compensation,
+                        compensation=p.compensation, ridge=p.ridge, tvs_saliency=p.tvs_saliency,
+                        repair_samples_per_class=p.repair_samples_per_class, max_acc_drop=p.max_acc_drop,
+                        step=p.step)
+
+
+def bench_options(cfg: RunConfig) -> BenchOptions:
+    """The BenchOptions that a config's [bench] section describes."""
+    from ..bench.latency import LatencyConfig
+    from ..bench.stage import BenchOptions
+
+    b = cfg.bench
+    return BenchOptions(backends=b.backends or None, batch_sizes=b.batch_sizes,
+                        latency=LatencyConfig(rounds=b.rounds, iters=b.iters), eval_samples=b.eval_samples,
+                        threads=b.threads, trt_precision=b.trt_precision)
 
 
 class Pipeline:
@@ -102,16 +132,10 @@ class Pipeline:
 
     def stage_prune(self) -> list[Path]:
         from ..models import load_model
-        from ..pruning import Guards, PruneOptions, prune
+        from ..pruning import prune
 
-        c, p = self.cfg, self.cfg.prune
-        opts = PruneOptions(method=p.method, target_params=p.target_params, target_flops=p.target_flops,
-                            threshold=p.threshold, allocation=p.allocation, cost_power=p.cost_power,
-                            guards=Guards(p.min_keep_frac, p.min_keep, p.round_to), pair_reduce=p.pair_reduce,
-                            seed=p.seed, bn_recalibrate=p.bn_recalibrate, mean_compensation=p.mean_compensation,
-                            compensation=p.compensation, ridge=p.ridge, tvs_saliency=p.tvs_saliency,
-                            repair_samples_per_class=p.repair_samples_per_class, max_acc_drop=p.max_acc_drop,
-                            step=p.step)
+        c = self.cfg
+        opts = prune_options(c)
         model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
         val = _data(c, c.data.evaluation, None) if c.data.evaluation else None
         out = self.out / "pruned"
@@ -131,12 +155,12 @@ class Pipeline:
         base = load_model(c.model.spec, c.model.weights, c.model.kwargs)
         pruned = load_model(str(self.out / "pruned"))
         src = _data(c, c.data.evaluation or c.data.calibration, None).open(base)
-        parity, _ = take_images(src, 128)
+        parity, _ = take_images(src, e.parity_samples)
         shape = list(parity.shape[1:])
         for label, model in (("base", base), ("pruned", pruned)):
             if e.onnx or e.int8 or e.tensorrt:
                 f = exp / f"{label}.onnx"
-                export_onnx(model, f, e.opset, "dynamic", shape, parity)
+                export_onnx(model, f, e.opset, "dynamic", shape, parity, e.tolerance)
                 outs += [f, f.with_suffix(".export.json")]
         if e.int8:
             from ..exporters.int8 import quantize_int8, write_report
@@ -164,19 +188,19 @@ class Pipeline:
         return outs
 
     def stage_bench(self) -> list[Path]:
-        from ..bench.latency import LatencyConfig
-        from ..bench.stage import BenchOptions, bench
+        from ..bench.stage import bench
 
-        c, b = self.cfg, self.cfg.bench
-        opts = BenchOptions(backends=b.backends or None, batch_sizes=b.batch_sizes,
-                            latency=LatencyConfig(rounds=b.rounds, iters=b.iters), eval_samples=b.eval_samples,
-                            threads=b.threads)
+        c = self.cfg
+        opts = bench_options(c)
         exp = self.out / "export"
         onnx = {i: exp / f"{label}.onnx" for i, label in enumerate(("base", "pruned"))
                 if (exp / f"{label}.onnx").is_file()}
         data = _data(c, c.data.evaluation, None) if c.data.evaluation else None
-        report = bench([c.model.spec, str(self.out / "pruned")], self.out / "report", data, c.model.weights, opts,
-                       onnx_paths=onnx, model_kwargs=c.model.kwargs)
+        specs = [c.model.spec, str(self.out / "pruned")]
+        if (exp / "pruned.int8.onnx").is_file():  # the INT8 model is measured too (ONNX Runtime backends)
+            specs.append(str(exp / "pruned.int8.onnx"))
+        report = bench(specs, self.out / "report", data, c.model.weights, opts, onnx_paths=onnx,
+                       model_kwargs=c.model.kwargs)
         self.bench_report = report
         r = self.out / "report"
         return [r / "report.json", r / "report.md", r / "report.html"]
@@ -203,11 +227,18 @@ class Pipeline:
         return stages
 
     def run(self, force: set[str] | None = None) -> list[StageResult]:
+        """Run the stages that are stale (or forced), holding the output directory's lock."""
         force = set(force or ())
         unknown = force - set(STAGES)
         if unknown:
             raise TvsError(f"--force: unknown stage(s) {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
+        with output_lock(self.out, "dir"):
+            return self._run(force)
+
+    def _run(self, force: set[str]) -> list[StageResult]:
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.rglob(".*.tmp"):  # temporary files of a run killed mid-write (SIGKILL)
+            stale.unlink()
         self._load_manifest()
         results = []
         stale = False
@@ -222,6 +253,7 @@ class Pipeline:
             self.manifest["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self._save_manifest()
             _fault_point(stage)
+            step(stage)
             try:
                 outputs = getattr(self, f"stage_{stage}")()
             except Exception as err:

@@ -79,8 +79,14 @@ class Plan:
             if bad:
                 raise TvsError(f"{source}: group {g.get('root')!r} holds non-integer channel indices or width "
                                f"({bad[0]!r}): refusing to cast them")
-            if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= c:
-                raise TvsError(f"{source}: group {g['root']!r} keeps invalid channel indices for width {c}")
+            if not kept:
+                raise TvsError(f"{source}: group {g['root']!r} keeps no channel")
+            if len(set(kept)) != len(kept):
+                dup = next(k for k in kept if kept.count(k) > 1)
+                raise TvsError(f"{source}: group {g['root']!r} keeps channel {dup} twice (duplicate index)")
+            outside = [k for k in kept if not 0 <= k < c]
+            if outside:
+                raise TvsError(f"{source}: group {g['root']!r} keeps channel {outside[0]}, outside its width {c}")
             g["kept"] = sorted(kept)
         meta = {k: v for k, v in d.items() if k not in ("format", "groups")}
         return cls(groups, meta)
@@ -227,9 +233,9 @@ def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, metric: 
 
 
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
-              target: float | None = None, metric: str = "params", threshold: float | None = None,
-              allocation: str = "alpha", guards: Guards | None = None, meta: dict[str, Any] | None = None,
-              ldiffs: dict[str, float] | None = None, cost_power: float = 1.0, normalise: bool = True) -> Plan:
+              allocation: str, target: float | None = None, metric: str = "params", threshold: float | None = None,
+              guards: Guards | None = None, meta: dict[str, Any] | None = None,
+              ldiffs: dict[str, float] | None = None, cost_power: float | None = None, normalise: bool = True) -> Plan:
     """Decide the kept channels of every group.
 
     - ``target`` (fraction of ``metric`` = params or macs to remove): bisection on the
@@ -239,6 +245,10 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     ``normalise=False`` keeps scores as they are across layers (for criteria whose scale is
     already comparable between layers, such as the least-squares saliency).
     """
+    if cost_power is None:  # one default, PruneOptions' (no second definition here)
+        from .stage import PruneOptions
+
+        cost_power = PruneOptions.cost_power
     guards = guards or Guards()
     channels = [g.block_size for g in graph.groups]  # what the allocation counts: block-local channels
     base_params, base_macs = cost.cost()

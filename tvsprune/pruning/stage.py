@@ -17,10 +17,11 @@ from ..calibration.collector import collect_moments
 from ..calibration.moments import Moments
 from ..calibration.stage import DataOptions
 from ..data import BatchStream, open_source, stratified_indices
+from ..console import step
 from ..errors import TvsError
 from ..models import LoadedModel, load_model
 from ..models.probe import ModelProbe, probe_model
-from .artifact import WEIGHTS_FILE, save_pruned
+from .artifact import SOURCE_FILE, WEIGHTS_FILE, save_pruned
 from .graph import ChannelGraph, CostModel
 from .plan import ALLOCATIONS, Guards, Plan, make_plan
 from .compensation import COMPENSATIONS, DEFAULT_RIDGE, fold_from_moments, refit_sequential, removed_inputs
@@ -32,7 +33,7 @@ from .surgery import apply_plan
 log = logging.getLogger(__name__)
 METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA if c != "tvs")
 TVS_SALIENCY = ("ls", "none")
-DEFAULT_TARGET_PARAMS = 0.3  # the budget `run` and the Python API use when none is given
+DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
 ALLOCATION_CHOICES = ("auto",) + ALLOCATIONS
@@ -96,6 +97,8 @@ class PruneOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.target_params is None and self.target_flops is None and self.threshold is None:
+            self.target_params = DEFAULT_TARGET_PARAMS  # one default budget for the CLI, the API and run
         if self.tvs_saliency not in TVS_SALIENCY:
             raise TvsError(f"unknown tvs saliency {self.tvs_saliency!r} (one of {', '.join(TVS_SALIENCY)})")
         if self.mean_compensation:
@@ -219,6 +222,7 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
             fallback = consumer_input_means(ctx.loaded.module, list(removed_inputs(ctx.graph, plan)), stream, "cpu")
         fold = fold_from_moments(graph, plan, inputs, method, ctx.stat_modules, opts.ridge, fallback)
         report["compensation"] = fold.to_dict()
+    step("removing channels")
     apply_plan(model, plan, ctx.example, ctx.probe.logits_layer, graph=graph)
     repair = None  # ls-seq holds the repair images in memory; BatchNorm re-estimation reuses them
     if method == "ls-seq":
@@ -231,6 +235,7 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
         report["compensation"]["seconds"] = round(time.perf_counter() - t0, 3)
     if opts.bn_recalibrate:
         t0 = time.perf_counter()
+        step("re-estimating BatchNorm statistics")
         seen = recalibrate_batchnorm(model, repair or _batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
         report["bn_recalibrate"] = {"images": seen, "seconds": round(time.perf_counter() - t0, 3)}
     return model.eval()
@@ -363,6 +368,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     input_shape = (moments.meta.get("input_shape") if moments else None) or list(loaded.input_shape or [])
     if not input_shape:
         raise TvsError("the input shape is unknown: calibrate first, or use a zoo model")
+    step("tracing the channel dependency graph")
     ctx = Context.build(loaded, input_shape)
     calib = calib_options_from(moments, calib) if moments is not None else calib
     target, metric = opts.budget()
@@ -370,6 +376,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         raise TvsError("give a budget (--target-params F or --target-flops F) or --threshold ETA")
     layers = [l.name for l in ctx.probe.layers]
     criterion = "tvs" if opts.method == "iter-tvs" else opts.method
+    step("scoring filters")
     tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device) \
         if moments else {}
     if criterion == "tvs":
@@ -459,6 +466,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
             corr[c] = {n: spearman(tv[n], other[n]) for n in tv}
         report["spearman_tvs_vs"] = corr
     if val_batches is not None:
+        step("measuring accuracy")
         acc, per, _ = _accuracy(pruned, val_batches, n_classes)
         report["accuracy"] = {"before": base_acc, "after": acc, "drop_points": (base_acc - acc) * 100,
                               "samples": sum(len(y) for _, y in val_batches)}
@@ -470,11 +478,16 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     report["elapsed_s"] = round(time.perf_counter() - t_start, 2)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_pruned(out_dir / WEIGHTS_FILE, pruned, plan, loaded, input_shape, {"repairs": meta["repairs"]})
-    plan.save(out_dir / "plan.json")
-    report["artifacts"] = {"plan": str(out_dir / "plan.json"), "weights": str(out_dir / WEIGHTS_FILE),
-                           "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE)}
-    write_json(out_dir / "prune.json", report)
+    files = [out_dir / WEIGHTS_FILE, out_dir / "plan.json", out_dir / "prune.json", out_dir / SOURCE_FILE]
+    try:  # the three files are one artifact: a failure (disk full) leaves none of them
+        save_pruned(files[0], pruned, plan, loaded, input_shape, {"repairs": meta["repairs"]})
+        plan.save(files[1])
+        report["artifacts"] = {"plan": str(files[1]), "weights": str(files[0]), "weights_sha256": sha256_file(files[0])}
+        write_json(files[2], report)
+    except BaseException:
+        for f in files:
+            f.unlink(missing_ok=True)
+        raise
     return report, pruned, plan
 
 

@@ -1,0 +1,7 @@
+"""The export stage's defaults, in one place: the CLI, the Python API and `run` read them here."""
+
+PARITY_SAMPLES = 512      # images (or random inputs) compared between PyTorch and ONNX Runtime
+TOLERANCE = 1e-4          # max |logit difference| / max(1, largest |logit|)
+INT8_METHOD = "minmax"    # ONNX Runtime static calibration method
+INT8_SAMPLES = 512        # calibration images for INT8
+MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64  # TensorRT optimisation profile
