@@ -120,7 +120,7 @@ def loaded_model(args: argparse.Namespace):
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate
     from .calibration.stage import moments_table
-    from .console import print_table, progress_bar
+    from .console import print_table, progress_bar, short_list
     from .models.spec import is_pruned_artifact
 
     if not args.weights and not args.allow_random_weights and not is_pruned_artifact(args.model):
@@ -139,7 +139,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     counts = moments.meta["class_counts"]
     print(f"classes: {len(counts)}; samples per class min {min(counts)} max {max(counts)}"
           + (f"; skipped files: {moments.meta['skipped']}" if moments.meta.get("skipped") else "")
-          + (f"; EMPTY classes: {', '.join(moments.meta['empty_classes'])}" if moments.meta.get("empty_classes") else ""))
+          + (f"; EMPTY classes: {short_list(moments.meta['empty_classes'])}" if moments.meta.get("empty_classes") else ""))
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -22,6 +22,14 @@ def progress_bar(desc: str, unit: str = "img", total: int | None = None) -> Iter
 _status: Any = None
 
 
+def short_list(items: Sequence[Any], limit: int = 8) -> str:
+    """'a, b, c' or, past ``limit`` items, 'a, b, ..., h and 992 more' (a log line stays one line)."""
+    items = [str(i) for i in items]
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+
+
 @contextmanager
 def activity(title: str) -> Iterator[None]:
     """A spinner on stderr naming the current step of a long command (only on a terminal;

@@ -255,6 +255,9 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
     })
     empty = [c for c, n in zip(classes, out_meta["class_counts"]) if n == 0]
     if empty:
-        log.warning("classes with no calibration samples: %s", ", ".join(empty))
+        from ..console import short_list
+
+        log.warning("%d of %d classes have no calibration samples: %s (they are left out of the class pairs)",
+                    len(empty), len(classes), short_list(empty))
     out_meta["empty_classes"] = empty
     return Moments(result, out_meta, inputs)

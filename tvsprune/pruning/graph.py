@@ -89,11 +89,35 @@ def reshapes_guarded():
             unmapped.add(node)
             return None
 
+    original_slice = index_mapping.update_slice_index_mapping
+
+    def guarded_slice(graph, node):
+        # A slice along channels (GhostNet's cat(...)[:, :out]) couples what Torch-Pruning 1.6
+        # maps wrongly: measured on timm ghostnet_100, it pruned conv_stem to zero channels.
+        # Unless it keeps every channel, it is recorded like an unmapped reshape.
+        unmapped = graph.__dict__.setdefault("tvsprune_unmapped", set())
+        fn = node.grad_fn
+        size = getattr(fn, "_saved_self_sym_sizes", None) or getattr(fn, "_saved_self_sizes", None)
+        dim = getattr(fn, "_saved_dim", None)
+        if size is not None and dim is not None:
+            rank = len(size)
+            channel_dim = {4: 1, 3: 2, 2: 1}.get(rank)
+            if dim % max(rank, 1) == channel_dim:
+                start, end, step = getattr(fn, "_saved_start", 0) or 0, getattr(fn, "_saved_end", None), \
+                    getattr(fn, "_saved_step", 1) or 1
+                whole = int(size[channel_dim])
+                if not (start == 0 and step == 1 and (end is None or end >= whole)):
+                    unmapped.add(node)
+                    return None
+        return original_slice(graph, node)
+
     index_mapping.update_reshape_index_mapping = guarded
+    index_mapping.update_slice_index_mapping = guarded_slice
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_slice_index_mapping = original_slice
 
 
 def _dep_graph(model: nn.Module, example: torch.Tensor):
@@ -147,7 +171,8 @@ class ChannelGraph:
                 reshaped.append(self.names[root])
         self.rigid: dict[str, str] = dict(failed)
         self.rigid.update({r: "its channels pass through a reshape that reorders them (e.g. a channel "
-                                         "shuffle), which the dependency graph cannot map" for r in reshaped})
+                                         "shuffle) or a slice of the channels (e.g. GhostNet's cat-then-slice), "
+                                         "which the dependency graph cannot map" for r in reshaped})
         for g in self.groups:
             self._set_blocks(g)
 

@@ -17,7 +17,7 @@ from ..calibration.collector import collect_moments
 from ..calibration.moments import Moments
 from ..calibration.stage import DataOptions
 from ..data import BatchStream, open_source, stratified_indices
-from ..console import step
+from ..console import short_list, step
 from ..errors import TvsError
 from ..models import LoadedModel, load_model
 from ..models.probe import ModelProbe, probe_model
@@ -154,7 +154,7 @@ class Context:
         for root, reason in rigid.items():
             by_reason.setdefault(reason, []).append(root)
         for reason, roots in by_reason.items():
-            shown = ", ".join(roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
+            shown = short_list(roots, 3)
             log.warning("not pruning %s: %s (prune.json lists them)", shown, reason)
         shapes = {l.name: l.out_shape for l in probe.layers}
         return cls(loaded, example, probe, graph, CostModel(loaded.module, graph, shapes))
