@@ -273,7 +273,7 @@ def test_many_classes_chunked_min_equals_bruteforce():
     K, C, D = 60, 5, 2
     lm = LayerMoments(torch.full((K,), 5), torch.randn(K, C, D, generator=g, dtype=torch.float64),
                       torch.rand(K, C, D, generator=g, dtype=torch.float64) + 0.1)
-    from tvsprune.pruning import scores as sc
+    from tvsprune.pruning.criteria import tvs as sc
 
     got = hellinger_pairs(lm).numpy()
     var = lm.var
@@ -284,12 +284,12 @@ def test_many_classes_chunked_min_equals_bruteforce():
             lbc = (0.5 * torch.log(2 * var[a].sqrt() * var[b].sqrt() / s2) - (lm.mean[a] - lm.mean[b]) ** 2 / (4 * s2)).sum(-1)
             brute = np.minimum(brute, (1 - torch.exp(lbc)).numpy())
     np.testing.assert_allclose(got, brute, rtol=1e-10, atol=1e-14)
-    old = sc._pair_chunks
+    old = sc.pair_chunks
     try:  # force tiny chunks: same answer
-        sc._pair_chunks = lambda n, b, budget=0: old(n, b, budget_bytes=b * 7)
+        sc.pair_chunks = lambda n, b, budget=0: old(n, b, budget_bytes=b * 7)
         np.testing.assert_allclose(hellinger_pairs(lm).numpy(), got, rtol=0, atol=0)
     finally:
-        sc._pair_chunks = old
+        sc.pair_chunks = old
 
 
 def test_spearman():

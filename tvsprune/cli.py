@@ -121,7 +121,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate
     from .calibration.stage import moments_table
     from .console import print_table, progress_bar, short_list
-    from .models.spec import is_pruned_artifact
+    from .pruning.artifact import is_pruned_artifact
 
     if not args.weights and not args.allow_random_weights and not is_pruned_artifact(args.model):
         raise TvsError(f"no --weights given: {args.model} would be calibrated with its random initial weights; "

@@ -1,20 +1,17 @@
 """Model specs: turn a user's string into an ``nn.Module``, and load checkpoints safely.
 
-Spec forms
+Spec forms (one registered source each, :mod:`.sources`)
 ----------
 - ``resnet20``, ``vgg11_bn``, ...            the built-in CIFAR zoo
 - ``path/to/file.py:Name``                   a class or factory in the user's file
 - ``package.module:Name``                    a class or factory in an importable module
 - ``torchvision:resnet18`` / ``timm:resnet18`` when those packages import
 - a pruned artifact: a ``tvsprune prune`` output directory or its ``pruned.safetensors``
+  (registered by :mod:`tvsprune.pruning.artifact`)
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,8 @@ import torch.nn as nn
 
 from ..artifacts import sha256_file
 from ..errors import TvsError
-from .zoo import ZOO, ZOO_INPUT_SHAPE
+from .sources import SOURCES
+from .sources.code import user_file  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -79,74 +77,9 @@ def parse_kwargs(items: list[str] | str | None) -> dict[str, Any]:
     return out
 
 
-def user_file(spec: str) -> tuple[Path, str] | None:
-    """(file, attribute) when ``spec`` names a model in a user's .py file, else None."""
-    if ":" not in spec or spec.startswith(("torchvision:", "timm:")):
-        return None
-    target, attr = spec.rsplit(":", 1)
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        return Path(target), attr
-    return None
-
-
-def _load_user_file(path: Path) -> Any:
-    if not path.is_file():
-        raise TvsError(f"model file not found: {path}")
-    name = "tvsprune_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise TvsError(f"cannot import model file: {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # the user's code failed to import
-        del sys.modules[name]
-        raise TvsError(f"importing {path} failed: {type(e).__name__}: {e}") from None
-    return module
-
-
 def build_module(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build an untrained ``nn.Module`` from a spec string (see module docstring)."""
-    kwargs = dict(kwargs or {})
-    if spec in ZOO:
-        try:
-            return ZOO[spec](**kwargs)
-        except TypeError as e:
-            raise TvsError(f"zoo model {spec!r}: bad keyword arguments {kwargs}: {e}") from None
-    if spec.startswith(("torchvision:", "timm:")):
-        lib, name = spec.split(":", 1)
-        try:
-            mod = importlib.import_module("torchvision.models" if lib == "torchvision" else "timm")
-        except Exception as e:
-            raise TvsError(f"model {spec!r} needs the {lib} package, which does not import here ({e})") from None
-        if lib == "timm":
-            return mod.create_model(name, **kwargs)
-        return mod.get_model(name, **kwargs)
-    if ":" in spec:
-        target, attr = spec.rsplit(":", 1)
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            module = _load_user_file(Path(target))
-        else:
-            try:
-                module = importlib.import_module(target)
-            except ImportError as e:
-                raise TvsError(f"cannot import module {target!r} for model spec {spec!r}: {e}") from None
-        factory = getattr(module, attr, None)
-        if factory is None or not callable(factory):
-            raise TvsError(f"{target} has no class or function named {attr!r}")
-        try:
-            model = factory(**kwargs)
-        except Exception as e:
-            raise TvsError(f"building {spec} with {kwargs} failed: {type(e).__name__}: {e}") from None
-        if not isinstance(model, nn.Module):
-            raise TvsError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
-    known = ", ".join(sorted(ZOO))
-    raise TvsError(f"unknown model {spec!r}: use a zoo name ({known}), file.py:Name, module:Name, "
-                   "torchvision:NAME or timm:NAME")
+    """Build an untrained ``nn.Module`` from a spec string (see :mod:`.sources`)."""
+    return SOURCES.find(spec).build(spec, dict(kwargs or {}))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -210,23 +143,6 @@ def _normalize_from(extras: dict[str, Any]) -> dict[str, list[float]] | None:
     return None
 
 
-def _timm_config(module: nn.Module) -> tuple[tuple[int, ...] | None, dict[str, list[float]] | None]:
-    """Input size and normalisation from a timm model's pretrained config, when it has one."""
-    cfg = getattr(module, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    shape = tuple(int(v) for v in size) if isinstance(size, (list, tuple)) and len(size) == 3 else None
-    mean, std = cfg.get("mean"), cfg.get("std")
-    norm = ({"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-            if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) else None)
-    return shape, norm
-
-
-def is_pruned_artifact(spec: str) -> bool:
-    p = Path(spec)
-    return (p.is_dir() and (p / "pruned.safetensors").is_file()) or (
-        p.suffix == ".safetensors" and p.is_file())
-
-
 def load_model(spec: str | ModelSpec, weights: str | None = None,
                kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """Resolve a spec (zoo, user code, hub, or pruned artifact) and load its weights.
@@ -237,15 +153,13 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
         ms = spec
     else:
         ms = ModelSpec(spec=spec, kwargs=dict(kwargs or {}), weights=weights)
-    if is_pruned_artifact(ms.spec):
-        from ..pruning.artifact import load_pruned
-
-        return load_pruned(ms.spec)
-    module = build_module(ms.spec, ms.kwargs)
-    loaded = LoadedModel(module=module, spec=ms,
-                         input_shape=ZOO_INPUT_SHAPE if ms.spec in ZOO else None)
-    if ms.spec.startswith("timm:"):
-        loaded.input_shape, loaded.normalize = _timm_config(module)
+    source = SOURCES.find(ms.spec)
+    artifact = source.load(ms.spec)
+    if artifact is not None:
+        return artifact
+    module = source.build(ms.spec, dict(ms.kwargs))
+    loaded = LoadedModel(module=module, spec=ms)
+    source.describe(module, loaded)
     if ms.weights:
         sd, extras = read_checkpoint(ms.weights)
         bad = next((k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()

@@ -20,6 +20,7 @@ from ..errors import TvsError
 from ..exporters import defaults as export_defaults
 from ..pruning.plan import Guards
 from ..pruning.stage import DEFAULT_TARGET_PARAMS, PruneOptions
+from ..registry import unknown
 
 # Every default below is read from the library's own options (DataOptions, PruneOptions,
 # Guards, BenchOptions, exporters.defaults): the CLI reads the same ones, and
@@ -35,9 +36,7 @@ def one_of(value: str, valid: list[str] | tuple[str, ...], what: str) -> str:
     """``value`` if valid, else a ValueError naming the closest valid value."""
     if value in valid:
         return value
-    close = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.4)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown {what} {value!r} ({hint}valid: {', '.join(valid)})")
+    raise ValueError(unknown(what, value, tuple(valid)))
 
 
 class ModelSection(Strict):
@@ -209,9 +208,7 @@ def _explain(e: ValidationError) -> str:
             msgs.append(f"missing key '{dotted}'")
         elif err["type"] == "literal_error":
             valid = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
-            close = difflib.get_close_matches(str(err.get("input")), valid, n=1, cutoff=0.4)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            msgs.append(f"'{dotted}': unknown value {err.get('input')!r} ({hint}valid: {', '.join(valid)})")
+            msgs.append(f"'{dotted}': {unknown('value', err.get('input'), tuple(valid))}")
         else:
             msgs.append(f"'{dotted}': {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(msgs)

@@ -21,7 +21,9 @@ import torch.nn as nn
 
 from ..artifacts import atomic_path, sha256_file
 from ..errors import TvsError
-from ..models.spec import LoadedModel, ModelSpec, build_module, load_state_dict_strict, user_file
+from ..models.sources import SOURCES, ModelSource
+from ..models.sources.code import user_file
+from ..models.spec import LoadedModel, ModelSpec, build_module, load_state_dict_strict
 from .plan import Plan
 
 FORMAT = "tvsprune.pruned/1"
@@ -105,3 +107,22 @@ def load_pruned(path: str | Path) -> LoadedModel:
                        normalize=meta.get("normalize"), input_shape=tuple(meta["input_shape"]), plan=plan.to_dict(),
                        extra={"base": meta["base"], "base_weights_sha256": meta.get("base_weights_sha256"),
                               "repairs": meta.get("repairs")})
+
+
+def is_pruned_artifact(spec: str) -> bool:
+    """A ``tvsprune prune`` output folder, or a .safetensors file (a pruned artifact's weights)."""
+    p = Path(spec)
+    return (p.is_dir() and (p / WEIGHTS_FILE).is_file()) or (p.suffix == ".safetensors" and p.is_file())
+
+
+@SOURCES.register("pruned")
+class PrunedArtifact(ModelSource):
+    """A pruned artifact carries its base spec, plan and weights: it loads whole."""
+
+    priority, form = 0, "a tvsprune prune output folder"
+
+    def matches(self, spec: str) -> bool:
+        return is_pruned_artifact(spec)
+
+    def load(self, spec: str) -> LoadedModel:
+        return load_pruned(spec)

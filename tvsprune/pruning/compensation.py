@@ -57,18 +57,7 @@ class FoldReport:
 
 def _removed(graph: ChannelGraph, plan: Plan, dim: str, wanted) -> dict[str, np.ndarray]:
     """Removed indices in the ``dim`` ("in"/"out") dimension of every module ``wanted`` accepts."""
-    removed = dict(zip((g["root"] for g in plan.groups), plan.removed()))
-    out: dict[str, set[int]] = {}
-    for g in graph.groups:
-        rm = removed.get(g.root)
-        if rm is None or len(rm) == 0:
-            continue
-        mask = np.zeros(g.channels, dtype=bool)
-        mask[rm] = True
-        for it in g.items:
-            if it.dim == dim and wanted(graph.modules[it.module]):
-                out.setdefault(it.module, set()).update(int(i) for i in it.idxs[mask[it.root_idxs]])
-    return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in out.items() if v}
+    return graph.removed_indices(dict(zip((g["root"] for g in plan.groups), plan.removed())), dim, wanted)
 
 
 def removed_inputs(graph: ChannelGraph, plan: Plan) -> dict[str, np.ndarray]:

@@ -55,6 +55,11 @@ class Group:
         return np.array_equal(removed, self.expand(removed[removed < self.block_size]))
 
 
+def out_width(m: nn.Module) -> int:
+    """Output channels of a Conv2d, output features of a Linear."""
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
 def is_grouped_conv(m: nn.Module) -> bool:
     """A Conv2d whose channels split into groups that do not mix (depthwise excepted)."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
@@ -237,17 +242,23 @@ class ChannelGraph:
             model = copy.deepcopy(self.model).eval()
             dg = _dep_graph(model, example)
             modules = dict(model.named_modules())
+            removed = {r: self.group(r).expand(np.array([0])) for r in roots}
             for r in roots:
                 m = modules[r]
-                first = [int(i) for i in self.group(r).expand(np.array([0]))]
                 with reshapes_guarded():
-                    dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, first).prune(
-                        record_history=False)
+                    dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels,
+                                         [int(i) for i in removed[r]]).prune(record_history=False)
+            # The index maps must say what the surgery did: a channel that the graph ties to
+            # two root channels (GhostNet's cat([a, depthwise(a)])) is pruned inconsistently.
+            wrong = next((n for n, w in self.implied_widths(removed).items() if out_width(modules[n]) != w), None)
+            if wrong is not None:
+                return ("the dependency graph ties some of its channels to two channels of one layer "
+                        "(e.g. GhostNet's cat([a, depthwise(a)])) and cannot remove them consistently")
             try:
                 with torch.no_grad():
                     model(example)
             except RuntimeError as e:
-                return str(e).strip().splitlines()[0]
+                return f"the forward pass fails when this width changes ({str(e).strip().splitlines()[0]})"
             return None
 
         roots = [g.root for g in self.groups if g.block_size > 1 and g.root not in self.rigid]
@@ -255,8 +266,29 @@ class ChannelGraph:
             for r in roots:
                 reason = trial([r])
                 if reason is not None:
-                    self.rigid[r] = f"the forward pass fails when this width changes ({reason})"
+                    self.rigid[r] = reason
         return self.rigid
+
+    def removed_indices(self, removed: dict[str, np.ndarray], dim: str, wanted) -> dict[str, np.ndarray]:
+        """Indices in the ``dim`` ("in"/"out") dimension of every module ``wanted`` accepts that go
+        when ``removed[root]`` root channels of each group go (union over the groups)."""
+        gone: dict[str, set[int]] = {}
+        for g in self.groups:
+            rm = removed.get(g.root)
+            if rm is None or len(rm) == 0:
+                continue
+            mask = np.zeros(g.channels, dtype=bool)
+            mask[np.asarray(rm, dtype=np.int64)] = True
+            for it in g.items:
+                if it.dim == dim and wanted(self.modules[it.module]):
+                    gone.setdefault(it.module, set()).update(int(i) for i in it.idxs[mask[it.root_idxs]])
+        return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in gone.items() if v}
+
+    def implied_widths(self, removed: dict[str, np.ndarray]) -> dict[str, int]:
+        """Output width of every Conv2d/Linear once ``removed[root]`` root channels go, from the index maps."""
+        gone = self.removed_indices(removed, "out", lambda m: isinstance(m, (nn.Conv2d, nn.Linear)))
+        return {n: out_width(m) - len(gone.get(n, ())) for n, m in self.modules.items()
+                if isinstance(m, (nn.Conv2d, nn.Linear))}
 
     def group(self, root: str) -> Group | None:
         return next((g for g in self.groups if g.root == root), None)

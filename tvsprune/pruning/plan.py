@@ -16,10 +16,10 @@ import numpy as np
 
 from ..artifacts import write_json
 from ..errors import TvsError
+from .allocations import ALLOCATIONS, Allocator, removal_order  # noqa: F401 (ALLOCATIONS re-exported)
 from .graph import ChannelGraph, CostModel
 
 FORMAT = "tvsprune.plan/1"
-ALLOCATIONS = ("alpha", "global", "uniform", "ldiff", "cost", "cost-rank")
 
 
 @dataclass
@@ -111,6 +111,9 @@ def group_scores(graph: ChannelGraph, scores: dict[str, np.ndarray], normalise: 
     """
     out: list[np.ndarray | None] = []
     for g in graph.groups:
+        if g.root in graph.rigid:  # left unpruned; its index maps may not even fit the layers
+            out.append(None)
+            continue
         t = np.full(g.channels, -np.inf)
         for it in g.items:
             if it.dim != "out" or it.module not in scores:
@@ -122,7 +125,7 @@ def group_scores(graph: ChannelGraph, scores: dict[str, np.ndarray], normalise: 
                 top = s.max()
                 s = s / top if top > 0 else np.zeros_like(s)
             np.maximum.at(t, it.root_idxs, s[it.idxs])
-        out.append(t if np.isfinite(t).all() and g.root not in graph.rigid else None)
+        out.append(t if np.isfinite(t).all() else None)
     return out
 
 
@@ -137,73 +140,6 @@ def block_scores(graph: ChannelGraph, gscores: list[np.ndarray | None]) -> list[
 
 def _expand(graph: ChannelGraph, local: list[np.ndarray]) -> list[np.ndarray]:
     return [g.expand(rm) if g.blocks > 1 else rm for g, rm in zip(graph.groups, local)]
-
-
-def _order(t: np.ndarray) -> np.ndarray:
-    return np.argsort(t, kind="stable")
-
-
-def _ranks(order: np.ndarray) -> np.ndarray:
-    """Rank in (0, 1] of each channel, from its removal order (first removed = smallest)."""
-    r = np.empty(len(order), dtype=np.float64)
-    r[order] = np.arange(1, len(order) + 1) / len(order)
-    return r
-
-
-class Allocator:
-    """Maps one scalar ``lam`` in [0, 1] to a number of channels to remove per group (monotone)."""
-
-    def __init__(self, allocation: str, gscores: list[np.ndarray | None], channels: list[int],
-                 guards: Guards, ldiffs: list[float] | None = None, unit_costs: list[float] | None = None,
-                 cost_power: float = 1.0) -> None:
-        if allocation not in ALLOCATIONS:
-            raise TvsError(f"unknown allocation {allocation!r} (one of {', '.join(ALLOCATIONS)})")
-        self.orders = [None if t is None else _order(t) for t in gscores]
-        if allocation == "cost-rank":
-            # the cost rule on within-group ranks in (0, 1]: the saving alone decides how many
-            # channels each group loses, the criterion only which ones
-            gscores = [None if o is None else _ranks(o) for o in self.orders]
-            allocation = "cost"
-        self.allocation, self.gscores, self.channels, self.guards = allocation, gscores, channels, guards
-        means = [float(t.mean()) if t is not None else 0.0 for t in gscores]
-        self.means = means
-        self.alpha_max = max([1.0 / m for m in means if m > 0] or [1.0]) * 1.0001
-        if allocation == "ldiff":
-            ld = np.asarray(ldiffs if ldiffs is not None else [0.0] * len(gscores), dtype=np.float64)
-            valid = [l for l, t in zip(ld, gscores) if t is not None]
-            mean = float(np.mean(valid)) if valid and np.mean(valid) > 0 else 1.0
-            self.weights = ld / mean
-        elif allocation == "cost":
-            # a channel goes when its score is low relative to what removing it saves
-            uc = np.asarray(unit_costs, dtype=np.float64)
-            valid = uc[[t is not None for t in gscores]]
-            self.weights = (uc / valid.mean()) ** cost_power if len(valid) else np.ones(len(gscores))
-            self.lam_max = 1.0001 / max(float(self.weights[[t is not None for t in gscores]].min()), 1e-12)
-        else:
-            self.weights = np.ones(len(gscores))
-
-    def counts(self, lam: float) -> list[int]:
-        counts = []
-        for t, c, mean, w in zip(self.gscores, self.channels, self.means, self.weights):
-            if t is None:
-                counts.append(0)
-                continue
-            if self.allocation == "alpha":
-                n = int((t < lam * self.alpha_max * mean).sum())
-            elif self.allocation == "global":
-                n = int((t < lam).sum())
-            elif self.allocation == "cost":
-                n = int((t < lam * self.lam_max * w).sum())
-            elif self.allocation == "uniform":
-                n = int(math.floor(lam * c + 1e-9))
-            else:  # ldiff-weighted uniform
-                n = int(math.floor(min(1.0, lam * w) * c + 1e-9))
-            counts.append(self.guards.clamp(c, n))
-        return counts
-
-    def removed(self, counts: list[int]) -> list[np.ndarray]:
-        return [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64)
-                for o, n in zip(self.orders, counts)]
 
 
 def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, metric: str, base: int,
@@ -258,7 +194,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     if threshold is not None:
         raw = block_scores(graph, group_scores(graph, scores, normalise=False))
         counts = [0 if t is None else guards.clamp(len(t), int((t < threshold).sum())) for t in raw]
-        orders = [None if t is None else _order(t) for t in raw]
+        orders = [None if t is None else removal_order(t) for t in raw]
         removed = _expand(graph, [np.sort(o[:n]) if o is not None else np.empty(0, dtype=np.int64)
                                   for o, n in zip(orders, counts)])
         lam = None

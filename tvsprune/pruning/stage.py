@@ -24,19 +24,20 @@ from ..models.probe import ModelProbe, probe_model
 from .artifact import SOURCE_FILE, WEIGHTS_FILE, save_pruned
 from .graph import ChannelGraph, CostModel
 from .plan import ALLOCATIONS, Guards, Plan, make_plan
+from .criteria import CRITERIA, criteria_needing
 from .compensation import COMPENSATIONS, DEFAULT_RIDGE, fold_from_moments, refit_sequential, removed_inputs
 from .repairs import consumer_input_means, recalibrate_batchnorm
 from .saliency import ls_saliency
-from .scores import CRITERIA, WEIGHT_CRITERIA, layer_scores, ldiff, spearman
+from .scores import layer_scores, ldiff, spearman
 from .surgery import apply_plan
 
 log = logging.getLogger(__name__)
-METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA if c != "tvs")
+METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA.names() if c != "tvs")
 TVS_SALIENCY = ("ls", "none")
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
-ALLOCATION_CHOICES = ("auto",) + ALLOCATIONS
+ALLOCATION_CHOICES = ("auto",) + ALLOCATIONS.names()
 
 
 def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions",
@@ -461,7 +462,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     report["layers"] = layers_report
     if opts.compare_criteria and tv:
         corr: dict[str, dict[str, float]] = {}
-        for c in WEIGHT_CRITERIA:
+        for c in criteria_needing("weights"):
             other = layer_scores(c, loaded.module, None, list(tv), ctx.stat_modules, opts.seed)
             corr[c] = {n: spearman(tv[n], other[n]) for n in tv}
         report["spearman_tvs_vs"] = corr

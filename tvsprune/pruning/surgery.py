@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TvsError
-from .compensation import removed_outputs
-from .graph import ChannelGraph
+from .graph import ChannelGraph, out_width
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -40,13 +39,7 @@ def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor, logits_layer
 
 def expected_widths(graph: ChannelGraph, plan: Plan) -> dict[str, int]:
     """Output width of every Conv2d/Linear after the plan, from the groups' index maps."""
-    removed = removed_outputs(graph, plan)
-    return {n: _width(m) - len(removed.get(n, ())) for n, m in graph.modules.items()
-            if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-def _width(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return graph.implied_widths(dict(zip((g["root"] for g in plan.groups), plan.removed())))
 
 
 def check_widths(model: nn.Module, expected: dict[str, int], example: torch.Tensor) -> None:
@@ -56,11 +49,11 @@ def check_widths(model: nn.Module, expected: dict[str, int], example: torch.Tens
     modules = dict(model.named_modules())
     for name, want in expected.items():
         m = modules.get(name)
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and _width(m) != want:
-            raise TvsError(f"pruning left {name} with {_width(m)} output channels where the plan implies {want}: "
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and out_width(m) != want:
+            raise TvsError(f"pruning left {name} with {out_width(m)} output channels where the plan implies {want}: "
                            "the channel coupling of this model is not understood (refusing a network that "
                            "would be wrong)")
-    empty = next((n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and _width(m) == 0), None)
+    empty = next((n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and out_width(m) == 0), None)
     if empty is not None:
         raise TvsError(f"pruning removed every channel of {empty}: the channel coupling of this model is not "
                        "understood (refusing a network that would be wrong)")

@@ -1,0 +1,12 @@
+"""``uniform``: the same fraction of every group (Torch-Pruning's default per-layer ratio)."""
+from __future__ import annotations
+
+import math
+
+from . import ALLOCATIONS, Allocation
+
+
+@ALLOCATIONS.register("uniform")
+class Uniform(Allocation):
+    def n_remove(self, a, i: int, lam: float) -> int:
+        return int(math.floor(lam * a.channels[i] + 1e-9))
