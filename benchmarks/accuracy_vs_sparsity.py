@@ -66,11 +66,11 @@ def decode(data: DataOptions, model, per_class=None, seed=0):
     return torch.cat(xs), torch.cat(ys)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
-    model.eval()
-    hits = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
-    return hits / len(x) * 100
+    from tvsprune.compare.logits import chunks, collect_logits, forward_fn
+
+    logits, _ = collect_logits(forward_fn(model), chunks(x, bs))
+    return float((logits.argmax(1) == y.numpy()).mean()) * 100
 
 
 def count(model: nn.Module) -> tuple[int, int]:

@@ -18,7 +18,8 @@ from helpers import write_image_folder
 from hub_models import import_hub, run_case
 from tvsprune.errors import TvsError
 from tvsprune.models.probe import probe_model
-from tvsprune.pruning.graph import ChannelGraph, CostModel
+from tvsprune.pruning.costs import CostModel
+from tvsprune.pruning.graph import ChannelGraph
 from tvsprune.pruning.plan import make_plan
 
 

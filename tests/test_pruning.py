@@ -19,7 +19,8 @@ from tvsprune.errors import TvsError
 from tvsprune.models import build_module, load_model
 from tvsprune.models.probe import probe_model
 from tvsprune.pruning import Guards, Plan, apply_plan, hellinger_pairs, layer_scores, make_plan, spearman
-from tvsprune.pruning.graph import ChannelGraph, CostModel
+from tvsprune.pruning.costs import CostModel
+from tvsprune.pruning.graph import ChannelGraph
 from tvsprune.pruning.repairs import consumer_input_means
 from tvsprune.pruning.compensation import fold_from_moments
 from tvsprune.pruning.compensation import removed_inputs as consumer_removals
@@ -360,7 +361,8 @@ def test_cli_prune_errors_leave_nothing(tiny_calibrated, tmp_path):
 def test_tied_scores_do_not_overshoot_the_budget():
     """Dead filters score 0 alike: the allocation must not remove every tie at once."""
     from tvsprune.models.probe import probe_model
-    from tvsprune.pruning.graph import ChannelGraph, CostModel
+    from tvsprune.pruning.costs import CostModel
+    from tvsprune.pruning.graph import ChannelGraph
     from tvsprune.pruning.plan import make_plan
 
     model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),

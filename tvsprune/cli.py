@@ -365,13 +365,13 @@ def repair_options(args: argparse.Namespace) -> dict[str, Any]:
 def _register_prune(sub: Any) -> None:
     from .pruning.compensation import COMPENSATIONS
     from .pruning.plan import Guards
-    from .pruning.stage import ALLOCATION_CHOICES, DEFAULT_TARGET_PARAMS, METHODS, TVS_SALIENCY, PruneOptions
+    from .pruning.stage import DEFAULT_TARGET_PARAMS, TVS_SALIENCY, PruneOptions, allocation_choices, methods
 
     P = PruneOptions
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p)
     p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
-    p.add_argument("--method", default=P.method, choices=METHODS)
+    p.add_argument("--method", default=P.method, choices=methods())
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     b = p.add_argument_group("budget")
     b.add_argument("--target-params", type=float,
@@ -379,7 +379,7 @@ def _register_prune(sub: Any) -> None:
                         "is given)")
     b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
-    b.add_argument("--allocation", default=PruneOptions.allocation, choices=ALLOCATION_CHOICES,
+    b.add_argument("--allocation", default=PruneOptions.allocation, choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: cost for --target-params, global for "
                         "--target-flops), global (one threshold on the scores normalised by each layer's maximum), "
                         "cost (a channel goes when its "
@@ -640,8 +640,8 @@ def _register_bench(sub: Any) -> None:
     p.add_argument("pruned", nargs="*", metavar="PRUNED", help="pruned artifact directories or .onnx files")
     p.add_argument("--weights", help="checkpoint of BASE")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--backend", help="comma-separated: " + ", ".join(__import__("tvsprune.bench.runners",
-                   fromlist=["REGISTRY"]).REGISTRY) + " (default: every backend present)")
+    p.add_argument("--backend", help="comma-separated: " + ", ".join(__import__("tvsprune.backends",
+                   fromlist=["BACKENDS"]).BACKENDS.names()) + " (default: every backend present)")
     p.add_argument("--batch-sizes", type=_ints, default=B.batch_sizes)
     p.add_argument("--rounds", type=_count, default=B.latency.rounds, help="A/B interleaved rounds")
     p.add_argument("--iters", type=_count, default=B.latency.iters, help="timed iterations per model per round")

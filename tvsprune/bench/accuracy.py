@@ -22,16 +22,16 @@ def predict(model: LoadedModel, data, device: str = "cpu", progress: Callable[[i
         indices = stratified_indices(source.labels, data.samples_per_class, data.seed)
     if max_samples is not None:
         indices = indices[:max_samples]
+    from ..compare.logits import collect_logits
+
     net = model.module.to(device).eval()
-    logits, labels = [], []
-    for x, y in BatchStream(source, indices, data.batch_size, data.workers, data.skip_bad):
-        out = run_forward(net, x.to(device), what=f"model {model.spec.spec}")
-        logits.append(out.float().cpu().numpy())
-        labels.append(y.numpy())
-        if progress:
-            progress(len(y))
-    net.to("cpu")
-    return np.concatenate(logits), np.concatenate(labels), source.classes
+    try:
+        logits, labels = collect_logits(
+            lambda x: run_forward(net, x.to(device), what=f"model {model.spec.spec}").float().cpu().numpy(),
+            BatchStream(source, indices, data.batch_size, data.workers, data.skip_bad), progress)
+    finally:
+        net.to("cpu")
+    return logits, labels, source.classes
 
 
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
 from .latency import LatencyConfig, measure_interleaved
 from .memory import peak_rss
-from .runners import REGISTRY, backend_availability, make_runner
+from ..backends import BACKENDS, backend_availability, backend_kind, make_runner
 
 log = logging.getLogger(__name__)
 DEFAULT_ORDER = ["torch-cpu", "ort-cpu", "torch-cuda", "torch-cuda-graphs", "ort-cuda", "ort-trt", "tensorrt"]
@@ -174,6 +174,7 @@ def _artifact(entry: Entry, kind: str) -> Any:
 @torch.no_grad()
 def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions) -> dict[str, Any]:
     """Accuracy, agreement with the base model, and functional similarity under input noise."""
+    from ..compare.logits import chunks, collect_logits, forward_fn
     from .accuracy import accuracy_from_logits
 
     ref = entries[0]
@@ -183,14 +184,7 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions)
     labels = y.numpy()
 
     def logits_of(e: Entry, inputs: torch.Tensor) -> np.ndarray:
-        if e.loaded is not None:
-            m = e.loaded.module.eval()
-            return torch.cat([m(inputs[i:i + 256]) for i in range(0, len(inputs), 256)]).numpy()
-        from ..exporters.onnx_export import ort_session
-
-        sess = ort_session(e.onnx)
-        name = sess.get_inputs()[0].name
-        return np.concatenate([sess.run(None, {name: inputs[i:i + 256].numpy()})[0] for i in range(0, len(inputs), 256)])
+        return collect_logits(forward_fn(e.loaded.module if e.loaded is not None else e.onnx), chunks(inputs))[0]
 
     out: dict[str, Any] = {"samples": int(len(labels)), "classes": src.classes, "models": {}}
     base_logits = logits_of(ref, x)
@@ -266,9 +260,9 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
         torch.set_num_threads(opts.threads)
     avail = backend_availability()
     requested = opts.backends or [b for b in DEFAULT_ORDER if avail.get(b) is None]
-    unknown = [b for b in requested if b not in REGISTRY]
+    unknown = [b for b in requested if b not in BACKENDS]
     if unknown:
-        raise TvsError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(REGISTRY)})")
+        raise TvsError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS.names())})")
     skipped = {b: avail[b] for b in DEFAULT_ORDER if b not in requested or avail.get(b)}
     for b in list(skipped):
         if b not in requested and avail.get(b) is None:
@@ -277,7 +271,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
     missing = [b for b in requested if avail.get(b)]
     if missing:  # only a backend asked for by name can be missing: an error, not a silent skip
         raise MissingDependencyError("; ".join(f"backend {b} is not available: {avail[b]}" for b in missing))
-    kinds = {REGISTRY[b][0] for b in run}
+    kinds = {backend_kind(b) for b in run}
     entries = _load_entries(specs, weights, onnx_paths, model_kwargs, prune_reports)
     shape = _input_shape(entries, data, opts.input_shape)
     _prepare(entries, shape, out, "onnx" in kinds, "engine" in kinds, opts.trt_precision, progress)
@@ -288,7 +282,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
                                         "noise": opts.noise, "threads": opts.threads or torch.get_num_threads()},
                               "input_shape": shape, "skipped_backends": skipped, "models": [], "latency": {},
                               "memory": {}}
-    from ..exporters.onnx_export import count_params_macs
+    from ..pruning.costs import count_params_macs
 
     for e in entries:
         m: dict[str, Any] = {"label": e.label, "spec": e.spec, "files_bytes": e.files}
@@ -300,7 +294,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
         report["models"].append(m)
     rng = np.random.default_rng(opts.seed)
     for b in run:
-        kind = REGISTRY[b][0]
+        kind = backend_kind(b)
         usable = [e for e in entries if _artifact(e, kind) is not None]
         if not usable:
             report["skipped_backends"][b] = f"no {kind} artifact for any model"

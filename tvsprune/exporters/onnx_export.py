@@ -53,27 +53,6 @@ class ParityResult:
                 "tolerance": self.tolerance, "batch_sizes": self.batch_sizes, "within_tolerance": self.ok}
 
 
-def count_params_macs(model: torch.nn.Module, input_shape: list[int]) -> tuple[int, int]:
-    """Parameters, and multiply-accumulates of Conv2d / Linear layers for one image."""
-    macs = 0
-
-    def hook(m, inp, out):
-        nonlocal macs
-        if isinstance(m, torch.nn.Conv2d):
-            macs += m.weight.numel() * out.shape[2] * out.shape[3]
-        elif isinstance(m, torch.nn.Linear):
-            macs += m.weight.numel() * (out.numel() // out.shape[-1] // out.shape[0])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(p.numel() for p in model.parameters()), int(macs)
-
-
 def _export_dynamo(model, example, opset, dynamic) -> Any:
     from torch.export import Dim
 
@@ -136,33 +115,28 @@ def ort_session(path: str | Path, providers: list[str] | None = None, provider_o
 def parity_check(model: torch.nn.Module, onnx_path: str | Path, inputs: torch.Tensor, tolerance: float = TOLERANCE,
                  batch_sizes: tuple[int, ...] = (1, 7, 64)) -> ParityResult:
     """Compare PyTorch and ONNX Runtime (CPU) logits on ``inputs``, at several batch sizes."""
-    sess = ort_session(onnx_path)
-    name = sess.get_inputs()[0].name
-    model.eval()
-    worst, scale, agree, n = 0.0, 0.0, 0, 0
+    from ..compare.logits import chunks, collect_logits, forward_fn
+
+    torch_fn, ort_fn = forward_fn(model), forward_fn(onnx_path)
+    worst, scale = 0.0, 0.0
     used = []
-    with torch.no_grad():
-        for bs in batch_sizes:
-            chunk = inputs[:bs] if bs <= len(inputs) else inputs.repeat((bs + len(inputs) - 1) // len(inputs), 1, 1, 1)[:bs]
-            ref = model(chunk).numpy()
-            got = sess.run(None, {name: chunk.numpy()})[0]
-            if got.shape != ref.shape:
-                raise ParityShapeError(f"ONNX Runtime output shape {list(got.shape)} differs from PyTorch's "
-                                       f"{list(ref.shape)} at batch {bs}")
-            worst = max(worst, float(np.abs(got - ref).max()))
-            scale = max(scale, float(np.abs(ref).max()))
-            used.append(bs)
-        step = 64
-        for i in range(0, len(inputs), step):
-            chunk = inputs[i:i + step]
-            ref = model(chunk).numpy()
-            got = sess.run(None, {name: chunk.numpy()})[0]
-            if got.shape != ref.shape:
-                raise ParityShapeError(f"ONNX Runtime output shape {list(got.shape)} differs from PyTorch's {list(ref.shape)}")
-            worst = max(worst, float(np.abs(got - ref).max()))
-            scale = max(scale, float(np.abs(ref).max()))
-            agree += int((got.argmax(1) == ref.argmax(1)).sum())
-            n += len(chunk)
+
+    def compare(ref: np.ndarray, got: np.ndarray, where: str) -> None:
+        nonlocal worst, scale
+        if got.shape != ref.shape:
+            raise ParityShapeError(f"ONNX Runtime output shape {list(got.shape)} differs from PyTorch's "
+                                   f"{list(ref.shape)}{where}")
+        worst = max(worst, float(np.abs(got - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+
+    for bs in batch_sizes:  # dynamic batch: the same answers at several batch sizes
+        chunk = inputs[:bs] if bs <= len(inputs) else inputs.repeat((bs + len(inputs) - 1) // len(inputs), 1, 1, 1)[:bs]
+        compare(torch_fn(chunk), ort_fn(chunk), f" at batch {bs}")
+        used.append(bs)
+    ref, _ = collect_logits(torch_fn, chunks(inputs, 64))
+    got, _ = collect_logits(ort_fn, chunks(inputs, 64))
+    compare(ref, got, "")
+    n, agree = len(ref), int((got.argmax(1) == ref.argmax(1)).sum())
     return ParityResult(n, worst, agree / max(1, n), tolerance, used, scale)
 
 
@@ -223,6 +197,8 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
             proto = _export_torchscript(model, example, opset, dynamic, Path(td))
             used = "torchscript"
     proto = clean_graph(proto)
+    from ..pruning.costs import count_params_macs
+
     params, macs = count_params_macs(model, shape)
     meta = {"tvsprune_version": __version__, "source_spec": loaded.spec.spec,
             "weights_sha256": loaded.weights_sha256 or "", "plan_sha256": sha256_json(loaded.plan) if loaded.plan else "",

@@ -106,16 +106,16 @@ class PruneSection(Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from ..pruning.stage import METHODS
+        from ..pruning.stage import methods
 
-        return one_of(v, METHODS, "method")
+        return one_of(v, methods(), "method")
 
     @field_validator("allocation")
     @classmethod
     def _allocation(cls, v: str) -> str:
-        from ..pruning.stage import ALLOCATION_CHOICES
+        from ..pruning.stage import allocation_choices
 
-        return one_of(v, ALLOCATION_CHOICES, "allocation")
+        return one_of(v, allocation_choices(), "allocation")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "PruneSection":
@@ -156,9 +156,9 @@ class BenchSection(Strict):
     @field_validator("backends")
     @classmethod
     def _backends(cls, v: list[str]) -> list[str]:
-        from ..bench.runners import REGISTRY
+        from ..backends import BACKENDS
 
-        return [one_of(b, list(REGISTRY), "backend") for b in v]
+        return [one_of(b, BACKENDS.names(), "backend") for b in v]
 
     @field_validator("batch_sizes")
     @classmethod

@@ -17,7 +17,8 @@ import numpy as np
 from ..artifacts import write_json
 from ..errors import TvsError
 from .allocations import ALLOCATIONS, Allocator, removal_order  # noqa: F401 (ALLOCATIONS re-exported)
-from .graph import ChannelGraph, CostModel
+from .costs import COSTS, CostModel
+from .graph import ChannelGraph
 
 FORMAT = "tvsprune.plan/1"
 
@@ -142,8 +143,7 @@ def _expand(graph: ChannelGraph, local: list[np.ndarray]) -> list[np.ndarray]:
     return [g.expand(rm) if g.blocks > 1 else rm for g, rm in zip(graph.groups, local)]
 
 
-def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, metric: str, base: int,
-               target: float) -> list[int]:
+def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, base: int, target: float) -> list[int]:
     """Between the bisection's bounds, add channels one at a time until the target is met.
 
     Tied scores (dead filters score 0 alike) make the allocation jump past the target in
@@ -162,8 +162,7 @@ def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, metric: 
                 continue
             counts[i] += take
             extra[i] -= take
-            p, m = cost_of(counts)
-            if 1.0 - (p if metric == "params" else m) / base >= target:
+            if 1.0 - cost_of(counts) / base >= target:
                 return counts
     return list(hi)
 
@@ -188,9 +187,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     guards = guards or Guards()
     channels = [g.block_size for g in graph.groups]  # what the allocation counts: block-local channels
     base_params, base_macs = cost.cost()
-    base = base_params if metric == "params" else base_macs
-    if metric not in ("params", "macs"):
-        raise TvsError(f"unknown budget metric {metric!r} (params or macs)")
+    base = COSTS.get(metric)(base_params, base_macs)
     if threshold is not None:
         raw = block_scores(graph, group_scores(graph, scores, normalise=False))
         counts = [0 if t is None else guards.clamp(len(t), int((t < threshold).sum())) for t in raw]
@@ -207,16 +204,14 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
         for i, g in enumerate(graph.groups):  # what removing one channel of each group saves
             one = [np.empty(0, dtype=np.int64)] * len(graph.groups)
             one[i] = g.expand(np.array([0]))
-            p1, m1 = cost.cost(one)
-            unit.append(float(base - (p1 if metric == "params" else m1)))
+            unit.append(float(base - cost.metric(metric, one)))
         alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power)
 
         def removal(lam: float) -> list[np.ndarray]:
             return _expand(graph, alloc.removed(alloc.counts(lam)))
 
         def frac(lam: float) -> float:
-            p, m = cost.cost(removal(lam))
-            return 1.0 - (p if metric == "params" else m) / base
+            return 1.0 - cost.metric(metric, removal(lam)) / base
 
         lo, hi = 0.0, 1.0
         if frac(hi) >= target:
@@ -228,7 +223,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
                     lo = mid
         lam = hi
         counts = _fill_ties(alloc, alloc.counts(lo), alloc.counts(hi),
-                            lambda c: cost.cost(_expand(graph, alloc.removed(c))), metric, base, target)
+                            lambda c: cost.metric(metric, _expand(graph, alloc.removed(c))), base, target)
         removed = _expand(graph, alloc.removed(counts))
     params, macs = cost.cost(removed)
     groups = []

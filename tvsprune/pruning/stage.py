@@ -16,13 +16,15 @@ from ..artifacts import sha256_file, write_json
 from ..calibration.collector import collect_moments
 from ..calibration.moments import Moments
 from ..calibration.stage import DataOptions
-from ..data import BatchStream, open_source, stratified_indices
+from ..data import BatchStream, stratified_indices
 from ..console import short_list, step
 from ..errors import TvsError
+from ..registry import unknown
 from ..models import LoadedModel, load_model
 from ..models.probe import ModelProbe, probe_model
 from .artifact import SOURCE_FILE, WEIGHTS_FILE, save_pruned
-from .graph import ChannelGraph, CostModel
+from .costs import CostModel, output_shapes
+from .graph import ChannelGraph
 from .plan import ALLOCATIONS, Guards, Plan, make_plan
 from .criteria import CRITERIA, criteria_needing
 from .compensation import COMPENSATIONS, DEFAULT_RIDGE, fold_from_moments, refit_sequential, removed_inputs
@@ -32,12 +34,22 @@ from .scores import layer_scores, ldiff, spearman
 from .surgery import apply_plan
 
 log = logging.getLogger(__name__)
-METHODS = ("tvs", "iter-tvs") + tuple(c for c in CRITERIA.names() if c != "tvs")
+def methods() -> tuple[str, ...]:
+    """tvs, iter-tvs, then every other registered criterion (read when asked: a criterion
+    registered later is a method too)."""
+    return ("tvs", "iter-tvs") + tuple(c for c in CRITERIA.names() if c != "tvs")
+
+
+def allocation_choices() -> tuple[str, ...]:
+    return ("auto",) + ALLOCATIONS.names()
+
+
+METHODS = methods()  # as registered at import (for docs); the checks call methods()
 TVS_SALIENCY = ("ls", "none")
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
-ALLOCATION_CHOICES = ("auto",) + ALLOCATIONS.names()
+ALLOCATION_CHOICES = allocation_choices()
 
 
 def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions",
@@ -104,8 +116,8 @@ class PruneOptions:
             raise TvsError(f"unknown tvs saliency {self.tvs_saliency!r} (one of {', '.join(TVS_SALIENCY)})")
         if self.mean_compensation:
             self.compensation, self.mean_compensation = "mean", False
-        if self.allocation not in ALLOCATION_CHOICES:
-            raise TvsError(f"unknown allocation {self.allocation!r} (one of {', '.join(ALLOCATION_CHOICES)})")
+        if self.allocation not in allocation_choices():
+            raise TvsError(unknown("allocation", self.allocation, allocation_choices()))
         if self.compensation not in COMPENSATIONS:
             raise TvsError(f"unknown compensation {self.compensation!r} (one of {', '.join(COMPENSATIONS)})")
 
@@ -157,8 +169,8 @@ class Context:
         for reason, roots in by_reason.items():
             shown = short_list(roots, 3)
             log.warning("not pruning %s: %s (prune.json lists them)", shown, reason)
-        shapes = {l.name: l.out_shape for l in probe.layers}
-        return cls(loaded, example, probe, graph, CostModel(loaded.module, graph, shapes))
+        return cls(loaded, example, probe, graph, CostModel(loaded.module, graph, output_shapes(loaded.module,
+                                                                                               input_shape)))
 
     @property
     def stat_modules(self) -> dict[str, str]:
@@ -245,11 +257,10 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
 @torch.no_grad()
 def _accuracy(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], classes: int
               ) -> tuple[float, list[float], np.ndarray]:
-    preds, labels = [], []
-    for x, y in batches:
-        preds.append(model(x).argmax(1))
-        labels.append(y)
-    p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    from ..compare.logits import collect_logits, forward_fn
+
+    logits, y = collect_logits(forward_fn(model), batches)
+    p = logits.argmax(1)
     per = [float((p[y == k] == k).mean()) if (y == k).any() else float("nan") for k in range(classes)]
     return float((p == y).mean()), per, p
 
@@ -278,7 +289,7 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
     target, metric = opts.budget()
     if target is None:
         raise TvsError("iter-tvs needs a budget: --target-params or --target-flops")
-    base_cost = ctx.cost.cost()[0 if metric == "params" else 1]
+    base_cost = ctx.cost.metric(metric)
     plan = _full_plan(ctx)
     current = ctx.loaded
     current_ctx = ctx
@@ -298,15 +309,14 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
         scores = tvs_scores(current_ctx, mom, opts)
         goal = min(target, removed_frac + step)
         # the budget of this round, relative to the current (already pruned) model
-        cur_cost = current_ctx.cost.cost()[0 if metric == "params" else 1]
+        cur_cost = current_ctx.cost.metric(metric)
         local = max(0.0, 1.0 - (1.0 - goal) * base_cost / cur_cost)
         step_plan = make_plan(current_ctx.graph, current_ctx.cost, scores, target=local, metric=metric,
                               allocation=opts.allocation_for(metric), guards=opts.guards, cost_power=opts.cost_power)
         candidate = _compose(plan, step_plan)
         model = build_pruned(ctx, candidate, opts, calib, moments)
         acc, _, _ = _accuracy(model, val, n_classes)
-        new_cost = CostModel(model, ChannelGraph(model, ctx.example, ctx.probe.logits_layer),
-                             {l.name: l.out_shape for l in ctx.probe.layers}).cost()[0 if metric == "params" else 1]
+        new_cost = CostModel(model, None, ctx.cost.shapes).metric(metric)
         frac = 1.0 - new_cost / base_cost
         accepted = (base_acc - acc) * 100 <= opts.max_acc_drop and frac > removed_frac + 1e-9
         row = {"round": r, "step": round(step, 4), "removed_frac": round(frac, 4), "accuracy": round(acc, 4),
@@ -355,8 +365,8 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                 ) -> tuple[dict[str, Any], torch.nn.Module, Plan]:
     """:func:`prune`, also returning the pruned module and its plan."""
     t_start = time.perf_counter()
-    if opts.method not in METHODS:
-        raise TvsError(f"unknown method {opts.method!r} (one of {', '.join(METHODS)})")
+    if opts.method not in methods():
+        raise TvsError(unknown("method", opts.method, methods()))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     moments = Moments.load(moments_path) if moments_path else None
     needs_moments = opts.method in ("tvs", "iter-tvs", "mean-distance")

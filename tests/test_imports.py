@@ -1,0 +1,55 @@
+"""Every module imports on its own, in a fresh interpreter (no import cycle, no order
+dependence), and the registries find their entries without being told about them."""
+from __future__ import annotations
+
+import pkgutil
+from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
+
+import pytest
+
+import tvsprune
+
+MODULES = sorted(m.name for m in pkgutil.walk_packages(tvsprune.__path__, "tvsprune.")
+                 if not m.name.startswith("tvsprune.demo_assets") and not m.name.endswith("__main__"))
+
+
+def _import_alone(module: str) -> tuple[str, int, str]:
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    return module, r.returncode, r.stderr.strip()[-500:]
+
+
+def test_every_module_imports_alone():
+    """Each module is the first one its interpreter imports (four interpreters at a time)."""
+    with ThreadPoolExecutor(4) as pool:
+        failed = {m: err for m, rc, err in pool.map(_import_alone, MODULES) if rc != 0}
+    assert len(MODULES) > 40
+    assert not failed, failed
+
+
+def test_import_tvsprune_does_not_import_torch():
+    code = "import sys, tvsprune; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("registry,expected", [
+    ("tvsprune.pruning.criteria:CRITERIA", {"tvs", "mean-distance", "l1", "l2", "random", "bn-scale", "fpgm"}),
+    ("tvsprune.pruning.allocations:ALLOCATIONS", {"alpha", "global", "uniform", "ldiff", "cost", "cost-rank"}),
+    ("tvsprune.models.sources:SOURCES", {"zoo", "file", "module", "torchvision", "timm", "pruned"}),
+    ("tvsprune.backends:BACKENDS", {"torch-cpu", "torch-cuda", "torch-cuda-graphs", "ort-cpu", "ort-cuda",
+                                    "ort-trt", "tensorrt"}),
+])
+def test_registries_discover_their_modules(registry, expected):
+    module, attr = registry.split(":")
+    code = f"from {module} import {attr}; print(','.join({attr}.names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert expected <= set(out.strip().split(","))
+
+
+def test_unknown_name_names_the_closest():
+    from tvsprune.errors import TvsError
+    from tvsprune.pruning.criteria import CRITERIA
+
+    with pytest.raises(TvsError, match=r"unknown criterion 'tsv' \(did you mean 'tvs'\?"):
+        CRITERIA.get("tsv")
