@@ -1,0 +1,135 @@
+"""The ``tvsprune`` command line: parse, call the library, print, exit.
+
+One module per command (calibrate, evaluate, prune, export, doctor, bench, run), each with a
+``register(sub)`` that adds its parser; this module holds ``main`` and the global flags.
+
+Exit codes: 0 success, 1 user error (bad input, unwritable output), 2 missing optional
+dependency / hardware, 3 a check failed (e.g. parity outside tolerance with --strict),
+64 usage error (unknown flag, bad flag value; EX_USAGE), 130 interrupted (Ctrl-C, SIGTERM).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from .. import __version__
+from ..errors import TvsError
+from . import bench, calibrate, doctor, evaluate, export, prune, run
+from .bench import bench_options
+from .common import data_options
+from .prune import prune_options
+
+log = logging.getLogger("tvsprune")
+COMMANDS = (calibrate, evaluate, prune, export, doctor, bench, run)  # in the order --help lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""),
+                     epilog="exit codes: 0 passed, 1 bad input, 2 missing optional backend, 3 check failed "
+                            "(--strict), 64 usage, 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"tvsprune {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors and the final PASSED/FAILED line only")
+    parser.add_argument("--log-file", help="also write the log (info level, debug with -vv) to this file")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+EXIT_USAGE = 64  # sysexits.h EX_USAGE; 2 stays "a missing optional backend"
+DIR_OUTPUTS = {"prune", "replay", "bench"}  # commands whose --out is a directory (run/demo lock in Pipeline)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on exit code 64 and the usual FAILED line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"FAILED | usage | {self.prog.removeprefix('tvsprune').strip() or 'tvsprune'}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """-q: errors only; default: warnings; -v: info; -vv: debug; --log-file: everything, to a file."""
+    level = logging.ERROR if args.quiet else logging.WARNING - 10 * min(args.verbose, 2)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setLevel(level)
+    if args.log_file:
+        try:
+            fh = logging.FileHandler(args.log_file)
+        except OSError as e:
+            raise TvsError(f"cannot open --log-file {args.log_file}: {e.strerror}") from None
+        fh.setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(fh)
+    logging.basicConfig(level=min(h.level for h in handlers), format="%(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+    for noisy in ("torch", "onnx", "onnxruntime", "onnxscript", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without importing torch
+        print(f"tvsprune {__version__}")
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        print("tvsprune: error: no command given", file=sys.stderr)
+        print("FAILED | usage | tvsprune", file=sys.stderr)
+        return EXIT_USAGE
+    import contextlib
+    import os
+    import signal
+
+    from ..artifacts import output_lock
+
+    t0 = time.perf_counter()
+    label = args.command + (f" {args.target}" if getattr(args, "target", None) else "")
+
+    def failed(message: str, code: int) -> int:
+        print(f"tvsprune {label}: error: {message}", file=sys.stderr)
+        print(f"FAILED | {label} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return code
+
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if hasattr(signal, "SIGTERM") else None
+    try:
+        _setup_logging(args)
+        with contextlib.ExitStack() as stack:
+            rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the output
+            if getattr(args, "out", None) and args.command not in ("run", "demo") and rank0:
+                stack.enter_context(output_lock(args.out, "dir" if args.command in DIR_OUTPUTS else "file"))
+            if args.quiet:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            else:
+                from ..console import activity
+
+                stack.enter_context(activity(f"tvsprune {label}"))
+            code = args.func(args)
+    except TvsError as e:
+        return failed(str(e), e.exit_code)
+    except OSError as e:  # the environment, not a bug: unwritable output, disk full, missing file
+        what = f"cannot use {e.filename}: " if e.filename else ""
+        return failed(f"{what}{e.strerror or e}", 1)
+    except KeyboardInterrupt:
+        return failed("interrupted; no partial output was kept", 130)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    status = "PASSED" if code == 0 else "FAILED"
+    print(f"{status} | {label} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return code
+
+
+
+__all__ = ["bench_options", "build_parser", "data_options", "main", "prune_options"]

@@ -1,0 +1,104 @@
+"""What every command shares: flag types, model and data flags, the model they load."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    """Comma-separated positive integers (batch sizes, shapes)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (1 for sizes and counts, 0 for worker processes)."""
+    what = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
+_count, _nonneg = _int_at_least(1), _int_at_least(0)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="zoo name (resnet20, vgg11_bn, ...), file.py:Name, module:Name, "
+                        "torchvision:NAME, timm:NAME, or a pruned artifact directory")
+    p.add_argument("--weights", help="checkpoint (.pt/.pth via torch.load(weights_only=True), or .safetensors)")
+    p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
+                   help="keyword arguments for the model constructor (key=value pairs or one JSON object)")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
+    from ..calibration.stage import DataOptions as D
+
+    g = p.add_argument_group("data")
+    g.add_argument(flag, dest="data", required=required,
+                   help="image folder (root/<class>/*.jpg), .npz with x and y, or CIFAR python batches")
+    g.add_argument("--split", default=D.split, choices=["train", "test"], help="split for CIFAR batch folders")
+    g.add_argument("--samples-per-class", type=_count, help="seeded stratified subset of N images per class")
+    g.add_argument("--seed", type=int, default=D.seed, help=f"seed for sampling (default {D.seed})")
+    _add_image_flags(g)
+
+
+def _add_image_flags(g: Any) -> None:
+    """Resize, crop, normalisation and loading flags, shared by every command that reads images."""
+    from ..calibration.stage import DataOptions as D
+
+    g.add_argument("--resize", type=_count, help="resize the shorter side to N pixels")
+    g.add_argument("--crop", type=_count, help="center-crop to N x N")
+    g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: checkpoint's)")
+    g.add_argument("--std", type=_floats, help="normalisation std (default: checkpoint's)")
+    g.add_argument("--batch-size", type=_count, default=D.batch_size, help=f"default {D.batch_size}")
+    g.add_argument("--workers", type=_nonneg, default=D.workers, help="data-loading worker processes")
+    g.add_argument("--skip-bad", action="store_true", help="skip and count undecodable files instead of failing")
+
+
+def data_options(args: argparse.Namespace):
+    from ..calibration import DataOptions
+
+    return DataOptions(path=args.data, resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
+                       split=args.split, samples_per_class=args.samples_per_class, seed=args.seed,
+                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
+
+
+def data_options_for(args: argparse.Namespace, path: str):
+    """The same data flags, applied to another folder (--calib-data, --val-data)."""
+    return data_options(argparse.Namespace(**{**vars(args), "data": path}))
+
+
+def add_preprocess_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Preprocessing flags for commands whose data comes from other folders (--calib-data, --val-data)."""
+    from ..calibration.stage import DataOptions as D
+
+    g = p.add_argument_group(f"preprocessing of {what} (default: as recorded in the moments file / checkpoint)")
+    _add_image_flags(g)
+    p.set_defaults(split=D.split, samples_per_class=D.samples_per_class)
+
+
+def loaded_model(args: argparse.Namespace):
+    from ..models import load_model, parse_kwargs
+
+    return load_model(args.model, args.weights, parse_kwargs(args.model_kwargs))

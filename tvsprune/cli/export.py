@@ -1,0 +1,143 @@
+"""``tvsprune export onnx|int8|trt``."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
+                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
+                     loaded_model)
+
+log = logging.getLogger("tvsprune")
+
+
+def _onnx_data(args: argparse.Namespace, path: str, meta: dict[str, str]):
+    """Data options for an ONNX model: normalisation from flags, else from the file's metadata."""
+    from ..calibration import DataOptions
+
+    mean = args.mean or ([float(v) for v in meta["normalize_mean"].split(",")] if "normalize_mean" in meta else None)
+    std = args.std or ([float(v) for v in meta["normalize_std"].split(",")] if "normalize_std" in meta else None)
+    return DataOptions(path=path, resize=args.resize, crop=args.crop, mean=mean, std=std, split=args.split,
+                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from ..data import take_images
+    from ..exporters import export_onnx
+
+    model = loaded_model(args)
+    shape = args.input_shape or (list(model.input_shape) if model.input_shape else None)
+    inputs = None
+    if args.data:
+        src = data_options(args).open(model)
+        inputs, _ = take_images(src, args.parity_samples)
+        shape = shape or list(inputs.shape[1:])
+    batch = "dynamic" if args.batch == "dynamic" else int(args.batch)
+    rep = export_onnx(model, args.out, args.opset, batch, shape, inputs, args.tolerance, args.exporter)
+    p = rep["parity"]
+    print(f"wrote {args.out} ({rep['size_bytes'] / 1e6:.2f} MB, {rep['parameters']:,} parameters, opset {rep['opset']}, "
+          f"{rep['exporter']} exporter); checker {rep['checker']}")
+    print(f"parity vs PyTorch on {p['samples']} {p['inputs']}: max |diff| {p['max_abs_diff']:.3g} for logits up to "
+          f"{p['max_abs_logit']:.3g} (scaled {p['max_scaled_diff']:.3g}, tolerance {p['tolerance']:g}), top-1 agreement {p['top1_agreement'] * 100:.2f} %, "
+          f"batch sizes {p['batch_sizes']}")
+    if not p["within_tolerance"]:
+        print("WARNING: parity outside tolerance (recorded in the report)")
+        return 3 if args.strict else 0
+    return 0
+
+
+def cmd_export_int8(args: argparse.Namespace) -> int:
+    from ..bench.ort_eval import compare_int8
+    from ..data import take_images
+    from ..exporters.int8 import quantize_int8, write_report
+    from ..exporters.onnx_export import onnx_metadata
+
+    meta = onnx_metadata(args.model)
+    src = _onnx_data(args, args.calib_data, meta).open()
+    x, _ = take_images(src, args.calib_samples, seed=args.seed)
+    batches = [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
+    rep = quantize_int8(args.model, batches, args.out, args.method, per_channel=not args.per_tensor)
+    if args.eval_data:
+        esrc = _onnx_data(args, args.eval_data, meta).open()
+        rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)
+        if e["latency_ratio_int8_over_fp32"] > 1.0:
+            rep.setdefault("warnings", []).append(
+                f"INT8 is slower than FP32 on this CPU ({e['latency_ratio_int8_over_fp32']:.2f}x the latency at batch "
+                f"{e['latency_batch']}): ONNX Runtime has no fast INT8 kernels for some layers (e.g. depthwise); "
+                "deploy FP32 here, or measure INT8 on the target (TensorRT)")
+    write_report(args.out, rep)
+    print(f"wrote {args.out} (QDQ, {rep['calibration_method']}, {rep['calibration_images']} calibration images, "
+          f"{rep['size_bytes'] / 1e6:.2f} MB)")
+    if "evaluation" in rep:
+        e = rep["evaluation"]
+        print(f"top-1 FP32 {e['fp32_top1'] * 100:.2f} % -> INT8 {e['int8_top1'] * 100:.2f} % "
+              f"({e['change_points']:+.2f} points) on {e['samples']} images; CPU latency INT8/FP32 at batch "
+              f"{e['latency_batch']}: {e['latency_ratio_int8_over_fp32']:.2f}")
+    for w in rep.get("warnings", []):
+        print(f"WARNING: {w}")
+    return 0
+
+
+def cmd_export_trt(args: argparse.Namespace) -> int:
+    from ..exporters.tensorrt import build_engine
+
+    rep = build_engine(args.model, args.out, args.precision, args.min_batch, args.opt_batch, args.max_batch,
+                       args.workspace, args.timing_cache, args.opt_level, args.strongly_typed)
+    print(f"wrote {args.out}: TensorRT {rep['tensorrt']} on {rep['gpu']} (sm {rep['compute_capability']}), "
+          f"{rep['precision']}, {rep['size_bytes'] / 1e6:.2f} MB, built in {rep['build_seconds']:.1f} s")
+    return 0
+
+
+def _register_export(sub: Any) -> None:
+    from ..exporters import defaults as ED
+    from ..exporters.int8 import METHODS as INT8_METHODS
+    from ..exporters.tensorrt import PRECISIONS
+
+    exp = sub.add_parser("export", help="export to ONNX, INT8 (QDQ) ONNX, or a TensorRT engine")
+    esub = exp.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    p = esub.add_parser("onnx", help="ONNX with checker, graphsurgeon clean-up and ORT parity")
+    add_model_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument("--input-shape", type=_ints, help="C,H,W (default: the model's, or the data's)")
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="auto: torch.export-based, TorchScript when that fails")
+    p.add_argument("--parity-samples", type=_count, default=ED.PARITY_SAMPLES,
+                   help=f"images from --data compared on ONNX Runtime (default {ED.PARITY_SAMPLES})")
+    p.add_argument("--tolerance", type=float, default=ED.TOLERANCE,
+                   help="max logit difference over max(1, largest |logit|): absolute for logits within "
+                        f"+-1, relative beyond (default {ED.TOLERANCE:g})")
+    p.add_argument("--strict", action="store_true", help="exit 3 when parity is outside tolerance")
+    add_data_args(p, required=False)
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = esub.add_parser("int8", help="static INT8 quantization to a QDQ model (ONNX Runtime)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--calib-data", required=True)
+    p.add_argument("--calib-samples", type=_count, default=ED.INT8_SAMPLES)
+    p.add_argument("--method", default=ED.INT8_METHOD, choices=INT8_METHODS)
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    p.add_argument("--eval-data", help="labelled images: FP32 vs INT8 accuracy and CPU latency")
+    p.add_argument("--eval-samples", type=_count, help="limit evaluation images (default all)")
+    add_preprocess_args(p, "--calib-data and --eval-data")
+    p.set_defaults(func=cmd_export_int8, seed=0)
+
+    p = esub.add_parser("trt", help="TensorRT engine (needs TensorRT and an NVIDIA GPU; see the Dockerfile)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    p.add_argument("--min-batch", type=_count, default=ED.MIN_BATCH)
+    p.add_argument("--opt-batch", type=_count, default=ED.OPT_BATCH)
+    p.add_argument("--max-batch", type=_count, default=ED.MAX_BATCH)
+    p.add_argument("--workspace", type=_count, help="workspace limit in MiB")
+    p.add_argument("--timing-cache", help="timing cache file, read and updated (kept across builds)")
+    p.add_argument("--opt-level", type=int, help="builder optimization level 0-5")
+    p.add_argument("--strongly-typed", action="store_true", help="TensorRT 10: build a strongly typed network")
+    p.set_defaults(func=cmd_export_trt)
+
+
+register = _register_export

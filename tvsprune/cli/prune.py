@@ -1,0 +1,141 @@
+"""``tvsprune prune`` and ``tvsprune replay``."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
+                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
+                     loaded_model)
+
+log = logging.getLogger("tvsprune")
+
+
+def prune_options(args: argparse.Namespace):
+    """The PruneOptions that ``tvsprune prune`` flags describe (defaults: PruneOptions' own)."""
+    from ..pruning import Guards, PruneOptions
+
+    return PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
+                        threshold=args.threshold, allocation=args.allocation, cost_power=args.cost_power,
+                        guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
+                        pair_reduce=args.pair_reduce, seed=args.seed, tvs_saliency=args.tvs_saliency,
+                        **repair_options(args), repair_samples_per_class=args.repair_samples_per_class,
+                        max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..console import print_table
+    from ..pruning import prune
+
+    opts = prune_options(args)
+    calib = val = None
+    if args.calib_data:
+        calib = data_options_for(args, args.calib_data)
+    if args.val_data:
+        val = data_options_for(argparse.Namespace(**{**vars(args), "samples_per_class": args.val_samples_per_class}),
+                               args.val_data)
+    report = prune(loaded_model(args), args.moments, args.out, opts, calib, val,
+                   log_round=lambda r: print("round " + "  ".join(f"{k}={v}" for k, v in r.items())))
+    print_table([{k: v for k, v in row.items() if k != "score_quantiles"} for row in report["layers"]],
+                title=f"{args.method}: channels per layer")
+    p, m = report["params"], report["macs"]
+    print(f"params {p['before']:,} -> {p['after']:,} ({p['removed_frac'] * 100:.1f} % removed); "
+          f"MACs {m['before']:,} -> {m['after']:,} ({m['removed_frac'] * 100:.1f} % removed)")
+    if "accuracy" in report:
+        a = report["accuracy"]
+        print(f"accuracy {a['before'] * 100:.2f} % -> {a['after'] * 100:.2f} % "
+              f"({a['drop_points']:.2f} points lost) on {a['samples']} held-out images")
+    if (report.get("budget") or {}).get("unmet"):
+        print(f"note: {report['budget']['unmet']}")
+    print(f"wrote {args.out}/plan.json, pruned.safetensors, prune.json")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from ..pruning import replay
+
+    calib = data_options_for(args, args.calib_data) if args.calib_data else None
+    module = replay(loaded_model(args), args.plan, args.out, calib, args.structure_only, args.moments)
+    print(f"plan applied: {sum(p.numel() for p in module.parameters()):,} parameters; wrote {args.out}")
+    return 0
+
+
+def repair_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--compensation / --bn-recalibrate / --no-repair / --ridge as PruneOptions keywords."""
+    if args.no_repair:
+        return {"compensation": "none", "bn_recalibrate": False, "ridge": args.ridge}
+    return {"compensation": args.compensation, "mean_compensation": args.mean_compensation,
+            "bn_recalibrate": args.bn_recalibrate, "ridge": args.ridge}
+
+
+def _register_prune(sub: Any) -> None:
+    from ..pruning.compensation import COMPENSATIONS
+    from ..pruning.plan import Guards
+    from ..pruning.stage import DEFAULT_TARGET_PARAMS, TVS_SALIENCY, PruneOptions, allocation_choices, methods
+
+    P = PruneOptions
+    p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
+    add_model_args(p)
+    p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
+    p.add_argument("--method", default=P.method, choices=methods())
+    p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
+    b = p.add_argument_group("budget")
+    b.add_argument("--target-params", type=float,
+                   help=f"fraction of parameters to remove, e.g. 0.5 (default {DEFAULT_TARGET_PARAMS} when no budget "
+                        "is given)")
+    b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
+    b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
+    b.add_argument("--allocation", default=PruneOptions.allocation, choices=allocation_choices(),
+                   help="how the budget is spread over layers: auto (default: cost for --target-params, global for "
+                        "--target-flops), global (one threshold on the scores normalised by each layer's maximum), "
+                        "cost (a channel goes when its "
+                        "normalised score is low relative to what removing it saves), cost-rank (the same with "
+                        "scores replaced by within-layer ranks: the saving decides how many, the criterion which), "
+                        "alpha (the reference rule t_j <= alpha * mean(t)), global, uniform, ldiff")
+    b.add_argument("--cost-power", type=float, default=P.cost_power, help="exponent of the saving in --allocation cost")
+    b.add_argument("--min-keep-frac", type=float, default=Guards.min_keep_frac,
+                   help="keep at least this fraction per layer")
+    b.add_argument("--min-keep", type=_count, default=Guards.min_keep, help="keep at least this many channels per layer")
+    b.add_argument("--round-to", type=_count, default=Guards.round_to,
+                   help="round kept widths up to a multiple (8/16/32)")
+    p.add_argument("--pair-reduce", default=P.pair_reduce, choices=["min", "mean"],
+                   help="reduction over class pairs")
+    p.add_argument("--tvs-saliency", default=PruneOptions.tvs_saliency, choices=TVS_SALIENCY,
+                   help="tvs/iter-tvs: none (default) ranks by the TV score alone; ls multiplies the per-layer normalised "
+                        "TV score by the least-squares saliency (what removing the channel costs once compensated)")
+    p.add_argument("--seed", type=int, default=P.seed)
+    r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
+    r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
+                   help="rebuild removed channels from kept ones at every consumer: ls (default; ridge regression "
+                        "on the moments file's input second moments, no images), ls-seq (re-fit consumer by "
+                        "consumer on calibration images: slower, corrects upstream errors), mean, none")
+    r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=PruneOptions.bn_recalibrate,
+                   help="re-estimate BatchNorm statistics on calibration images after the fold")
+    r.add_argument("--no-repair", action="store_true", help="no compensation, no BatchNorm re-estimation (studies)")
+    r.add_argument("--ridge", type=float, default=PruneOptions.ridge,
+                   help="ridge strength of the least-squares fits, relative to the mean input variance")
+    r.add_argument("--mean-compensation", action="store_true", help=argparse.SUPPRESS)  # old spelling
+    r.add_argument("--calib-data", help="images for the repairs (default: the moments file's data)")
+    r.add_argument("--repair-samples-per-class", type=_count, default=P.repair_samples_per_class)
+    i = p.add_argument_group("iter-tvs / validation")
+    i.add_argument("--val-data", help="held-out labelled images (accuracy before/after; required by iter-tvs)")
+    i.add_argument("--val-samples-per-class", type=_count)
+    i.add_argument("--max-acc-drop", type=float, default=P.max_acc_drop, help="accuracy points iter-tvs may lose")
+    i.add_argument("--step", type=float, default=P.step, help="fraction removed per iter-tvs round")
+    add_preprocess_args(p, "--calib-data and --val-data")
+    p.add_argument("--device", default=P.device, help="device for scoring")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model, redoing its repairs")
+    add_model_args(p)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--calib-data", help="images for the plan's repairs (default: the folder recorded in the plan)")
+    p.add_argument("--structure-only", action="store_true", help="remove the channels, skip the repairs")
+    p.add_argument("--moments", help="moments file for the plan's compensation (default: the one recorded in the plan)")
+    add_preprocess_args(p, "--calib-data")
+    p.set_defaults(func=cmd_replay, seed=0)
+
+
+register = _register_prune
