@@ -285,12 +285,13 @@ def test_many_classes_chunked_min_equals_bruteforce():
             lbc = (0.5 * torch.log(2 * var[a].sqrt() * var[b].sqrt() / s2) - (lm.mean[a] - lm.mean[b]) ** 2 / (4 * s2)).sum(-1)
             brute = np.minimum(brute, (1 - torch.exp(lbc)).numpy())
     np.testing.assert_allclose(got, brute, rtol=1e-10, atol=1e-14)
-    old = sc.pair_chunks
-    try:  # force tiny chunks: same answer
-        sc.pair_chunks = lambda n, b, budget=0: old(n, b, budget_bytes=b * 7)
+    old = sc.WORKING_SET_BYTES
+    try:  # force tiny slices (one class pair per step): the same answer, bit for bit
+        sc.WORKING_SET_BYTES = 1
         np.testing.assert_allclose(hellinger_pairs(lm).numpy(), got, rtol=0, atol=0)
+        np.testing.assert_allclose(hellinger_pairs(lm, "mean").numpy(), hellinger_pairs(lm, "mean").numpy())
     finally:
-        sc.pair_chunks = old
+        sc.WORKING_SET_BYTES = old
 
 
 def test_spearman():
