@@ -52,6 +52,8 @@ def main() -> int:
                 f"parity {row[m]['parity_scaled']:.1e}{'' if row[m]['parity_ok'] else ' (OUT)'}"
                 f"{' unpruned groups ' + str(row[m]['unpruned_groups']) if row[m]['unpruned_groups'] else ''}"
                 for m in ("tvs", "l1"))
+            if "base_parity_scaled" in row:
+                detail = f"base parity {row['base_parity_scaled']:.1e}  " + detail
             print(f"{row['model']:32s} {row['status']:8s} {row['seconds']:6.1f}s  {detail}", flush=True)
     out = {"machine": machine(), "per_class": args.per_class, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

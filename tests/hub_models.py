@@ -96,7 +96,9 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
 
     Parity is checked on the calibration images (as ``export onnx --data`` does): random
     normal inputs are far outside what BatchNorm statistics estimated on images expect,
-    and a randomly initialised network amplifies rounding there.
+    and a randomly initialised network amplifies rounding there. The unpruned network's own
+    parity is recorded too (``base_parity_scaled``): some random networks (efficientnet_b0)
+    are so ill-conditioned that PyTorch and ONNX Runtime disagree before any pruning.
 
     ``status``: "ok", "refused" (a TvsError: one clean line), or "error" (anything else,
     with its traceback: a bug).
@@ -116,6 +118,10 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
         model = build(hub, name, kwargs, images)
         row["params"] = sum(p.numel() for p in model.parameters())
         data = DataOptions(path=str(folder), resize=size, mean=[0.5] * 3, std=[0.25] * 3)
+        out.mkdir(parents=True, exist_ok=True)
+        base = tvsprune.export_onnx(model, out / f"{name}-base.onnx", input_shape=[3, size, size],
+                                    parity_inputs=images)
+        row["base_parity_scaled"] = base["parity"]["max_scaled_diff"]  # the unpruned network's own
         moments = tvsprune.calibrate(model, data)
         for method in methods:
             pruned = tvsprune.prune(model, moments, method=method, target_params=target, calib_data=data,
