@@ -14,8 +14,8 @@ import torch
 from helpers import randomize_bn
 from tiny_models import TinyCNN
 
-from tvsprune.bench.latency import LatencyConfig, measure_interleaved, summarize
-from tvsprune.bench.runners import Runner, make_runner, register
+from tvsprune.compare.latency import LatencyConfig, measure_interleaved, summarize
+from tvsprune.backends import Runner, make_runner, register
 from tvsprune.errors import TvsError
 from tvsprune.models import LoadedModel, ModelSpec
 

@@ -118,7 +118,7 @@ def test_tensorrt_fp16_engine_matches_onnxruntime(tmp_path):
         pytest.skip(reason)
     import tensorrt as trt
 
-    from tvsprune.bench.runners import make_runner
+    from tvsprune.backends import make_runner
     from tvsprune.exporters.tensorrt import build_engine
 
     loaded = LoadedModel(module=randomize_bn(TinyCNN()), spec=ModelSpec("tiny"), input_shape=(3, 16, 16))

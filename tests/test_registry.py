@@ -37,7 +37,7 @@ def test_a_new_criterion_is_one_registration():
     from tvsprune.pruning.scores import layer_scores
 
     with registered(CRITERIA, "l-inf"):
-        @CRITERIA.register("l-inf")
+        @CRITERIA.entry("l-inf")
         class LInf(WeightCriterion):
             def layer(self, module, norm, name, inputs):
                 return module.weight.detach().double().flatten(1).abs().amax(1)
@@ -63,7 +63,7 @@ def test_a_new_allocation_is_one_registration():
     from tvsprune.pruning.plan import make_plan
 
     with registered(ALLOCATIONS, "first-only"):
-        @ALLOCATIONS.register("first-only")
+        @ALLOCATIONS.entry("first-only", instantiate=False)
         class FirstOnly(Allocation):  # everything from the first group
             def n_remove(self, a, i, lam):
                 return int(lam * a.channels[i]) if i == 0 else 0
@@ -83,7 +83,7 @@ def test_a_new_model_source_is_one_registration():
     from tvsprune.models.sources import SOURCES, ModelSource
 
     with registered(SOURCES, "tiny"):
-        @SOURCES.register("tiny")
+        @SOURCES.entry("tiny")
         class Tiny(ModelSource):
             priority, form = 5, "tiny:WIDTH"
 

@@ -3,7 +3,7 @@ is registered by name in one place and looked up with an error that names the cl
 
     CRITERIA: Registry[Criterion] = Registry("criterion")
 
-    @CRITERIA.register("l1")
+    @CRITERIA.entry("l1")
     class L1(WeightCriterion): ...
 
     CRITERIA.get("l11")   # TvsError: unknown criterion 'l11' (did you mean 'l1'? one of: ...)
@@ -56,6 +56,16 @@ class Registry(Generic[T]):
             return obj
 
         return add(entry) if entry is not None else add
+
+    def entry(self, name: str, instantiate: bool = True) -> Callable[[type], type]:
+        """``@entry("x")`` on a class: names it (``cls.name``) and registers it (an instance, or
+        the class itself with ``instantiate=False``)."""
+        def add(cls: type) -> type:
+            cls.name = name
+            self.register(name, cls() if instantiate else cls)
+            return cls
+
+        return add
 
     def _load(self) -> None:
         if self._loaded:

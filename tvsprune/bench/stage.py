@@ -21,7 +21,7 @@ from ..calibration.stage import DataOptions
 from ..data import take_images
 from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
-from .latency import LatencyConfig, measure_interleaved
+from ..compare.latency import LatencyConfig, measure_interleaved
 from .memory import peak_rss
 from ..backends import BACKENDS, backend_availability, backend_kind, make_runner
 

@@ -15,7 +15,7 @@ log = logging.getLogger("tvsprune")
 
 def bench_options(args: argparse.Namespace):
     """The BenchOptions that ``tvsprune bench`` flags describe (defaults: BenchOptions' own)."""
-    from ..bench.latency import LatencyConfig
+    from ..compare.latency import LatencyConfig
     from ..bench.stage import BenchOptions
 
     return BenchOptions(backends=args.backend.split(",") if args.backend else None, batch_sizes=args.batch_sizes,

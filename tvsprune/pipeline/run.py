@@ -69,7 +69,7 @@ def prune_options(cfg: RunConfig) -> PruneOptions:
 
 def bench_options(cfg: RunConfig) -> BenchOptions:
     """The BenchOptions that a config's [bench] section describes."""
-    from ..bench.latency import LatencyConfig
+    from ..compare.latency import LatencyConfig
     from ..bench.stage import BenchOptions
 
     b = cfg.bench

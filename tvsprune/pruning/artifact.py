@@ -115,7 +115,7 @@ def is_pruned_artifact(spec: str) -> bool:
     return (p.is_dir() and (p / WEIGHTS_FILE).is_file()) or (p.suffix == ".safetensors" and p.is_file())
 
 
-@SOURCES.register("pruned")
+@SOURCES.entry("pruned")
 class PrunedArtifact(ModelSource):
     """A pruned artifact carries its base spec, plan and weights: it loads whole."""
 

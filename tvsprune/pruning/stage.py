@@ -43,13 +43,10 @@ def methods() -> tuple[str, ...]:
 def allocation_choices() -> tuple[str, ...]:
     return ("auto",) + ALLOCATIONS.names()
 
-
-METHODS = methods()  # as registered at import (for docs); the checks call methods()
 TVS_SALIENCY = ("ls", "none")
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
-ALLOCATION_CHOICES = allocation_choices()
 
 
 def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions",
@@ -554,4 +551,4 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
     return module
 
 
-__all__ = ["METHODS", "PruneOptions", "prune", "replay"]
+__all__ = ["PruneOptions", "allocation_choices", "methods", "prune", "replay"]

@@ -7,7 +7,7 @@ write a module here:
 
     from . import SOURCES, ModelSource
 
-    @SOURCES.register("onnx2torch")
+    @SOURCES.entry("onnx2torch")
     class FromOnnx(ModelSource):
         priority = 15
         def matches(self, spec): return spec.endswith(".onnx")
@@ -52,14 +52,6 @@ class ModelSource:
 
 
 class _Sources(Registry[ModelSource]):
-    def register(self, name: str, entry=None):
-        def add(cls):
-            cls.name = name
-            Registry.register(self, name, cls())
-            return cls
-
-        return add(entry) if entry is not None else add
-
     def ordered(self) -> list[ModelSource]:
         return sorted((s for _, s in self.items()), key=lambda s: (s.priority, s.name))
 

@@ -57,7 +57,7 @@ def _call(spec: str, module: Any, attr: str, kwargs: dict[str, Any]) -> nn.Modul
     return model
 
 
-@SOURCES.register("file")
+@SOURCES.entry("file")
 class UserFile(ModelSource):
     priority, form = 30, "file.py:Name"
 
@@ -69,7 +69,7 @@ class UserFile(ModelSource):
         return _call(spec, _import_file(path), attr, kwargs)
 
 
-@SOURCES.register("module")
+@SOURCES.entry("module")
 class ImportableModule(ModelSource):
     priority, form = 40, "module:Name"
 

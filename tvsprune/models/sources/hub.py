@@ -36,7 +36,7 @@ class _Hub(ModelSource):
         raise NotImplementedError
 
 
-@SOURCES.register("torchvision")
+@SOURCES.entry("torchvision")
 class Torchvision(_Hub):
     lib = "torchvision"
 
@@ -44,7 +44,7 @@ class Torchvision(_Hub):
         return hub.get_model(name, **kwargs)
 
 
-@SOURCES.register("timm")
+@SOURCES.entry("timm")
 class Timm(_Hub):
     lib = "timm"
 

@@ -10,7 +10,7 @@ from ..zoo import ZOO, ZOO_INPUT_SHAPE
 from . import SOURCES, ModelSource
 
 
-@SOURCES.register("zoo")
+@SOURCES.entry("zoo")
 class Zoo(ModelSource):
     priority = 10
 

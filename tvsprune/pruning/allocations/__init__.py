@@ -6,7 +6,7 @@ go in ascending score order. To add one:
 
     from . import ALLOCATIONS, Allocation
 
-    @ALLOCATIONS.register("sqrt-uniform")
+    @ALLOCATIONS.entry("sqrt-uniform", instantiate=False)
     class SqrtUniform(Allocation):
         def n_remove(self, a, i, lam):
             return int(lam ** 0.5 * a.channels[i])
@@ -39,17 +39,7 @@ class Allocation:
         raise NotImplementedError
 
 
-class _Allocations(Registry[type]):
-    def register(self, name: str, entry=None):
-        def add(cls):
-            cls.name = name
-            Registry.register(self, name, cls)
-            return cls
-
-        return add(entry) if entry is not None else add
-
-
-ALLOCATIONS: Registry[type] = _Allocations("allocation", package=__name__)
+ALLOCATIONS: Registry[type] = Registry("allocation", package=__name__)
 
 
 def removal_order(t: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import ALLOCATIONS, Allocation
 
 
-@ALLOCATIONS.register("alpha")
+@ALLOCATIONS.entry("alpha", instantiate=False)
 class Alpha(Allocation):
     def setup(self, a, ldiffs, unit_costs, cost_power) -> None:
         super().setup(a, ldiffs, unit_costs, cost_power)

@@ -8,7 +8,7 @@ import numpy as np
 from . import ALLOCATIONS, Allocation
 
 
-@ALLOCATIONS.register("cost")
+@ALLOCATIONS.entry("cost", instantiate=False)
 class Cost(Allocation):
     def setup(self, a, ldiffs, unit_costs, cost_power) -> None:
         uc = np.asarray(unit_costs, dtype=np.float64)
@@ -27,7 +27,7 @@ def _ranks(order: np.ndarray) -> np.ndarray:
     return r
 
 
-@ALLOCATIONS.register("cost-rank")
+@ALLOCATIONS.entry("cost-rank", instantiate=False)
 class CostRank(Cost):
     def transform(self, gscores, orders):
         return [None if o is None else _ranks(o) for o in orders]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import ALLOCATIONS, Allocation
 
 
-@ALLOCATIONS.register("global")
+@ALLOCATIONS.entry("global", instantiate=False)
 class Global(Allocation):
     def n_remove(self, a, i: int, lam: float) -> int:
         return int((a.gscores[i] < lam).sum())

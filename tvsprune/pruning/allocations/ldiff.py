@@ -8,7 +8,7 @@ import numpy as np
 from . import ALLOCATIONS, Allocation
 
 
-@ALLOCATIONS.register("ldiff")
+@ALLOCATIONS.entry("ldiff", instantiate=False)
 class LDiff(Allocation):
     def setup(self, a, ldiffs, unit_costs, cost_power) -> None:
         ld = np.asarray(ldiffs if ldiffs is not None else [0.0] * len(a.gscores), dtype=np.float64)

@@ -6,7 +6,7 @@ import math
 from . import ALLOCATIONS, Allocation
 
 
-@ALLOCATIONS.register("uniform")
+@ALLOCATIONS.entry("uniform", instantiate=False)
 class Uniform(Allocation):
     def n_remove(self, a, i: int, lam: float) -> int:
         return int(math.floor(lam * a.channels[i] + 1e-9))

@@ -7,7 +7,7 @@ means keep. Scores never touch the model's structure: plans are made from them
 
     from . import CRITERIA, WeightCriterion
 
-    @CRITERIA.register("l-inf")
+    @CRITERIA.entry("l-inf")
     class LInf(WeightCriterion):
         def layer(self, module, norm, name, inputs):
             return module.weight.detach().double().flatten(1).abs().amax(1)
@@ -107,17 +107,7 @@ def pair_chunks(n_pairs: int, per_pair_bytes: int, budget_bytes: int = 256 << 20
         yield slice(s, min(n_pairs, s + step))
 
 
-class _Criteria(Registry[Criterion]):
-    def register(self, name: str, entry=None):  # instances are registered; the class gets its name
-        def add(cls):
-            cls.name = name
-            Registry.register(self, name, cls())
-            return cls
-
-        return add(entry) if entry is not None else add
-
-
-CRITERIA: Registry[Criterion] = _Criteria("criterion", package=__name__)
+CRITERIA: Registry[Criterion] = Registry("criterion", package=__name__)
 
 
 def criteria_needing(need: str) -> tuple[str, ...]:

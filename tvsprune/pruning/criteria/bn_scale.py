@@ -7,7 +7,7 @@ import torch.nn as nn
 from . import CRITERIA, ScoreInputs, WeightCriterion, flat_weight
 
 
-@CRITERIA.register("bn-scale")
+@CRITERIA.entry("bn-scale")
 class BNScale(WeightCriterion):
     def layer(self, module: nn.Module, norm: nn.Module | None, name: str, inputs: ScoreInputs) -> torch.Tensor:
         if norm is None or getattr(norm, "weight", None) is None:

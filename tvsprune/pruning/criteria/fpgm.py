@@ -8,7 +8,7 @@ import torch.nn as nn
 from . import CRITERIA, ScoreInputs, WeightCriterion, flat_weight
 
 
-@CRITERIA.register("fpgm")
+@CRITERIA.entry("fpgm")
 class FPGM(WeightCriterion):
     def layer(self, module: nn.Module, norm: nn.Module | None, name: str, inputs: ScoreInputs) -> torch.Tensor:
         w = flat_weight(module)

@@ -24,7 +24,7 @@ def mean_distance(lm: LayerMoments, reduce: str = "min") -> torch.Tensor:
     return out if reduce == "min" else total / len(ia)
 
 
-@CRITERIA.register("mean-distance")
+@CRITERIA.entry("mean-distance")
 class MeanDistance(MomentCriterion):
     def layer(self, lm: LayerMoments, inputs: ScoreInputs) -> torch.Tensor:
         return mean_distance(lm, inputs.pair_reduce)

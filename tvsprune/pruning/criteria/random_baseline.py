@@ -7,7 +7,7 @@ import torch.nn as nn
 from . import CRITERIA, ScoreInputs, WeightCriterion
 
 
-@CRITERIA.register("random")
+@CRITERIA.entry("random")
 class Random(WeightCriterion):
     def layer(self, module: nn.Module, norm: nn.Module | None, name: str, inputs: ScoreInputs) -> torch.Tensor:
         g = torch.Generator().manual_seed(inputs.seed * 1_000_003 + sum(map(ord, name)))

@@ -55,7 +55,7 @@ def hellinger_pairs(lm: LayerMoments, reduce: str = "min", var_floor_rel: float 
     return (total / (K * (K - 1) // 2)).cpu()
 
 
-@CRITERIA.register("tvs")
+@CRITERIA.entry("tvs")
 class TVS(MomentCriterion):
     def layer(self, lm: LayerMoments, inputs: ScoreInputs) -> torch.Tensor:
         return hellinger_pairs(lm, inputs.pair_reduce, device=inputs.device)
