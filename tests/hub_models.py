@@ -86,7 +86,11 @@ def build(hub: str, name: str, kwargs: dict[str, Any], images: torch.Tensor) -> 
         model = import_hub("torchvision").get_model(name, num_classes=10, **kwargs)
     else:
         model = import_hub("timm").create_model(name, num_classes=10, pretrained=False, **kwargs)
-    recalibrate_batchnorm(model, [(images[i:i + 8], None) for i in range(0, len(images), 8)])
+    # mixed-class batches: the image folder is class-sorted, and batches of one class give
+    # running variances far below the data's, an ill-conditioned network (parity misses)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    shuffled = images[order]
+    recalibrate_batchnorm(model, [(shuffled[i:i + 8], None) for i in range(0, len(shuffled), 8)])
     return model.eval()
 
 
@@ -97,8 +101,9 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
     Parity is checked on the calibration images (as ``export onnx --data`` does): random
     normal inputs are far outside what BatchNorm statistics estimated on images expect,
     and a randomly initialised network amplifies rounding there. The unpruned network's own
-    parity is recorded too (``base_parity_scaled``): some random networks (efficientnet_b0)
-    are so ill-conditioned that PyTorch and ONNX Runtime disagree before any pruning.
+    parity is recorded too (``base_parity_scaled``): where a random network is so
+    ill-conditioned that float32 rounding alone crosses the tolerance (Inception v3 at 96x96),
+    the unpruned network misses it as well.
 
     ``status``: "ok", "refused" (a TvsError: one clean line), or "error" (anything else,
     with its traceback: a bug).
