@@ -6,12 +6,13 @@ and the parameters AND MACs actually removed (both counted by torch_pruning.util
 row, so the columns compare like with like):
 
 - tvsprune rows go through the real ``prune()`` path (the CLI's), with its defaults
-  unless the row says otherwise: ``tvs`` (TV score, ls compensation +
-  BatchNorm re-estimation; allocation ``auto``: cost for parameter budgets, global for
-  MAC budgets), ``tvs ls-seq`` (sequential re-fit, no BatchNorm re-estimation),
-  ``tvs ls-score`` (TV score x LS saliency), ``tvs bn-only`` (no compensation: the
-  wave-1 repair), ``tvs global-alloc`` / ``tvs cost-alloc`` (one allocation for both
-  budget kinds), ``l2`` (tvsprune's plan path and repairs with an L2 ranking).
+  unless the row says otherwise: ``tvs`` (the defaults: ``--tvs-saliency auto``,
+  ``--allocation auto``, ``--compensation auto`` + BatchNorm re-estimation: the candidates
+  are pruned and repaired and the one most faithful to the unpruned network on held-out
+  calibration images is kept; the row names the choice), ``tvs TV-alone`` (the previous
+  default: TV score, cost rule for parameter budgets and global for MAC budgets, ls +
+  BatchNorm), ``tvs bn-only`` (no compensation: BatchNorm re-estimation only), ``l2``
+  (tvsprune's plan path and repairs with an L2 ranking, allocation and compensation auto).
 - Torch-Pruning rows: MagnitudeImportance L1/L2, BNScaleImportance, LAMPImportance and
   GroupTaylorImportance (gradients of the cross-entropy on the calibration images), each
   uniform (one ratio per layer) and global, the ratio bisected until the removed fraction
@@ -44,16 +45,14 @@ from tvsprune.models import load_model  # noqa: E402
 from tvsprune.models.probe import probe_model  # noqa: E402
 from tvsprune.pruning import PruneOptions, load_pruned, prune  # noqa: E402
 from tvsprune.pruning.repairs import recalibrate_batchnorm  # noqa: E402
+from tvsprune.pruning.stage import repair_batches  # noqa: E402
 
 BUDGETS = {"resnet20": "params:0.1,params:0.2,params:0.3,macs:0.3",
            "vgg11_bn": "params:0.5,params:0.6,params:0.7,macs:0.5"}
 TVSPRUNE_ROWS = {
     "tvs": {},
-    "tvs ls-seq": {"compensation": "ls-seq", "bn_recalibrate": False},
-    "tvs ls-score": {"tvs_saliency": "ls"},
+    "tvs TV-alone": {"tvs_saliency": "none", "compensation": "ls", "allocation": {"params": "cost", "macs": "global"}},
     "tvs bn-only": {"compensation": "none"},
-    "tvs global-alloc": {"allocation": "global"},
-    "tvs cost-alloc": {"allocation": "cost"},
     "l2": {"method": "l2"},
 }
 TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bnscale", "tp-lamp", "tp-taylor")
@@ -151,9 +150,8 @@ def main() -> None:
         mpath = tmp / f"{name}.moments.safetensors"
         calibrate(lm, calib, mpath, args.resolution)
         xt, yt = decode(DataOptions(str(root / "test")), lm, args.test_per_class)
-        src = calib.open(lm)
-        rep_idx = stratified_indices(src.labels, PruneOptions.repair_samples_per_class, calib.seed)
-        repair = list(BatchStream(src, rep_idx, calib.batch_size))
+        # the same repair images, in the same seeded mixed-class order, as tvsprune's own repairs
+        repair = list(repair_batches(calib, lm, PruneOptions.repair_samples_per_class)[1])
         base = accuracy(lm.module, xt, yt)
         bmacs, bparams = count(lm.module)
         base_cost = {"params": bparams, "macs": bmacs}
@@ -170,10 +168,13 @@ def main() -> None:
                 t1 = time.time()
                 if row in TVSPRUNE_ROWS:
                     kw = {"target_params" if metric == "params" else "target_flops": frac, "compare_criteria": False}
-                    kw.update(TVSPRUNE_ROWS[row])
-                    out = tmp / f"{name}-{budget}-{row.replace(' ', '_')}"
-                    prune(lm, mpath, out, PruneOptions(**kw), calib)
+                    kw.update({k: v[metric] if isinstance(v, dict) else v for k, v in TVSPRUNE_ROWS[row].items()})
+                    out = tmp / f"{name}-{budget}-{row.replace(' ', '_').replace(',', '')}"
+                    rep = prune(lm, mpath, out, PruneOptions(**kw), calib)
                     model = load_pruned(out).module
+                    chosen = [t for t in rep.get("selection", {}).get("candidates", []) if t.get("chosen")]
+                    if chosen:  # what auto chose: tvs combination / allocation / compensation
+                        row = f"{row} [{'/'.join(str(chosen[0][k]) for k in ('tvs_saliency', 'allocation', 'compensation') if chosen[0].get(k))}]"
                 else:
                     crit, _, scope = row.partition(":")
                     model = None

@@ -217,9 +217,17 @@ def test_old_format_moments_file_still_prunes_with_mean_fallback(tmp_path, tiny_
     assert not Moments.load(old).inputs and Moments.load(new).inputs
     out = tmp_path / "pruned"
     r = run_cli("prune", spec, "--weights", weights, "--moments", old, "--target-params", "0.3",
-                "--out", out)
+                "--out", out, "--compensation", "ls")
     assert r.returncode == 0, r.stderr
     assert "falls back to mean" in r.stderr
     report = json.loads((out / "prune.json").read_text())
     assert report["repair_steps"]["compensation"]["method"] == "mean"
+    # the defaults (compensation auto: ls, then ls-seq when more faithful) prune it too
+    r = run_cli("prune", spec, "--weights", weights, "--moments", old, "--target-params", "0.3",
+                "--out", tmp_path / "auto")
+    assert r.returncode == 0, r.stderr
+    assert "falls back to mean" in r.stderr
+    report = json.loads((tmp_path / "auto" / "prune.json").read_text())
+    assert report["repair_steps"]["compensation"]["method"] in ("mean", "ls-seq")
+    assert not any(c["tvs_saliency"] == "ls" for c in report["selection"]["candidates"])  # no second moments
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "pruned.safetensors")).values())

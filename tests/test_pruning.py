@@ -377,3 +377,58 @@ def test_tied_scores_do_not_overshoot_the_budget():
         plan = make_plan(graph, cost, scores, target=0.3, allocation=allocation)
         removed = plan.meta["params"]["removed_frac"]
         assert 0.3 <= removed < 0.36, (allocation, removed)
+
+
+def test_magnitude_allocation_counts_by_l2_and_orders_by_the_criterion():
+    """``magnitude``: each group loses as many channels as a global threshold on L2 norms
+    takes (what ``global`` on the L2 scores removes), but the criterion picks which."""
+    model = randomize_bn(TinyCNN())
+    example, probe, graph, cost = _setup(model)
+    layers = [l.name for l in probe.layers]
+    l2 = layer_scores("l2", model, None, layers)
+    other = layer_scores("random", model, None, layers, seed=3)
+    by_l2 = make_plan(graph, cost, l2, target=0.3, allocation="global")
+    mixed = make_plan(graph, cost, other, target=0.3, allocation="magnitude", count_scores=l2)
+    implicit = make_plan(graph, cost, other, target=0.3, allocation="magnitude")  # L2 norms read from the model
+    assert [len(g["kept"]) for g in mixed.groups] == [len(g["kept"]) for g in by_l2.groups]
+    assert mixed.groups == implicit.groups
+    from tvsprune.pruning.plan import block_scores, group_scores
+
+    for g, t in zip(mixed.groups, block_scores(graph, group_scores(graph, other))):
+        removed = np.setdiff1d(np.arange(g["channels"]), g["kept"])
+        if len(removed) and t is not None:  # the lowest-scoring channels of the criterion went
+            assert t[removed].max() <= np.sort(t)[len(removed) - 1] + 1e-12
+    assert any(a["kept"] != b["kept"] for a, b in zip(mixed.groups, by_l2.groups))
+
+
+def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_calibrated, tmp_path):
+    """The defaults (tvs combination, allocation and compensation auto) prune every candidate,
+    keep the lowest KL(unpruned || pruned), and record it so that replay rebuilds it."""
+    from tvsprune.compare.logits import chunks, collect_logits, forward_fn
+    from tvsprune.calibration import DataOptions
+    from tvsprune.pruning import PruneOptions, load_pruned, prune
+    from tvsprune.pruning.stage import fidelity, fidelity_images
+
+    spec, weights, data, moments = tiny_calibrated
+    loaded = load_model(spec, str(weights))
+    calib = DataOptions(str(data))
+    report = prune(loaded, moments, tmp_path / "p", PruneOptions(target_params=0.3), calib)
+    sel = report["selection"]
+    cands = sel["candidates"]
+    assert {(c["tvs_saliency"], c["allocation"]) for c in cands} >= {("none", "cost"), ("l2", "global"),
+                                                                      ("ls", "magnitude")}
+    assert any(c.get("compensation") == "ls-seq" for c in cands)  # few repair images: ls-seq is tried too
+    chosen = [c for c in cands if c.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["kl"] == min(c["kl"] for c in cands)
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["criterion"]["tvs_saliency"] == chosen[0]["tvs_saliency"]
+    assert plan["allocation"] == chosen[0]["allocation"]
+    assert plan["repairs"]["compensation"] == chosen[0].get("compensation", "ls")
+    xs = fidelity_images(calib, loaded, PruneOptions())
+    base = collect_logits(forward_fn(loaded.module), chunks(xs))[0]
+    saved = collect_logits(forward_fn(load_pruned(tmp_path / "p").module), chunks(xs))[0]
+    assert fidelity(base, saved)["kl"] == pytest.approx(chosen[0]["kl"], rel=1e-5, abs=1e-9)
+    # an explicit choice runs no selection
+    report = prune(loaded, moments, tmp_path / "q", PruneOptions(target_params=0.3, tvs_saliency="none",
+                                                                 allocation="cost", compensation="ls"), calib)
+    assert "selection" not in report

@@ -87,12 +87,15 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
     b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
     b.add_argument("--allocation", default=PruneOptions.allocation, choices=allocation_choices(),
-                   help="how the budget is spread over layers: auto (default: cost for --target-params, global for "
-                        "--target-flops), global (one threshold on the scores normalised by each layer's maximum), "
-                        "cost (a channel goes when its "
-                        "normalised score is low relative to what removing it saves), cost-rank (the same with "
-                        "scores replaced by within-layer ranks: the saving decides how many, the criterion which), "
-                        "alpha (the reference rule t_j <= alpha * mean(t)), global, uniform, ldiff")
+                   help="how the budget is spread over layers: auto (default: try the allocations that suit the "
+                        "budget and keep the pruned network most faithful to the unpruned one on held-out "
+                        "calibration images, see prune.json 'selection'; without images: cost for --target-params, "
+                        "global for --target-flops), global (one threshold on the scores normalised by each layer's "
+                        "maximum), cost (a channel goes when its normalised score is low relative to what removing "
+                        "it saves), cost-rank (the same with scores replaced by within-layer ranks: the saving "
+                        "decides how many, the criterion which), magnitude (how many: one global threshold on "
+                        "layer-normalised filter L2 norms; which: the criterion), alpha (the reference rule "
+                        "t_j <= alpha * mean(t)), uniform, ldiff")
     b.add_argument("--cost-power", type=float, default=P.cost_power, help="exponent of the saving in --allocation cost")
     b.add_argument("--min-keep-frac", type=float, default=Guards.min_keep_frac,
                    help="keep at least this fraction per layer")
@@ -102,14 +105,17 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--pair-reduce", default=P.pair_reduce, choices=["min", "mean"],
                    help="reduction over class pairs")
     p.add_argument("--tvs-saliency", default=PruneOptions.tvs_saliency, choices=TVS_SALIENCY,
-                   help="tvs/iter-tvs: none (default) ranks by the TV score alone; ls multiplies the per-layer normalised "
-                        "TV score by the least-squares saliency (what removing the channel costs once compensated)")
+                   help="tvs: how the TV score is combined: auto (default: the most faithful of the others, "
+                        "chosen with --allocation auto), none (the TV score alone), l2 (times the filter's L2 norm), "
+                        "ls (times the least-squares saliency: what removing the channel costs once compensated); "
+                        "iter-tvs uses the TV score alone")
     p.add_argument("--seed", type=int, default=P.seed)
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
     r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
-                   help="rebuild removed channels from kept ones at every consumer: ls (default; ridge regression "
-                        "on the moments file's input second moments, no images), ls-seq (re-fit consumer by "
-                        "consumer on calibration images: slower, corrects upstream errors), mean, none")
+                   help="rebuild removed channels from kept ones at every consumer: auto (default: ls, and "
+                        "ls-seq too when there are at most 5,000 repair images, keeping the more faithful), ls "
+                        "(ridge regression on the moments file's input second moments, no images), ls-seq (re-fit "
+                        "consumer by consumer on calibration images: slower, corrects upstream errors), mean, none")
     r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=PruneOptions.bn_recalibrate,
                    help="re-estimate BatchNorm statistics on calibration images after the fold")
     r.add_argument("--no-repair", action="store_true", help="no compensation, no BatchNorm re-estimation (studies)")

@@ -93,8 +93,8 @@ class PruneSection(Strict):
     min_keep: int = Guards.min_keep
     round_to: int = Guards.round_to
     pair_reduce: Literal["min", "mean"] = PruneOptions.pair_reduce
-    tvs_saliency: Literal["none", "ls"] = PruneOptions.tvs_saliency
-    compensation: Literal["none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
+    tvs_saliency: Literal["auto", "none", "ls", "l2"] = PruneOptions.tvs_saliency
+    compensation: Literal["auto", "none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
     bn_recalibrate: bool = PruneOptions.bn_recalibrate
     ridge: float = PruneOptions.ridge
     mean_compensation: bool = False  # old spelling of compensation = "mean"

@@ -35,7 +35,7 @@ from .graph import ChannelGraph
 from .plan import Plan
 
 log = logging.getLogger(__name__)
-COMPENSATIONS = ("none", "mean", "ls", "ls-seq")
+COMPENSATIONS = ("none", "mean", "ls", "ls-seq", "auto")  # auto: ls or ls-seq, the more faithful (prune stage)
 DEFAULT_RIDGE = 1e-3
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 

@@ -170,7 +170,8 @@ def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, base: in
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
               allocation: str, target: float | None = None, metric: str = "params", threshold: float | None = None,
               guards: Guards | None = None, meta: dict[str, Any] | None = None,
-              ldiffs: dict[str, float] | None = None, cost_power: float | None = None, normalise: bool = True) -> Plan:
+              ldiffs: dict[str, float] | None = None, cost_power: float | None = None, normalise: bool = True,
+              count_scores: dict[str, np.ndarray] | None = None) -> Plan:
     """Decide the kept channels of every group.
 
     - ``target`` (fraction of ``metric`` = params or macs to remove): bisection on the
@@ -179,6 +180,8 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
 
     ``normalise=False`` keeps scores as they are across layers (for criteria whose scale is
     already comparable between layers, such as the least-squares saliency).
+    ``count_scores`` (per layer, e.g. L2 norms): what allocations that count by a second
+    score read (``magnitude``); channels still go in the order of ``scores``.
     """
     if cost_power is None:  # one default, PruneOptions' (no second definition here)
         from .stage import PruneOptions
@@ -205,7 +208,11 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
             one = [np.empty(0, dtype=np.int64)] * len(graph.groups)
             one[i] = g.expand(np.array([0]))
             unit.append(float(base - cost.metric(metric, one)))
-        alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power)
+        if count_scores is None and getattr(ALLOCATIONS.get(allocation), "counts_by_magnitude", False):
+            count_scores = {n: graph.modules[n].weight.detach().double().flatten(1).norm(dim=1).numpy()
+                            for n in scores if n in graph.modules}
+        cs = block_scores(graph, group_scores(graph, count_scores)) if count_scores is not None else None
+        alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power, cs)
 
         def removal(lam: float) -> list[np.ndarray]:
             return _expand(graph, alloc.removed(alloc.counts(lam)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,34 +43,42 @@ def methods() -> tuple[str, ...]:
 def allocation_choices() -> tuple[str, ...]:
     return ("auto",) + ALLOCATIONS.names()
 
-TVS_SALIENCY = ("ls", "none")
+# how the TV score is combined before allocation: "none" (the TV score alone), "ls" (times the
+# least-squares saliency: least discriminative *and* most reconstructable), "l2" (times the
+# filter's L2 norm), "auto" (the most faithful of them, see select_plan)
+TVS_SALIENCY = ("auto", "ls", "l2", "none")
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
 
 
+def _by_max(t: np.ndarray) -> np.ndarray:
+    top = t.max()
+    return t / top if top > 0 else np.ones_like(t)
+
+
 def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions",
-               tv: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """TVSPrune's per-layer scores: the TV lower bound (``tv`` when already computed), times the
-    LS saliency when asked and known."""
+               tv: dict[str, np.ndarray] | None = None, combine: str | None = None) -> dict[str, np.ndarray]:
+    """TVSPrune's per-layer scores: the TV lower bound (``tv`` when already computed), combined
+    as ``combine`` (default ``opts.tvs_saliency``; "auto" here means the TV score alone)."""
     layers = [l.name for l in ctx.probe.layers]
+    combine = combine or opts.tvs_saliency
     if tv is None:
         tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device)
-    if opts.tvs_saliency == "none" or opts.threshold is not None:
+    if combine in ("none", "auto") or opts.threshold is not None:
         return tv
-    if not moments.inputs:
+    if combine == "l2":
+        other = layer_scores("l2", ctx.loaded.module, None, layers, ctx.stat_modules)
+    elif not moments.inputs:
         log.warning("the moments file has no input second moments: tvs ranks by the TV score alone")
         return tv
-    sal = ls_saliency(ctx.graph, moments.inputs, layers, opts.ridge)
+    else:
+        other = ls_saliency(ctx.graph, moments.inputs, layers, opts.ridge)
     out = {}
     for name, t in tv.items():
-        s = sal.get(name)
-        top_t = t.max()
-        t = t / top_t if top_t > 0 else np.ones_like(t)
-        if s is None or not (s.max() > 0):  # no consumer statistics for this layer: TV alone
-            out[name] = t
-        else:
-            out[name] = t * (s / s.max())
+        s = other.get(name)
+        # no consumer statistics for this layer: TV alone
+        out[name] = _by_max(t) if s is None or not (s.max() > 0) else _by_max(t) * (s / s.max())
     return out
 
 
@@ -89,7 +97,9 @@ class PruneOptions:
     pair_reduce: str = "min"
     seed: int = 0
     # repairs: the defaults are the best configuration the accuracy benchmark found
-    compensation: str = "ls"
+    # "auto": ls, and ls-seq too when the repair images are few enough (AUTO_SEQ_IMAGES); the
+    # more faithful network is kept (ls-seq won on ResNet-20 and tied on VGG-11)
+    compensation: str = "auto"
     bn_recalibrate: bool = True
     ridge: float = DEFAULT_RIDGE
     mean_compensation: bool = False  # deprecated spelling of compensation="mean"
@@ -100,10 +110,10 @@ class PruneOptions:
     step_decrease: float = 0.025  # the reference code's step shrink on rejection
     max_rounds: int = 50
     compare_criteria: bool = True
-    # tvs / iter-tvs: "ls" multiplies the (per-layer normalised) TV score by the least-squares
-    # saliency (least discriminative *and* most reconstructable); measured: better on
-    # ResNet-20, worse on VGG-11, so the default is the plain TV score
-    tvs_saliency: str = "none"
+    # tvs: how the TV score is combined (TVS_SALIENCY); "auto" tries the combinations with the
+    # allocations that suit the budget (AUTO_CANDIDATES) and keeps the most faithful pruned
+    # network: no single one won on both ResNet-20 and VGG-11 in the accuracy benchmark
+    tvs_saliency: str = "auto"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -131,10 +141,20 @@ class PruneOptions:
         return cls(compensation="none", bn_recalibrate=False, **kw)
 
     def allocation_for(self, metric: str) -> str:
-        """The allocation actually used for a budget in ``metric`` (params or macs)."""
+        """The allocation used for a budget in ``metric`` (params or macs) where no selection runs."""
         if self.allocation != "auto":
             return self.allocation
         return "cost" if metric == "params" else "global"
+
+    def candidates(self, metric: str, criterion: str) -> list[tuple[str | None, str]]:
+        """(tvs combination or None, allocation) pairs that ``auto`` chooses among."""
+        combos = [self.tvs_saliency] if criterion == "tvs" and self.tvs_saliency != "auto" else None
+        if criterion != "tvs":
+            combos = [None]
+        if self.allocation == "auto" and combos is None:
+            return list(AUTO_CANDIDATES[metric])
+        allocs = AUTO_ALLOCATIONS[metric] if self.allocation == "auto" else (self.allocation,)
+        return [(c, a) for c in (combos or ("none", "l2", "ls")) for a in allocs]
 
     def budget(self) -> tuple[float | None, str]:
         if self.target_params is not None and self.target_flops is not None:
@@ -142,6 +162,17 @@ class PruneOptions:
         if self.target_flops is not None:
             return self.target_flops, "macs"
         return self.target_params, "params"
+
+
+# what ``auto`` tries, by budget metric (benchmarks/accuracy_vs_sparsity.py): the TV score
+# with the cost rule wins VGG-11's parameter budgets, TV x L2 with one global threshold
+# ResNet-20's, and TV x LS saliency counted by filter magnitude ResNet-20's MAC budgets; the
+# cost rule is ruinous under MAC budgets on both (it drains the MAC-heavy early layers)
+AUTO_CANDIDATES = {"params": (("none", "cost"), ("l2", "global"), ("ls", "magnitude")),
+                   "macs": (("none", "global"), ("l2", "global"), ("ls", "magnitude"))}
+AUTO_ALLOCATIONS = {"params": ("cost", "global", "magnitude"), "macs": ("global", "magnitude")}
+FIDELITY_IMAGES = 1000  # held-out calibration images the choice is measured on (at most)
+AUTO_SEQ_IMAGES = 5000  # compensation auto tries ls-seq (a pass per consumer) up to this many repair images
 
 
 @dataclass
@@ -186,7 +217,7 @@ def calib_options_from(moments: Moments, override: DataOptions | None) -> DataOp
                        std=pre.get("std"), samples_per_class=d.get("samples_per_class"), seed=d.get("seed", 0))
 
 
-def _batches(data: DataOptions, model: LoadedModel, per_class: int | None, exclude: np.ndarray | None = None):
+def repair_batches(data: DataOptions, model: LoadedModel, per_class: int | None, exclude: np.ndarray | None = None):
     """Repair images in a seeded random order, so that every batch mixes the classes.
 
     BatchNorm re-estimation averages per-batch statistics: batches of one class each (the
@@ -221,7 +252,7 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
     """
     model = copy.deepcopy(ctx.loaded.module).eval()
     report = report if report is not None else {}
-    method = opts.compensation
+    method = "ls" if opts.compensation == "auto" else opts.compensation  # auto's choice is select_plan's
     inputs = moments.inputs if moments is not None else {}
     if method == "ls" and not inputs:
         log.warning("the moments file has no input second moments (made by an older tvsprune, or none given): "
@@ -235,7 +266,7 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
     if method in ("mean", "ls"):
         fallback = None
         if not inputs:
-            _, stream = _batches(calib, ctx.loaded, opts.repair_samples_per_class)
+            _, stream = repair_batches(calib, ctx.loaded, opts.repair_samples_per_class)
             fallback = consumer_input_means(ctx.loaded.module, list(removed_inputs(ctx.graph, plan)), stream, "cpu")
         fold = fold_from_moments(graph, plan, inputs, method, ctx.stat_modules, opts.ridge, fallback)
         report["compensation"] = fold.to_dict()
@@ -243,7 +274,7 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
     apply_plan(model, plan, ctx.example, ctx.probe.logits_layer, graph=graph)
     repair = None  # ls-seq holds the repair images in memory; BatchNorm re-estimation reuses them
     if method == "ls-seq":
-        repair = list(_batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
+        repair = list(repair_batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
         order = [l.name for l in ctx.probe.layers] + ([ctx.probe.logits_layer] if ctx.probe.logits_layer else [])
         fold = refit_sequential(ctx.loaded.module, model, ctx.graph, plan, order, repair, ctx.stat_modules,
                                 opts.ridge)
@@ -253,7 +284,7 @@ def build_pruned(ctx: Context, plan: Plan, opts: PruneOptions, calib: DataOption
     if opts.bn_recalibrate:
         t0 = time.perf_counter()
         step("re-estimating BatchNorm statistics")
-        seen = recalibrate_batchnorm(model, repair or _batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
+        seen = recalibrate_batchnorm(model, repair or repair_batches(calib, ctx.loaded, opts.repair_samples_per_class)[1])
         report["bn_recalibrate"] = {"images": seen, "seconds": round(time.perf_counter() - t0, 3)}
     return model.eval()
 
@@ -351,6 +382,102 @@ def iterative(ctx: Context, moments: Moments, opts: PruneOptions, calib: DataOpt
     return plan, rounds
 
 
+def fidelity_images(calib: DataOptions, loaded: LoadedModel, opts: "PruneOptions",
+                    cap: int = FIDELITY_IMAGES) -> torch.Tensor:
+    """Calibration images that neither the moments nor the repairs used (at most ``cap``,
+    stratified); the repair images themselves when the folder holds no others."""
+    source = calib.open(loaded)
+    used = stratified_indices(source.labels, opts.repair_samples_per_class, calib.seed)
+    if calib.samples_per_class is not None:
+        used = np.union1d(used, stratified_indices(source.labels, calib.samples_per_class, calib.seed))
+    n_classes = max(1, len(np.unique(source.labels)))
+    idx = stratified_indices(source.labels, max(1, cap // n_classes), calib.seed + 1, exclude=used)
+    if len(idx) == 0:
+        log.info("no held-out calibration images: the allocation is chosen on the repair images")
+        idx = np.random.default_rng(calib.seed).permutation(used)[:cap]
+    return torch.cat([x for x, _ in BatchStream(source, idx, calib.batch_size, calib.workers, calib.skip_bad)])
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def fidelity(base_logits: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """How faithful a pruned network is to the unpruned one, without labels: the mean
+    KL(unpruned || pruned) of their softmax outputs, and top-1 agreement."""
+    p, q = _log_softmax(base_logits), _log_softmax(logits)
+    kl = float((np.exp(p) * (p - q)).sum(1).mean())
+    agree = float((base_logits.argmax(1) == logits.argmax(1)).mean())
+    return {"kl": kl if np.isfinite(kl) else float("inf"), "agreement": agree}
+
+
+def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", calib: DataOptions | None,
+                cands: list[tuple[str | None, str]], tv: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                plan_kw: dict[str, Any]) -> dict[str, Any]:
+    """Plan, prune and repair each candidate (tvs combination, allocation); keep the one whose
+    repaired network is most faithful to the unpruned one on held-out calibration images
+    (lowest KL divergence; no labels needed). One candidate: no selection."""
+    from ..compare.logits import chunks, collect_logits, forward_fn
+
+    xs = base = None
+    auto_comp = opts.compensation == "auto"
+    if auto_comp:
+        opts = replace(opts, compensation="ls")
+        n_repair = 0
+        if calib is not None:
+            labels = calib.open(ctx.loaded).labels
+            n_repair = len(stratified_indices(labels, opts.repair_samples_per_class, calib.seed))
+        auto_comp = calib is not None and 0 < n_repair <= AUTO_SEQ_IMAGES
+        if calib is not None and not auto_comp:
+            log.info("compensation auto: ls (ls-seq is tried up to %d repair images; these are %d)", AUTO_SEQ_IMAGES,
+                     n_repair)
+    if len(cands) > 1 or auto_comp:
+        step(f"choosing among {len(cands) + auto_comp} candidate pruned networks on held-out calibration images")
+        xs = fidelity_images(calib, ctx.loaded, opts)
+        base = collect_logits(forward_fn(ctx.loaded.module), chunks(xs))[0]
+    best: dict[str, Any] | None = None
+    trials = []
+    for combine, allocation in cands:
+        t0 = time.perf_counter()
+        sc = scores if combine is None else tvs_scores(ctx, moments, opts, tv, combine)
+        plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, **plan_kw)
+        report: dict[str, Any] = {}
+        model = build_pruned(ctx, plan, opts, calib, moments, report)
+        trial = {"tvs_saliency": combine, "allocation": allocation,
+                 "params_removed": round(plan.meta["params"]["removed_frac"], 4),
+                 "macs_removed": round(plan.meta["macs"]["removed_frac"], 4)}
+        if xs is not None:
+            trial.update(fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]))
+        trial["seconds"] = round(time.perf_counter() - t0, 2)
+        trials.append(trial)
+        if best is None or trial.get("kl", 0.0) < best["trial"]["kl"]:
+            best = {"trial": trial, "plan": plan, "model": model, "report": report, "scores": sc,
+                    "combine": combine, "compensation": opts.compensation}
+        else:
+            del model
+    assert best is not None
+    if auto_comp:  # the chosen plan again, re-fitted consumer by consumer
+        t0 = time.perf_counter()
+        report = {}
+        model = build_pruned(ctx, best["plan"], replace(opts, compensation="ls-seq"), calib, moments, report)
+        trial = {**{k: best["trial"][k] for k in ("tvs_saliency", "allocation", "params_removed", "macs_removed")},
+                 "compensation": "ls-seq", **fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]),
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        best["trial"]["compensation"] = "ls"
+        trials.append(trial)
+        if trial["kl"] < best["trial"]["kl"]:
+            best.update(trial=trial, model=model, report=report, compensation="ls-seq")
+    if len(trials) > 1:
+        best["trial"]["chosen"] = True
+        log.info("chose %s", ", ".join(f"{k}={best['trial'][k]}" for k in ("tvs_saliency", "allocation") if
+                                       best["trial"][k] is not None))
+        best["selection"] = {"measure": "mean KL(unpruned || pruned) on held-out calibration images",
+                             "images": int(len(xs)), "candidates": trials}
+    return best
+
+
 def _quantiles(s: np.ndarray) -> dict[str, float]:
     q = np.quantile(s, [0.0, 0.25, 0.5, 0.75, 1.0])
     return dict(zip(["min", "q25", "median", "q75", "max"], map(float, q)))
@@ -430,7 +557,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                           "tvs_saliency": opts.tvs_saliency if criterion == "tvs" else None,
                           "resolution": moments.meta.get("resolution") if moments else None},
             "repairs": opts.repairs}
-    if moments_path and opts.compensation in ("mean", "ls"):
+    if moments_path and opts.compensation in ("mean", "ls", "auto"):
         meta["moments_path"] = str(Path(moments_path).resolve())  # what `replay` reads the fold from
     if calib is None and opts.needs_images:
         raise TvsError(NEEDS_IMAGES)
@@ -439,6 +566,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         # re-estimation averages per-batch statistics)
         meta["repair_data"] = {**asdict(calib), "repair_samples_per_class": opts.repair_samples_per_class}
     rounds: list[dict[str, Any]] = []
+    selection = None
     if opts.method == "iter-tvs":
         if val_batches is None or calib is None:
             raise TvsError("iter-tvs needs --val-data (held-out images) and calibration data")
@@ -450,12 +578,27 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                      "params": {"before": bp, "after": p, "removed_frac": 1 - p / bp},
                      "macs": {"before": bm, "after": m, "removed_frac": 1 - m / bm}}
     else:
-        plan = make_plan(ctx.graph, ctx.cost, scores, target=target, metric=metric, threshold=opts.threshold,
-                         allocation=opts.allocation_for(metric), guards=opts.guards, ldiffs=ldiffs,
-                         cost_power=opts.cost_power)
+        plain = "none" if opts.tvs_saliency == "auto" else opts.tvs_saliency
+        cands = [(plain if criterion == "tvs" else None, opts.allocation_for(metric))]
+        if opts.threshold is None:
+            cands = [(c, a) for c, a in opts.candidates(metric, criterion)
+                     if not (c == "ls" and not (moments and moments.inputs))]  # no second moments: no ls
+        if len(cands) > 1 and calib is None:
+            log.info("no calibration images to choose the allocation on: using %s", cands[0][1])
+            cands = cands[:1]
+        chosen = select_plan(ctx, moments, opts, calib, cands, tv, scores, dict(target=target, metric=metric,
+                             threshold=opts.threshold, guards=opts.guards, ldiffs=ldiffs, cost_power=opts.cost_power))
+        plan, pruned, repair_report, scores = chosen["plan"], chosen["model"], chosen["report"], chosen["scores"]
+        if criterion == "tvs":
+            meta["criterion"]["tvs_saliency"] = chosen["combine"]
+        meta["repairs"]["compensation"] = chosen["compensation"]
+        selection = chosen.get("selection")
     plan.meta = {**meta, **plan.meta}
-    repair_report: dict[str, Any] = {}
-    pruned = build_pruned(ctx, plan, opts, calib, moments, repair_report)
+    if opts.method == "iter-tvs":
+        if meta["repairs"]["compensation"] == "auto":
+            meta["repairs"]["compensation"] = "ls"
+        repair_report = {}
+        pruned = build_pruned(ctx, plan, opts, calib, moments, repair_report)
 
     out_dir = Path(out_dir)
     report: dict[str, Any] = {"tvsprune_version": __version__, "method": opts.method,
@@ -463,6 +606,8 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                               "macs": plan.meta["macs"], "budget": plan.meta.get("budget"),
                               "allocation": plan.meta.get("allocation"), "repairs": meta["repairs"],
                               "repair_steps": repair_report}
+    if selection:
+        report["selection"] = selection
     kept = plan.layers()
     layers_report = []
     for l in ctx.probe.layers:
@@ -551,4 +696,4 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
     return module
 
 
-__all__ = ["PruneOptions", "allocation_choices", "methods", "prune", "replay"]
+__all__ = ["PruneOptions", "allocation_choices", "methods", "prune", "repair_batches", "replay"]
