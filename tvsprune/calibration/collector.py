@@ -78,6 +78,9 @@ def reduce_map(y: torch.Tensor, resolution: str) -> torch.Tensor:
     if kind == "global":
         return y.flatten(2).mean(-1, keepdim=True)
     if kind == "pool":
+        h, w = y.shape[-2:]
+        if h % k == 0 and w % k == 0:  # the same windows, bit for bit, and faster on CPU
+            return F.avg_pool2d(y, (h // k, w // k)).flatten(2)
         return F.adaptive_avg_pool2d(y, k).flatten(2)
     return y.flatten(2)
 
