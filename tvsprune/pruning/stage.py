@@ -148,9 +148,7 @@ class PruneOptions:
 
     def candidates(self, metric: str, criterion: str) -> list[tuple[str | None, str]]:
         """(tvs combination or None, allocation) pairs that ``auto`` chooses among."""
-        combos = [self.tvs_saliency] if criterion == "tvs" and self.tvs_saliency != "auto" else None
-        if criterion != "tvs":
-            combos = [None]
+        combos = [None] if criterion != "tvs" else None if self.tvs_saliency == "auto" else [self.tvs_saliency]
         if self.allocation == "auto" and combos is None:
             return list(AUTO_CANDIDATES[metric])
         allocs = AUTO_ALLOCATIONS[metric] if self.allocation == "auto" else (self.allocation,)
@@ -398,17 +396,11 @@ def fidelity_images(calib: DataOptions, loaded: LoadedModel, opts: "PruneOptions
     return torch.cat([x for x, _ in BatchStream(source, idx, calib.batch_size, calib.workers, calib.skip_bad)])
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
 def fidelity(base_logits: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """How faithful a pruned network is to the unpruned one, without labels: the mean
     KL(unpruned || pruned) of their softmax outputs, and top-1 agreement."""
-    p, q = _log_softmax(base_logits), _log_softmax(logits)
-    kl = float((np.exp(p) * (p - q)).sum(1).mean())
+    p, q = (torch.log_softmax(torch.from_numpy(np.asarray(z, dtype=np.float64)), 1) for z in (base_logits, logits))
+    kl = float(torch.nn.functional.kl_div(q, p, reduction="batchmean", log_target=True))
     agree = float((base_logits.argmax(1) == logits.argmax(1)).mean())
     return {"kl": kl if np.isfinite(kl) else float("inf"), "agreement": agree}
 
@@ -593,10 +585,10 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
             meta["criterion"]["tvs_saliency"] = chosen["combine"]
         meta["repairs"]["compensation"] = chosen["compensation"]
         selection = chosen.get("selection")
+    if opts.method == "iter-tvs" and meta["repairs"]["compensation"] == "auto":
+        meta["repairs"]["compensation"] = "ls"  # what build_pruned does with auto outside select_plan
     plan.meta = {**meta, **plan.meta}
     if opts.method == "iter-tvs":
-        if meta["repairs"]["compensation"] == "auto":
-            meta["repairs"]["compensation"] = "ls"
         repair_report = {}
         pruned = build_pruned(ctx, plan, opts, calib, moments, repair_report)
 
