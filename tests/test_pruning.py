@@ -401,6 +401,63 @@ def test_magnitude_allocation_counts_by_l2_and_orders_by_the_criterion():
     assert any(a["kept"] != b["kept"] for a, b in zip(mixed.groups, by_l2.groups))
 
 
+def test_sensitivity_allocation_cuts_where_the_measured_kl_per_saving_is_lowest():
+    """``sensitivity``: a group whose measured curve is flat loses channels before one whose
+    curve is steep; the budget is met; more budget never removes fewer channels anywhere;
+    which channels go is the criterion's order."""
+    from tvsprune.errors import TvsError
+    from tvsprune.pruning.allocations.sensitivity import lower_hull
+    from tvsprune.pruning.plan import block_scores, group_scores
+
+    model = randomize_bn(TinyCNN())
+    example, probe, graph, cost = _setup(model)
+    scores = layer_scores("l2", model, None, [l.name for l in probe.layers])
+    live = [i for i, t in enumerate(block_scores(graph, group_scores(graph, scores))) if t is not None]
+    assert len(live) >= 2
+    flat, steep = live[0], live[1]
+    curves = [None] * len(graph.groups)
+    for i in live:
+        c = graph.groups[i].block_size
+        slope = 1e-3 if i == flat else 10.0
+        curves[i] = [(n, slope * n) for n in range(1, c)]
+    plans = [make_plan(graph, cost, scores, target=t, allocation="sensitivity", curves=curves)
+             for t in (0.1, 0.2, 0.3)]
+    for t, p in zip((0.1, 0.2, 0.3), plans):
+        assert p.meta["params"]["removed_frac"] >= t - 1e-9
+    cut = [[g["channels"] - len(g["kept"]) for g in p.groups] for p in plans]
+    assert cut[0][flat] > 0 and cut[0][steep] == 0  # the flat curve pays first
+    assert all(a <= b for lo, hi in zip(cut, cut[1:]) for a, b in zip(lo, hi))  # monotone in the budget
+    gs = block_scores(graph, group_scores(graph, scores))
+    for g, t in zip(plans[2].groups, gs):
+        removed = np.setdiff1d(np.arange(g["channels"]), g["kept"])
+        if len(removed) and t is not None:
+            assert t[removed].max() <= np.sort(t)[len(removed) - 1] + 1e-12
+    # a point above the chord of its neighbours is not on the lower hull
+    assert lower_hull(np.array([0.0, 1, 2, 3]), np.array([0.0, 0.05, 5.0, 0.3])) == [0, 1, 3]
+    with pytest.raises(TvsError, match="measured curves"):
+        make_plan(graph, cost, scores, target=0.2, allocation="sensitivity")
+
+
+def test_sensitivity_budget_shrinks_images_then_points_then_gives_up(monkeypatch):
+    """The measurement's cost is bounded by the network (cuts x images x MACs), not the machine."""
+    from dataclasses import replace
+
+    from tvsprune.pruning import stage
+
+    loaded = replace(load_model("resnet20"), module=randomize_bn(TinyCNN()))
+    ctx = stage.Context.build(loaded, [3, 16, 16])
+    assert stage.sensitivity_budget(ctx, 1000) == (len(stage.SENSITIVITY_FRACTIONS), stage.SENSITIVITY_IMAGES)
+    assert stage.sensitivity_budget(ctx, 40) == (len(stage.SENSITIVITY_FRACTIONS), 40)  # few images: all of them
+    macs = float(ctx.cost.cost()[1])
+    live = sum(1 for g in ctx.graph.groups if g.root not in ctx.graph.rigid)
+    monkeypatch.setattr(stage, "SENSITIVITY_WORK", 200 * 7 * live * macs)  # 200 images at 7 points
+    assert stage.sensitivity_budget(ctx, 1000) == (7, 200)
+    monkeypatch.setattr(stage, "SENSITIVITY_WORK", 128 * 4 * live * macs)  # 128 images fit at 4 points
+    assert stage.sensitivity_budget(ctx, 1000) == (4, 128)
+    monkeypatch.setattr(stage, "SENSITIVITY_WORK", 1.0)
+    assert stage.sensitivity_budget(ctx, 1000) == (0, 0)
+
+
 def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_calibrated, tmp_path):
     """The defaults (tvs combination, allocation and compensation auto) prune every candidate,
     keep the lowest KL(unpruned || pruned), and record it so that replay rebuilds it."""
@@ -416,7 +473,9 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
     sel = report["selection"]
     cands = sel["candidates"]
     assert {(c["tvs_saliency"], c["allocation"]) for c in cands} >= {("none", "cost"), ("l2", "global"),
-                                                                      ("ls", "magnitude")}
+                                                                      ("ls", "magnitude"), ("ls", "sensitivity")}
+    sens = next(c for c in cands if c["allocation"] == "sensitivity")
+    assert sens["sensitivity"]["cuts"] > 0 and sens["sensitivity"]["images"] > 0
     assert any(c.get("compensation") == "ls-seq" for c in cands)  # few repair images: ls-seq is tried too
     chosen = [c for c in cands if c.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["kl"] == min(c["kl"] for c in cands)

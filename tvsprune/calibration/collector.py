@@ -79,8 +79,14 @@ def reduce_map(y: torch.Tensor, resolution: str) -> torch.Tensor:
         return y.flatten(2).mean(-1, keepdim=True)
     if kind == "pool":
         h, w = y.shape[-2:]
-        if h % k == 0 and w % k == 0:  # the same windows, bit for bit, and faster on CPU
+        # the same windows as adaptive_avg_pool2d, bit for bit, and faster on CPU:
+        if h == k and w == k:  # one position per window
+            return y.flatten(2)
+        if h % k == 0 and w % k == 0:
             return F.avg_pool2d(y, (h // k, w // k)).flatten(2)
+        if k % h == 0 and k % w == 0:  # a map smaller than K: each position fills (K/h) x (K/w) windows
+            b, c = y.shape[:2]
+            return y[:, :, :, None, :, None].expand(b, c, h, k // h, w, k // w).reshape(b, c, k * k)
         return F.adaptive_avg_pool2d(y, k).flatten(2)
     return y.flatten(2)
 
@@ -190,7 +196,6 @@ def _all_gather_merge_inputs(inputs: dict[str, InputMoments]) -> dict[str, Input
     return merged
 
 
-@torch.no_grad()
 def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     classes: list[str], resolution: str = "global", layers: list[LayerInfo] | None = None,
                     device: str = "cpu", progress: Callable[[int], None] | None = None,
@@ -212,7 +217,9 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
                                 consumer_layers(model) if second_moments else None)
     seen = 0
     t0 = time.perf_counter()
-    with collector:
+    # inference mode, as plain inference runs (no autograd bookkeeping at all); what it
+    # produces is cloned into ordinary tensors below, so callers may update them in place
+    with collector, torch.inference_mode():
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if seen == 0:
@@ -229,7 +236,9 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
-    result, inputs = collector.moments, collector.inputs
+    result = {n: LayerMoments(m.count.clone(), m.mean.clone(), m.m2.clone()) for n, m in collector.moments.items()}
+    inputs = {n: InputMoments(m.count.clone(), m.mean.clone(), None if m.m2 is None else m.m2.clone())
+              for n, m in collector.inputs.items()}
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

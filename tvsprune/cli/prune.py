@@ -94,7 +94,9 @@ def _register_prune(sub: Any) -> None:
                         "maximum), cost (a channel goes when its normalised score is low relative to what removing "
                         "it saves), cost-rank (the same with scores replaced by within-layer ranks: the saving "
                         "decides how many, the criterion which), magnitude (how many: one global threshold on "
-                        "layer-normalised filter L2 norms; which: the criterion), alpha (the reference rule "
+                        "layer-normalised filter L2 norms; which: the criterion), sensitivity (how many: each "
+                        "group's measured KL when cut alone, one price per unit saved; needs calibration images), "
+                        "alpha (the reference rule "
                         "t_j <= alpha * mean(t)), uniform, ldiff")
     b.add_argument("--cost-power", type=float, default=P.cost_power, help="exponent of the saving in --allocation cost")
     b.add_argument("--min-keep-frac", type=float, default=Guards.min_keep_frac,

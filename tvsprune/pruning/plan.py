@@ -171,7 +171,8 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
               allocation: str, target: float | None = None, metric: str = "params", threshold: float | None = None,
               guards: Guards | None = None, meta: dict[str, Any] | None = None,
               ldiffs: dict[str, float] | None = None, cost_power: float | None = None, normalise: bool = True,
-              count_scores: dict[str, np.ndarray] | None = None) -> Plan:
+              count_scores: dict[str, np.ndarray] | None = None,
+              curves: list[list[tuple[int, float]] | None] | None = None) -> Plan:
     """Decide the kept channels of every group.
 
     - ``target`` (fraction of ``metric`` = params or macs to remove): bisection on the
@@ -182,6 +183,8 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     already comparable between layers, such as the least-squares saliency).
     ``count_scores`` (per layer, e.g. L2 norms): what allocations that count by a second
     score read (``magnitude``); channels still go in the order of ``scores``.
+    ``curves`` (per group of ``graph.groups``, measured (count, KL) points): what the
+    ``sensitivity`` allocation reads (:func:`.stage.sensitivity_curves`).
     """
     if cost_power is None:  # one default, PruneOptions' (no second definition here)
         from .stage import PruneOptions
@@ -212,7 +215,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
             count_scores = {n: graph.modules[n].weight.detach().double().flatten(1).norm(dim=1).numpy()
                             for n in scores if n in graph.modules}
         cs = block_scores(graph, group_scores(graph, count_scores)) if count_scores is not None else None
-        alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power, cs)
+        alloc = Allocator(allocation, gs, channels, guards, gl, unit, cost_power, cs, curves)
 
         def removal(lam: float) -> list[np.ndarray]:
             return _expand(graph, alloc.removed(alloc.counts(lam)))

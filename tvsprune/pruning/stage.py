@@ -25,7 +25,7 @@ from ..models.probe import ModelProbe, probe_model
 from .artifact import SOURCE_FILE, WEIGHTS_FILE, save_pruned
 from .costs import CostModel, output_shapes
 from .graph import ChannelGraph
-from .plan import ALLOCATIONS, Guards, Plan, make_plan
+from .plan import ALLOCATIONS, Guards, Plan, make_plan, removal_order
 from .criteria import CRITERIA, criteria_needing
 from .compensation import COMPENSATIONS, DEFAULT_RIDGE, fold_from_moments, refit_sequential, removed_inputs
 from .repairs import consumer_input_means, recalibrate_batchnorm
@@ -88,9 +88,10 @@ class PruneOptions:
     target_params: float | None = None
     target_flops: float | None = None
     threshold: float | None = None
-    # "auto": cost for parameter budgets, global for MAC budgets (the accuracy benchmark's
-    # winners: cost keeps VGG-11 within 1 point at 60 % of parameters where global loses 4;
-    # cost drains ResNet-20's fragile early layers under a MAC budget, where global does not)
+    # "auto": the candidates of AUTO_CANDIDATES / AUTO_ALLOCATIONS, chosen by fidelity (select_plan);
+    # without calibration images cost for parameter budgets, global for MAC budgets (cost
+    # keeps VGG-11 within 1 point at 60 % of parameters where global loses 4; it drains
+    # ResNet-20's fragile early layers under a MAC budget, where global does not)
     allocation: str = "auto"
     cost_power: float = 2.0
     guards: Guards = field(default_factory=Guards)
@@ -147,7 +148,8 @@ class PruneOptions:
         return "cost" if metric == "params" else "global"
 
     def candidates(self, metric: str, criterion: str) -> list[tuple[str | None, str]]:
-        """(tvs combination or None, allocation) pairs that ``auto`` chooses among."""
+        """(tvs combination or None, allocation) pairs that ``auto`` chooses among
+        (select_plan leaves ``sensitivity`` out on networks with too many groups)."""
         combos = [None] if criterion != "tvs" else None if self.tvs_saliency == "auto" else [self.tvs_saliency]
         if self.allocation == "auto" and combos is None:
             return list(AUTO_CANDIDATES[metric])
@@ -165,12 +167,20 @@ class PruneOptions:
 # what ``auto`` tries, by budget metric (benchmarks/accuracy_vs_sparsity.py): the TV score
 # with the cost rule wins VGG-11's parameter budgets, TV x L2 with one global threshold
 # ResNet-20's, and TV x LS saliency counted by filter magnitude ResNet-20's MAC budgets; the
-# cost rule is ruinous under MAC budgets on both (it drains the MAC-heavy early layers)
-AUTO_CANDIDATES = {"params": (("none", "cost"), ("l2", "global"), ("ls", "magnitude")),
-                   "macs": (("none", "global"), ("l2", "global"), ("ls", "magnitude"))}
-AUTO_ALLOCATIONS = {"params": ("cost", "global", "magnitude"), "macs": ("global", "magnitude")}
+# cost rule is ruinous under MAC budgets on both (it drains the MAC-heavy early layers);
+# TV x LS saliency with measured per-group sensitivity wins VGG-11's MAC budget
+AUTO_CANDIDATES = {"params": (("none", "cost"), ("l2", "global"), ("ls", "magnitude"), ("ls", "sensitivity")),
+                   "macs": (("none", "global"), ("l2", "global"), ("ls", "magnitude"), ("ls", "sensitivity"))}
+AUTO_ALLOCATIONS = {"params": ("cost", "global", "magnitude", "sensitivity"),
+                    "macs": ("global", "magnitude", "sensitivity")}
 FIDELITY_IMAGES = 1000  # held-out calibration images the choice is measured on (at most)
 AUTO_SEQ_IMAGES = 5000  # compensation auto tries ls-seq (a pass per consumer) up to this many repair images
+SENSITIVITY_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.9)  # of a group's channels, one cut each
+SENSITIVITY_IMAGES = 256  # of the held-out images, what each single-group cut is measured on (at most)
+SENSITIVITY_MIN_IMAGES = 128  # fewer grid points before fewer images than this
+SENSITIVITY_BUILDS = 96  # at most this many single-group cuts (fewer grid points per group beyond 13 groups)
+SENSITIVITY_WORK = 3e12  # at most cuts x images x the network's MACs (VGG-11 on CIFAR-10: 2.8e12)
+SENSITIVITY_MIN_POINTS = 3  # auto skips the sensitivity candidate where fewer than this fit per group
 
 
 @dataclass
@@ -405,6 +415,75 @@ def fidelity(base_logits: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {"kl": kl if np.isfinite(kl) else float("inf"), "agreement": agree}
 
 
+def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "PruneOptions", calib: DataOptions | None,
+                       moments: Moments | None, xs: torch.Tensor, base_logits: np.ndarray,
+                       points: int = len(SENSITIVITY_FRACTIONS), images: int = SENSITIVITY_IMAGES
+                       ) -> tuple[list[list[tuple[int, float]] | None], int]:
+    """Per group of ``ctx.graph``: (channels removed, KL(unpruned || pruned)) for the network
+    with only that group cut, its lowest-scored channels first, at ``points`` fractions of
+    its width (the sensitivity allocation's input). Each cut gets the plan's compensation
+    fold from the moments file (ls, or mean; none with ``--compensation none``) and no
+    BatchNorm re-estimation; KL on the first ``images`` of ``xs``. Returns the curves and
+    the number of cuts measured."""
+    from ..compare.logits import chunks, collect_logits, forward_fn
+    from .plan import block_scores, group_scores
+
+    fold = "none" if opts.compensation == "none" else "mean" if opts.compensation == "mean" else "ls"
+    if fold != "none" and not (moments is not None and moments.inputs):
+        fold = "none"  # a fold without second moments would read the calibration images per cut
+    quick = replace(opts, compensation=fold, bn_recalibrate=False)
+    fractions = SENSITIVITY_FRACTIONS if points >= len(SENSITIVITY_FRACTIONS) else \
+        tuple(np.linspace(SENSITIVITY_FRACTIONS[0], SENSITIVITY_FRACTIONS[-1], points))
+    xs, base_logits = xs[:max(1, images)], base_logits[:max(1, images)]
+    gs = block_scores(ctx.graph, group_scores(ctx.graph, scores))
+    none = np.empty(0, dtype=np.int64)
+    curves: list[list[tuple[int, float]] | None] = []
+    cuts = 0
+    quiet = logging.getLogger("tvsprune.pruning.compensation")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the per-consumer fit warnings, once per cut, say nothing new
+    try:
+        for i, t in enumerate(gs):
+            if t is None:
+                curves.append(None)
+                continue
+            order = removal_order(t)
+            cap = opts.guards.max_removable(len(t))
+            curve: list[tuple[int, float]] = []
+            for f in fractions:
+                n = min(cap, max(1, int(round(f * len(t)))))
+                if n <= (curve[-1][0] if curve else 0):
+                    continue
+                cut = [ctx.graph.groups[i].expand(np.sort(order[:n])) if j == i else none
+                       for j in range(len(ctx.graph.groups))]
+                groups = [{"root": g.root, "members": list(g.members), "channels": g.channels,
+                           "kept": [int(k) for k in np.setdiff1d(np.arange(g.channels), rm)]}
+                          for g, rm in zip(ctx.graph.groups, cut)]
+                model = build_pruned(ctx, Plan(groups, {}), quick, calib, moments, {})
+                curve.append((n, fidelity(base_logits, collect_logits(forward_fn(model), chunks(xs))[0])["kl"]))
+                cuts += 1
+            curves.append(curve or None)
+    finally:
+        quiet.setLevel(level)
+    return curves, cuts
+
+
+def sensitivity_budget(ctx: Context, images: int) -> tuple[int, int]:
+    """(grid points per group, images per cut) that fit SENSITIVITY_BUILDS cuts and
+    SENSITIVITY_WORK: the full grid on 256 images for CIFAR-sized networks; fewer images
+    (down to SENSITIVITY_MIN_IMAGES), then fewer points, for larger ones. Deterministic:
+    it depends on the network and the image count, not on the machine."""
+    live = max(1, sum(1 for g in ctx.graph.groups if g.root not in ctx.graph.rigid))
+    macs = max(1.0, float(ctx.cost.cost()[1]))
+    points = min(len(SENSITIVITY_FRACTIONS), SENSITIVITY_BUILDS // live)
+    while points > 0:
+        n = int(min(SENSITIVITY_IMAGES, images, SENSITIVITY_WORK / (points * live * macs)))
+        if n >= min(SENSITIVITY_MIN_IMAGES, images):
+            return points, n
+        points -= 1
+    return 0, 0
+
+
 def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", calib: DataOptions | None,
                 cands: list[tuple[str | None, str]], tv: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                 plan_kw: dict[str, Any]) -> dict[str, Any]:
@@ -425,21 +504,39 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
         if calib is not None and not auto_comp:
             log.info("compensation auto: ls (ls-seq is tried up to %d repair images; these are %d)", AUTO_SEQ_IMAGES,
                      n_repair)
-    if len(cands) > 1 or auto_comp:
-        step(f"choosing among {len(cands) + auto_comp} candidate pruned networks on held-out calibration images")
+    sensitive = any(a == "sensitivity" for _, a in cands)
+    if sensitive and calib is None:
+        raise TvsError("the sensitivity allocation measures the network on calibration images: give --calib-data")
+    if len(cands) > 1 or auto_comp or sensitive:
         xs = fidelity_images(calib, ctx.loaded, opts)
         base = collect_logits(forward_fn(ctx.loaded.module), chunks(xs))[0]
+    points, images = sensitivity_budget(ctx, len(xs)) if sensitive else (0, 0)
+    if sensitive and len(cands) > 1 and points < SENSITIVITY_MIN_POINTS:
+        log.info("allocation auto: no sensitivity candidate (this network needs more than %d single-group cuts "
+                 "or %.0e MAC-images to measure)", SENSITIVITY_BUILDS, SENSITIVITY_WORK)
+        cands = [c for c in cands if c[1] != "sensitivity"]
+    if len(cands) > 1 or auto_comp:
+        step(f"choosing among {len(cands) + auto_comp} candidate pruned networks on held-out calibration images")
     best: dict[str, Any] | None = None
     trials = []
     for combine, allocation in cands:
         t0 = time.perf_counter()
         sc = scores if combine is None else tvs_scores(ctx, moments, opts, tv, combine)
-        plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, **plan_kw)
+        extra: dict[str, Any] = {}
+        if allocation == "sensitivity":
+            step("measuring each group's sensitivity")
+            images = images or min(SENSITIVITY_MIN_IMAGES, len(xs))  # asked for by name: the least grid
+            curves, cuts = sensitivity_curves(ctx, sc, opts, calib, moments, xs, base, max(1, points), images)
+            extra = {"sensitivity": {"cuts": cuts, "images": int(min(images, len(xs))),
+                                     "seconds": round(time.perf_counter() - t0, 2)}}
+            plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, curves=curves, **plan_kw)
+        else:
+            plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, **plan_kw)
         report: dict[str, Any] = {}
         model = build_pruned(ctx, plan, opts, calib, moments, report)
         trial = {"tvs_saliency": combine, "allocation": allocation,
                  "params_removed": round(plan.meta["params"]["removed_frac"], 4),
-                 "macs_removed": round(plan.meta["macs"]["removed_frac"], 4)}
+                 "macs_removed": round(plan.meta["macs"]["removed_frac"], 4), **extra}
         if xs is not None:
             trial.update(fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]))
         trial["seconds"] = round(time.perf_counter() - t0, 2)
