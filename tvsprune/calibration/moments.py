@@ -1,9 +1,10 @@
 """Per-layer, per-class, per-filter streaming moments and their file format.
 
 For each layer: ``count`` [K] (samples per class), ``mean`` [K, C, D] and ``m2`` [K, C, D]
-(sum of squared deviations), all float64 except the counts. Batches and shards combine
-with the parallel-variance update of Chan et al., which is exact and associative up to
-float64 rounding, unlike a naive sum of squares.
+(sum of squared deviations), all float64 except the counts. Within a batch (at most a few
+hundred samples of float32 activations) the sums of squares are taken in float64; batches
+and shards combine with the parallel-variance update of Chan et al., which is exact and
+associative up to float64 rounding, unlike a running sum of squares over the whole set.
 
 File layout (safetensors): ``L/count`` int64 [K], ``L/mean`` float64 [K, C, D],
 ``L/var`` float64 [K, C, D] (unbiased; 0 where count < 2) for every layer name ``L``;
