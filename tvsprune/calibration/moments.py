@@ -156,11 +156,10 @@ class InputMoments:
         """
         rough = rows.mean(0)
         d = rows - rough
-        shift = d.mean(0)
-        mean = rough.to(torch.float64) + shift.to(torch.float64)
+        shift = d.mean(0).to(torch.float64)
+        mean = rough.to(torch.float64) + shift
         m2 = None
         if self.m2 is not None:
-            shift = shift.to(torch.float64)
             m2 = (d.T @ d).to(torch.float64) - rows.shape[0] * torch.outer(shift, shift)
         count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
         return self.merge(InputMoments(count, mean, m2))

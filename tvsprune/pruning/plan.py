@@ -167,6 +167,13 @@ def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, base: in
     return list(hi)
 
 
+def plan_groups(graph: ChannelGraph, removed: list[np.ndarray]) -> list[dict[str, Any]]:
+    """A plan's groups: per group of ``graph``, the root-channel indices it keeps once ``removed`` go."""
+    return [{"root": g.root, "members": list(g.members), "channels": g.channels,
+             "kept": [int(k) for k in np.setdiff1d(np.arange(g.channels), rm)]}
+            for g, rm in zip(graph.groups, removed)]
+
+
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
               allocation: str, target: float | None = None, metric: str = "params", threshold: float | None = None,
               guards: Guards | None = None, meta: dict[str, Any] | None = None,
@@ -236,11 +243,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
                             lambda c: cost.metric(metric, _expand(graph, alloc.removed(c))), base, target)
         removed = _expand(graph, alloc.removed(counts))
     params, macs = cost.cost(removed)
-    groups = []
-    for g, rm in zip(graph.groups, removed):
-        kept = np.setdiff1d(np.arange(g.channels), rm)
-        groups.append({"root": g.root, "members": list(g.members), "channels": g.channels,
-                       "kept": [int(k) for k in kept]})
+    groups = plan_groups(graph, removed)
     info = dict(meta or {})
     if graph.rigid:
         info["rigid_groups"] = dict(graph.rigid)

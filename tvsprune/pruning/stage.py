@@ -25,7 +25,7 @@ from ..models.probe import ModelProbe, probe_model
 from .artifact import SOURCE_FILE, WEIGHTS_FILE, save_pruned
 from .costs import CostModel, output_shapes
 from .graph import ChannelGraph
-from .plan import ALLOCATIONS, Guards, Plan, make_plan, removal_order
+from .plan import ALLOCATIONS, Guards, Plan, make_plan, plan_groups, removal_order
 from .criteria import CRITERIA, criteria_needing
 from .compensation import COMPENSATIONS, DEFAULT_RIDGE, fold_from_moments, refit_sequential, removed_inputs
 from .repairs import consumer_input_means, recalibrate_batchnorm
@@ -456,10 +456,7 @@ def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "Prune
                     continue
                 cut = [ctx.graph.groups[i].expand(np.sort(order[:n])) if j == i else none
                        for j in range(len(ctx.graph.groups))]
-                groups = [{"root": g.root, "members": list(g.members), "channels": g.channels,
-                           "kept": [int(k) for k in np.setdiff1d(np.arange(g.channels), rm)]}
-                          for g, rm in zip(ctx.graph.groups, cut)]
-                model = build_pruned(ctx, Plan(groups, {}), quick, calib, moments, {})
+                model = build_pruned(ctx, Plan(plan_groups(ctx.graph, cut), {}), quick, calib, moments, {})
                 curve.append((n, fidelity(base_logits, collect_logits(forward_fn(model), chunks(xs))[0])["kl"]))
                 cuts += 1
             curves.append(curve or None)
@@ -523,15 +520,14 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
         t0 = time.perf_counter()
         sc = scores if combine is None else tvs_scores(ctx, moments, opts, tv, combine)
         extra: dict[str, Any] = {}
+        curves = None
         if allocation == "sensitivity":
             step("measuring each group's sensitivity")
             images = images or min(SENSITIVITY_MIN_IMAGES, len(xs))  # asked for by name: the least grid
             curves, cuts = sensitivity_curves(ctx, sc, opts, calib, moments, xs, base, max(1, points), images)
             extra = {"sensitivity": {"cuts": cuts, "images": int(min(images, len(xs))),
                                      "seconds": round(time.perf_counter() - t0, 2)}}
-            plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, curves=curves, **plan_kw)
-        else:
-            plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, **plan_kw)
+        plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, curves=curves, **plan_kw)
         report: dict[str, Any] = {}
         model = build_pruned(ctx, plan, opts, calib, moments, report)
         trial = {"tvs_saliency": combine, "allocation": allocation,
