@@ -314,8 +314,11 @@ def _start_holding_lock(argv: list[str], out: Path) -> subprocess.Popen:
     from tvsprune.artifacts import output_lock
     from tvsprune.errors import TvsError
 
+    # SIGINT back to its default in the child: a pytest started as a background job of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no handler
     proc = subprocess.Popen([sys.executable, "-m", "tvsprune", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     end = time.time() + 120
     while time.time() < end and proc.poll() is None:
         try:

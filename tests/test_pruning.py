@@ -81,11 +81,20 @@ def test_physical_removal_equals_masking(case):
     plan, example, probe, cost = _random_plan(model, 0.4, shape=shape)
     assert any(len(r) for r in plan.removed())
     ref = _masked_reference(model, plan, probe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     pruned = apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer)
     x = torch.randn(5, *shape)
     with torch.no_grad():
         diff = (ref(x) - pruned(x)).abs().max().item()
     assert diff <= 1e-5
+    # the same surgery on a copy of the traced graph (what prune does per candidate) is bit
+    # for bit the surgery on a fresh trace, and leaves the original model untouched
+    graph = ChannelGraph(model, example, probe.logits_layer)
+    twin = graph.copy()
+    apply_plan(twin.model, plan, example, probe.logits_layer, graph=twin)
+    a, b = pruned.state_dict(), twin.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the cost model predicts the real parameter count exactly
     assert cost.cost(plan.removed())[0] == sum(p.numel() for p in pruned.parameters())
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
@@ -469,21 +478,28 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
     spec, weights, data, moments = tiny_calibrated
     loaded = load_model(spec, str(weights))
     calib = DataOptions(str(data))
-    report = prune(loaded, moments, tmp_path / "p", PruneOptions(target_params=0.3), calib)
+    opts = PruneOptions(target_params=0.3, repair_samples_per_class=3)  # 3 of 6 per class held out
+    report = prune(loaded, moments, tmp_path / "p", opts, calib)
     sel = report["selection"]
+    assert sel["held_out"] and sel["images"] == 9
     cands = sel["candidates"]
     assert {(c["tvs_saliency"], c["allocation"]) for c in cands} >= {("none", "cost"), ("l2", "global"),
                                                                       ("ls", "magnitude"), ("ls", "sensitivity")}
     sens = next(c for c in cands if c["allocation"] == "sensitivity")
     assert sens["sensitivity"]["cuts"] > 0 and sens["sensitivity"]["images"] > 0
-    assert any(c.get("compensation") == "ls-seq" for c in cands)  # few repair images: ls-seq is tried too
+    assert any(c.get("compensation") == "ls-seq" for c in cands)  # few repair images, held-out ones: ls-seq too
     chosen = [c for c in cands if c.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["kl"] == min(c["kl"] for c in cands)
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["criterion"]["tvs_saliency"] == chosen[0]["tvs_saliency"]
     assert plan["allocation"] == chosen[0]["allocation"]
     assert plan["repairs"]["compensation"] == chosen[0].get("compensation", "ls")
-    xs = fidelity_images(calib, loaded, PruneOptions())
+    xs, held_out = fidelity_images(calib, loaded, opts)
+    assert held_out
+    # every image used by the moments: those the repairs did not use; none left: the repair images
+    every = DataOptions(str(data), samples_per_class=6)
+    assert fidelity_images(every, loaded, opts)[0].shape[0] == 9 and fidelity_images(every, loaded, opts)[1]
+    assert fidelity_images(every, loaded, PruneOptions(repair_samples_per_class=6))[1] is False
     base = collect_logits(forward_fn(loaded.module), chunks(xs))[0]
     saved = collect_logits(forward_fn(load_pruned(tmp_path / "p").module), chunks(xs))[0]
     assert fidelity(base, saved)["kl"] == pytest.approx(chosen[0]["kl"], rel=1e-5, abs=1e-9)
@@ -491,3 +507,9 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
     report = prune(loaded, moments, tmp_path / "q", PruneOptions(target_params=0.3, tvs_saliency="none",
                                                                  allocation="cost", compensation="ls"), calib)
     assert "selection" not in report
+    # every image is a repair image (100 per class asked, 6 there): ls-seq, fitted on them,
+    # would be compared on the images it fitted, so compensation auto keeps ls
+    report = prune(loaded, moments, tmp_path / "r", PruneOptions(target_params=0.3, tvs_saliency="none",
+                                                                 allocation="cost"), calib)
+    assert "selection" not in report
+    assert json.loads((tmp_path / "r" / "plan.json").read_text())["repairs"]["compensation"] == "ls"

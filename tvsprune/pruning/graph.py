@@ -10,6 +10,7 @@ index maps) that plans, surgery and the cost model share.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +181,35 @@ class ChannelGraph:
                                          "which the dependency graph cannot map" for r in reshaped})
         for g in self.groups:
             self._set_blocks(g)
+
+    def copy(self) -> "ChannelGraph":
+        """This graph on a deep copy of its model, without tracing again: the dependency graph
+        is copied with the model (one memo, so its nodes point at the copied modules); what
+        does not depend on the model (pruners, the traced autograd nodes, Torch-Pruning's
+        registries) is shared. The groups are plain data and shared too. Pruning the copy
+        leaves this graph and its model untouched."""
+        dg = self.dg
+        shared: list[Any] = [getattr(dg, k) for k in ("REGISTERED_PRUNERS", "CUSTOMIZED_PRUNERS", "ops",
+                                                      "_in_channel_pruning_fn", "_out_channel_pruning_fn",
+                                                      "IGNORED_LAYERS_IN_TRACING") if hasattr(dg, k)]
+        shared += [p for box in (dg.REGISTERED_PRUNERS, dg.CUSTOMIZED_PRUNERS) for p in box.values()]
+        shared += [n.grad_fn for n in dg.module2node.values() if getattr(n, "grad_fn", None) is not None]
+        memo: dict[int, Any] = {id(o): o for o in shared}
+        new = object.__new__(ChannelGraph)
+        new.__dict__.update(self.__dict__)
+        new.model = copy.deepcopy(self.model, memo)
+        # the nodes link each other along the whole network: a plain deepcopy recurses as
+        # deep as the network is long. Shallow copies first, then their fields through the memo.
+        nodes = list(dg.module2node.values())
+        for n in nodes:
+            memo[id(n)] = copy.copy(n)
+        for n in nodes:
+            memo[id(n)].__dict__.update({k: copy.deepcopy(v, memo) for k, v in vars(n).items()})
+        new.dg = copy.deepcopy(dg, memo)
+        new.names = {m: n for n, m in new.model.named_modules()}
+        new.modules = dict(new.model.named_modules())
+        new.rigid = dict(self.rigid)
+        return new
 
     def _all_groups(self, ignored: list[nn.Module], failed: dict[str, str]) -> list[Any]:
         """Torch-Pruning's group of every Conv2d/Linear (each channel in one group), one root at a time.

@@ -91,14 +91,13 @@ def ls_saliency(graph: ChannelGraph, inputs: dict[str, InputMoments], layers: li
 
 def _removed_inputs(graph: ChannelGraph, removed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from .compensation import removed_inputs
-    from .plan import Plan
+    from .plan import Plan, plan_groups
 
     if not removed:
         return {}
-    groups = [{"root": g.root, "members": g.members, "channels": g.channels,
-               "kept": [int(k) for k in np.setdiff1d(np.arange(g.channels), removed.get(g.root, []))]}
-              for g in graph.groups]
-    return removed_inputs(graph, Plan(groups))
+    none = np.empty(0, dtype=np.int64)
+    return removed_inputs(graph, Plan(plan_groups(graph, [np.asarray(removed.get(g.root, none), dtype=np.int64)
+                                                          for g in graph.groups])))
 
 
 __all__ = ["ls_saliency"]
