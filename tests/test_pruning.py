@@ -441,6 +441,15 @@ def test_sensitivity_allocation_cuts_where_the_measured_kl_per_saving_is_lowest(
         removed = np.setdiff1d(np.arange(g["channels"]), g["kept"])
         if len(removed) and t is not None:
             assert t[removed].max() <= np.sort(t)[len(removed) - 1] + 1e-12
+    # curves flat at zero (a branch a zero-initialised BatchNorm silences: timm's ResNets)
+    # cost nothing at any price: the budget is still met, not overshot
+    zero = [None if c is None else [(n, 0.0) for n, _ in c] for c in curves]
+    base = cost.cost()[0]
+    one = max(base - cost.cost([g.expand(np.array([0])) if j == i else np.empty(0, dtype=np.int64)
+                                for j in range(len(graph.groups))])[0] for i, g in enumerate(graph.groups))
+    for t in (0.1, 0.3):
+        p = make_plan(graph, cost, scores, target=t, allocation="sensitivity", curves=zero)
+        assert t - 1e-9 <= p.meta["params"]["removed_frac"] <= t + one / base, (p.meta["params"], one / base)
     # a point above the chord of its neighbours is not on the lower hull
     assert lower_hull(np.array([0.0, 1, 2, 3]), np.array([0.0, 0.05, 5.0, 0.3])) == [0, 1, 3]
     with pytest.raises(TvsError, match="measured curves"):

@@ -7,6 +7,7 @@ from the same spec and weights.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from .costs import COSTS, CostModel
 from .graph import ChannelGraph
 
 FORMAT = "tvsprune.plan/1"
+OVERSHOOT_WARN = 0.05  # a plan removing more than target + this is recorded and logged
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -239,7 +243,11 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
                 else:
                     lo = mid
         lam = hi
-        counts = _fill_ties(alloc, alloc.counts(lo), alloc.counts(hi),
+        # even the lowest price removes more than the target (channels this rule prices at
+        # nothing, e.g. measured curves flat at zero: residual branches that a zero-initialised
+        # BatchNorm silences): the fill starts from nothing removed instead of overshooting
+        floor = [0] * len(channels) if frac(lo) >= target else alloc.counts(lo)
+        counts = _fill_ties(alloc, floor, alloc.counts(hi),
                             lambda c: cost.metric(metric, _expand(graph, alloc.removed(c))), base, target)
         removed = _expand(graph, alloc.removed(counts))
     params, macs = cost.cost(removed)
@@ -258,4 +266,8 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
         if achieved + 1e-9 < target:
             info["budget"]["unmet"] = (f"guards allow removing only {achieved:.3f} of {metric} "
                                        f"(asked {target:.3f})")
+        elif achieved > target + OVERSHOOT_WARN:
+            info["budget"]["overshoot"] = (f"removes {achieved:.3f} of {metric} (asked {target:.3f}): the "
+                                           f"allocation's steps (round_to {guards.round_to}) are that coarse")
+            log.warning("plan %s: %s", allocation, info["budget"]["overshoot"])
     return Plan(groups, info)
