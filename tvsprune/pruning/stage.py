@@ -174,10 +174,10 @@ AUTO_CANDIDATES = {"params": (("none", "cost"), ("l2", "global"), ("ls", "magnit
                    "macs": (("none", "global"), ("l2", "global"), ("ls", "magnitude"), ("ls", "sensitivity"))}
 AUTO_ALLOCATIONS = {"params": ("cost", "global", "magnitude", "sensitivity"),
                     "macs": ("global", "magnitude", "sensitivity")}
-FIDELITY_IMAGES = 1000  # held-out calibration images the choice is measured on (at most)
+FIDELITY_IMAGES = 1000  # calibration images the choice is measured on (at most; see fidelity_images)
 AUTO_SEQ_IMAGES = 5000  # compensation auto tries ls-seq (a pass per consumer) up to this many repair images
 SENSITIVITY_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.9)  # of a group's channels, one cut each
-SENSITIVITY_IMAGES = 256  # of the held-out images, what each single-group cut is measured on (at most)
+SENSITIVITY_IMAGES = 256  # of those images, what each single-group cut is measured on (at most)
 SENSITIVITY_MIN_IMAGES = 128  # fewer grid points before fewer images than this
 SENSITIVITY_BUILDS = 96  # at most this many single-group cuts (fewer grid points per group beyond 13 groups)
 SENSITIVITY_WORK = 3e12  # at most cuts x images x the network's MACs (VGG-11 on CIFAR-10: 2.8e12)
@@ -501,7 +501,7 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
                 cands: list[tuple[str | None, str]], tv: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                 plan_kw: dict[str, Any]) -> dict[str, Any]:
     """Plan, prune and repair each candidate (tvs combination, allocation); keep the one whose
-    repaired network is most faithful to the unpruned one on held-out calibration images
+    repaired network is most faithful to the unpruned one on calibration images the repairs did not use
     (lowest KL divergence; no labels needed). One candidate: no selection."""
     from ..compare.logits import chunks, collect_logits, forward_fn
 
@@ -535,7 +535,7 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
                  "or %.0e MAC-images to measure)", SENSITIVITY_BUILDS, SENSITIVITY_WORK)
         cands = [c for c in cands if c[1] != "sensitivity"]
     if len(cands) > 1 or auto_comp:
-        step(f"choosing among {len(cands) + auto_comp} candidate pruned networks on held-out calibration images")
+        step(f"choosing among {len(cands) + auto_comp} candidate pruned networks on calibration images")
     best: dict[str, Any] | None = None
     trials = []
     for combine, allocation in cands:

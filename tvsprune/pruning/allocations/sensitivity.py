@@ -4,7 +4,8 @@ For every group, prune stage measures a curve before the allocation runs
 (:func:`tvsprune.pruning.stage.sensitivity_curves`): the network with only that group cut
 by a grid of counts (its lowest-scored channels, least-squares fold, no BatchNorm
 re-estimation), and the KL divergence of its outputs from the unpruned network's on
-held-out calibration images. No labels: the same measure the ``auto`` choice uses.
+the images the candidates are compared on (calibration images the repairs did not
+use, when there are any). No labels: the same measure the ``auto`` choice uses.
 
 The rule is a Lagrangian one: each curve (made non-decreasing) is replaced by its lower
 convex hull over what the cut saves (count x the group's unit cost in the budget's
