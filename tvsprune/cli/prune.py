@@ -89,8 +89,8 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--allocation", default=PruneOptions.allocation, choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "
                         "budget and keep the pruned network most faithful to the unpruned one on calibration "
-                        "images the repairs did not use, see prune.json 'selection'; without images: cost for --target-params, "
-                        "global for --target-flops), global (one threshold on the scores normalised by each layer's "
+                        "images the repairs did not use, see prune.json 'selection'; without images: cost for "
+                        "--target-params, global for --target-flops), global (one threshold on the scores normalised by each layer's "
                         "maximum), cost (a channel goes when its normalised score is low relative to what removing "
                         "it saves), cost-rank (the same with scores replaced by within-layer ranks: the saving "
                         "decides how many, the criterion which), magnitude (how many: one global threshold on "
@@ -115,8 +115,8 @@ def _register_prune(sub: Any) -> None:
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
     r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
                    help="rebuild removed channels from kept ones at every consumer: auto (default: ls, and "
-                        "ls-seq too when there are at most 5,000 repair images and the folder holds images beyond them, "
-                        "keeping the more faithful), ls "
+                        "ls-seq too when there are at most 5,000 repair images and the folder holds images "
+                        "beyond them, keeping the more faithful), ls "
                         "(ridge regression on the moments file's input second moments, no images), ls-seq (re-fit "
                         "consumer by consumer on calibration images: slower, corrects upstream errors), mean, none")
     r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=PruneOptions.bn_recalibrate,

@@ -501,8 +501,8 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
                 cands: list[tuple[str | None, str]], tv: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                 plan_kw: dict[str, Any]) -> dict[str, Any]:
     """Plan, prune and repair each candidate (tvs combination, allocation); keep the one whose
-    repaired network is most faithful to the unpruned one on calibration images the repairs did not use
-    (lowest KL divergence; no labels needed). One candidate: no selection."""
+    repaired network is most faithful to the unpruned one on calibration images the repairs
+    did not use (lowest KL divergence; no labels needed). One candidate: no selection."""
     from ..compare.logits import chunks, collect_logits, forward_fn
 
     xs = base = None
