@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize_bn, run_cli
 from tiny_models import TinyCNN
 
@@ -23,7 +24,7 @@ def _batches(n: int = 50, classes: int = 3, seed: int = 0, bs: int = 7):
     return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)], x, y
 
 
-@pytest.mark.parametrize("resolution", ["global", "pool:2", "full"])
+@pytest.mark.parametrize("resolution", ["global", "pool:2", "pool:16", "full"])  # pool:16: an 8x8 map repeated
 def test_moments_match_numpy_reference(resolution):
     model = randomize_bn(TinyCNN())
     batches, x, y = _batches()
@@ -50,6 +51,16 @@ def test_moments_match_numpy_reference(resolution):
             assert int(lm.count[k]) == len(sel)
             np.testing.assert_allclose(lm.mean[k].numpy(), sel.mean(0), rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(lm.var[k].numpy(), sel.var(0, ddof=1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (8, 8), (16, 8), (4, 4), (2, 2), (1, 1), (2, 4), (6, 6)])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_pool_windows_equal_adaptive_avg_pool(hw, k):
+    """The same windows (sums to float32 rounding); a map smaller than K repeats its positions exactly."""
+    y = torch.randn(3, 5, *hw, generator=torch.Generator().manual_seed(0)).relu()
+    exact = hw[0] <= k and hw[1] <= k
+    torch.testing.assert_close(reduce_map(y, f"pool:{k}"), F.adaptive_avg_pool2d(y, k).flatten(2),
+                               rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
 def test_stat_point_is_batchnorm_after_conv():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import TinyCNN
 
 from tvsprune.calibration import InputMoments, Moments, collect_moments
+from tvsprune.calibration.moments import CoMoments
 from tvsprune.models.probe import probe_model
 from tvsprune.pruning import Plan, apply_plan
 from tvsprune.pruning.compensation import DEFAULT_RIDGE, fold_from_moments, refit_sequential
@@ -116,6 +117,27 @@ def test_ls_seq_refit_recovers_an_exactly_reconstructable_channel():
     xt, _ = _data(8, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(pruned(xt.double()), model(xt.double()), rtol=0, atol=1e-5)
+
+
+def test_streaming_co_moments_equal_one_float64_pass():
+    """Float32 batches whose means drift (class-sorted data), uneven sizes, 200 channels
+    (three block rows of the upper-triangle product): the streamed float64 statistics
+    match one float64 pass over all rows to float32 product rounding."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 200, generator=g) * (1 + i) + 5 * i + 40).relu() for i, n in enumerate((300, 1, 77, 512))]
+    acc = CoMoments(200)
+    for b in batches:
+        acc.add(b)
+    got = acc.result()
+    rows = torch.cat(batches).double()
+    centred = rows - rows.mean(0)
+    assert got.n == rows.shape[0]
+    torch.testing.assert_close(got.mean, rows.mean(0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(got.cov, centred.T @ centred / (rows.shape[0] - 1), rtol=1e-5, atol=1e-5 * got.cov.diag().max().item())
+    torch.testing.assert_close(got.cov, got.cov.T, rtol=0, atol=0)  # mirrored, not recomputed
+    # float64 rows: float64 accuracy, and add_rows (ls-seq's path) is the same computation
+    exact = InputMoments.zeros(200).add_rows(rows)
+    torch.testing.assert_close(exact.cov, centred.T @ centred / (rows.shape[0] - 1), rtol=1e-10, atol=1e-10)
 
 
 def test_input_second_moments_merge_of_uneven_shards_equals_one_pass():
