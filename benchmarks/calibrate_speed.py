@@ -8,10 +8,20 @@
 (c) peak memory of `tvsprune calibrate` for 1x and 10x the samples, each in a fresh process.
 
     python benchmarks/calibrate_speed.py [--models resnet20,vgg11_bn] [--images 2000] [--rounds 3] [--resolutions pool:4,global]
+        [--steady-allocator]
+
+With glibc's default malloc, every large activation of a forward pass can come from fresh
+pages (an mmap, or a heap the allocator trimmed), and the page faults (150,000 to 550,000 per
+pass of 2,000 CIFAR images here, varying between processes) cost up to a third of plain
+inference: the ratio then depends on the allocator's state as much as on the hooks' work.
+``--steady-allocator`` re-runs the script with glibc's mmap and trim thresholds raised
+(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, as jemalloc- or tcmalloc-like reuse
+would give), so both sides run without page faults and the ratio measures the work.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -55,10 +65,16 @@ def main() -> None:
     ap.add_argument("--ref-samples", type=int, default=10, help="samples timed for the reference scheme")
     ap.add_argument("--resolutions", default="global,global-plain,pool:2,pool:4,full",
                     help="which of (a)'s rows to time (global-plain: global without the second moments)")
+    ap.add_argument("--steady-allocator", action="store_true",
+                    help="re-run with glibc's mmap/trim thresholds raised: no page-fault churn on either side")
     args = ap.parse_args()
+    steady = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "1099511627776"}
+    if args.steady_allocator and any(os.environ.get(k) != v for k, v in steady.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **steady})
     torch.set_num_threads(2)
     root = cifar10()
-    print(f"# calibrate speed on {machine()}, torch threads {torch.get_num_threads()}")
+    allocator = "steady allocator (glibc mmap/trim thresholds raised)" if args.steady_allocator else "default allocator"
+    print(f"# calibrate speed on {machine()}, torch threads {torch.get_num_threads()}, {allocator}")
     for name in args.models.split(","):
         lm = load_model(name, str(CHECKPOINTS[name]))
         data = DataOptions(str(root / "test"), batch_size=128)
@@ -79,14 +95,18 @@ def main() -> None:
                     "pool:2": ("pool:2", True), "pool:4": ("pool:4", True), "full": ("full", True)}
         chosen = [r.replace("global-plain", "global, no 2nd moments") for r in args.resolutions.split(",")]
         variants = {k: v for k, v in variants.items() if k in chosen}
-        for label, (res, second) in variants.items():
-            r = []
-            for i in range(args.rounds):  # A B A B: plain and calibrate alternate
+        # A B A C ...: each round times every variant, each right after its own plain pass, so
+        # a slow spell of the machine falls on all variants alike (not on one variant's rounds)
+        rounds: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
+        for i in range(args.rounds):
+            for label, (res, second) in variants.items():
                 t_plain = timed(plain)
                 t_cal = timed(lambda: collect_moments(model, probe, batches, src.classes, res,
                                                       second_moments=second))
-                r.append(t_cal / t_plain)
-            ratios[label] = (float(np.median(r)), min(r), max(r), t_plain, t_cal)
+                rounds[label].append((t_plain, t_cal))
+        for label, times in rounds.items():
+            r = [c / p for p, c in times]
+            ratios[label] = (float(np.median(r)), min(r), max(r), *times[-1])
         print(f"\n## {name}: {n} images, {len(probe.layers)} prunable layers, batch 128")
         print("(a) calibrate / plain inference over the same batches (median of "
               f"{args.rounds} interleaved rounds [min-max]):")
