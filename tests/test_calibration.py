@@ -63,6 +63,27 @@ def test_pool_windows_equal_adaptive_avg_pool(hw, k):
                                rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
+def test_batches_holding_few_of_many_classes_match_numpy():
+    """50 classes, batches of 8: every batch holds a few classes (the rows merged), the
+    others are copied; some classes never appear."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 45, (200,), generator=g)
+    a = torch.randn(200, 4, 3, generator=g) * 3 + torch.arange(45).view(45, 1, 1)[y.clamp(max=44)]
+    lm = LayerMoments.zeros(50, 4, 3)
+    for i in range(0, 200, 8):
+        lm = lm.add_batch(a[i:i + 8], y[i:i + 8])
+    an, yn = a.double().numpy(), y.numpy()
+    for k in range(50):
+        sel = an[yn == k]
+        assert int(lm.count[k]) == len(sel)
+        if len(sel) == 0:
+            assert not lm.mean[k].any() and not lm.m2[k].any()
+            continue
+        np.testing.assert_allclose(lm.mean[k].numpy(), sel.mean(0), rtol=1e-12, atol=1e-12)
+        if len(sel) > 1:
+            np.testing.assert_allclose(lm.var[k].numpy(), sel.var(0, ddof=1), rtol=1e-9, atol=1e-12)
+
+
 def test_stat_point_is_batchnorm_after_conv():
     probe = probe_model(TinyCNN(), torch.zeros(1, 3, 16, 16))
     stats = {l.name: l.stat_module for l in probe.layers}

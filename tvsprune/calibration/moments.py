@@ -73,20 +73,34 @@ class LayerMoments:
         value's square is exact in float64), m2 = sum of squares - sum^2 / n, clamped at 0;
         two passes over the batch instead of four (gathering each sample's class mean costs
         as much as the rest). Batches then combine by Chan's update, as shards do.
+
+        When the batch holds only some classes (a batch of 32 among 1,000 classes), only
+        their rows are computed and merged; the other rows are copied unchanged, which is
+        what merging an empty class gives, bit for bit.
         """
         k = self.count.numel()
         b = y.shape[0]
         flat = y.reshape(b, -1).to(torch.float64)
         counts = torch.bincount(labels, minlength=k)
-        zeros = torch.zeros(k, flat.shape[1], dtype=torch.float64, device=y.device)
+        present = torch.nonzero(counts).flatten()
+        rows = present.numel()
+        if rows < k:
+            slot = torch.zeros(k, dtype=torch.long, device=labels.device)
+            slot[present] = torch.arange(rows, device=labels.device)
+            labels, counts = slot[labels], counts[present]
+        zeros = torch.zeros(rows, flat.shape[1], dtype=torch.float64, device=y.device)
         sums = zeros.index_add(0, labels, flat)
         squares = zeros.index_add_(0, labels, flat * flat)
         n = counts.clamp(min=1).to(torch.float64).unsqueeze(1)
         mean_b = sums / n
         m2_b = (squares - sums * mean_b).clamp_(min=0)
-        shape = self.mean.shape
+        shape = (rows, *self.mean.shape[1:])
         batch = LayerMoments(counts, mean_b.view(shape), m2_b.view(shape))
-        return self.merge(batch)
+        if rows == k:
+            return self.merge(batch)
+        part = LayerMoments(self.count[present], self.mean[present], self.m2[present]).merge(batch)
+        return LayerMoments(self.count.index_copy(0, present, part.count), self.mean.index_copy(0, present, part.mean),
+                            self.m2.index_copy(0, present, part.m2))
 
     def to(self, device: torch.device | str) -> "LayerMoments":
         return LayerMoments(self.count.to(device), self.mean.to(device), self.m2.to(device))
