@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import TvsError
 from ..models.probe import LayerInfo, ModelProbe, run_forward
-from .moments import CoMoments, InputMoments, LayerMoments, Moments
+from .moments import BatchClasses, CoMoments, InputMoments, LayerMoments, Moments
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +70,43 @@ def parse_resolution(resolution: str) -> tuple[str, int]:
     raise TvsError(f"unknown resolution {resolution!r} (use global, pool:K or full)")
 
 
-def _reduce(y: torch.Tensor, resolution: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A layer output [B, C, ...] -> ([B, C, d], index): :func:`reduce_map` before any repeat.
+def _repeat_index(h: int, w: int, resolution: str) -> torch.Tensor | None:
+    """For ``pool:K`` and an h x w map smaller than K whose sides divide K: the position
+    [K*K] each window repeats (every position fills (K/h) x (K/w) windows); else None."""
+    kind, k = parse_resolution(resolution)
+    if kind != "pool" or (h % k == 0 and w % k == 0) or k % h or k % w:
+        return None
+    rows, cols = torch.arange(k) // (k // h), torch.arange(k) // (k // w)
+    return (rows[:, None] * w + cols[None, :]).flatten()
 
-    For a map smaller than K whose sides divide K, every position fills (K/h) x (K/w)
-    windows: the map is returned as it is, with ``index`` [K*K] naming the position each
-    window holds (``None`` otherwise). Moments then accumulate per position and are
-    repeated once at the end, which gives the same numbers as repeating every batch.
-    """
+
+def _reduce(y: torch.Tensor, resolution: str) -> torch.Tensor:
+    """:func:`reduce_map` before any repeat: a map that :func:`_repeat_index` repeats stays per position."""
     if y.dim() == 2:
-        return y.unsqueeze(-1), None
+        return y.unsqueeze(-1)
     kind, k = parse_resolution(resolution)
     if kind == "global":
-        return y.flatten(2).mean(-1, keepdim=True), None
+        return y.flatten(2).mean(-1, keepdim=True)
     if kind == "pool":
         h, w = y.shape[-2:]
         # the same windows as adaptive_avg_pool2d (sums to float32 rounding), faster on CPU:
         if h == k and w == k:  # one position per window
-            return y.flatten(2), None
+            return y.flatten(2)
         if h % k == 0 and w % k == 0:
             if h * w <= 64:  # small maps: the channels-last kernel is several times faster, same sums
                 y = y.contiguous(memory_format=torch.channels_last)
-            return F.avg_pool2d(y, (h // k, w // k)).flatten(2), None
-        if k % h == 0 and k % w == 0:
-            rows = torch.arange(k, device=y.device) // (k // h)
-            cols = torch.arange(k, device=y.device) // (k // w)
-            return y.flatten(2), (rows[:, None] * w + cols[None, :]).flatten()
-        return F.adaptive_avg_pool2d(y, k).flatten(2), None
-    return y.flatten(2), None
+            return F.avg_pool2d(y, (h // k, w // k)).flatten(2)
+        if k % h == 0 and k % w == 0:  # repeated to the windows by the caller
+            return y.flatten(2)
+        return F.adaptive_avg_pool2d(y, k).flatten(2)
+    return y.flatten(2)
 
 
 def reduce_map(y: torch.Tensor, resolution: str) -> torch.Tensor:
     """A layer output [B, C, ...] -> [B, C, D] at the given resolution."""
-    z, index = _reduce(y, resolution)
-    return z if index is None else z[:, :, index]
+    z = _reduce(y, resolution)
+    index = _repeat_index(*y.shape[-2:], resolution) if y.dim() == 4 else None
+    return z if index is None else z[:, :, index.to(z.device)]
 
 
 def feature_dim(info: LayerInfo, resolution: str) -> int:
@@ -126,15 +129,20 @@ class MomentCollector:
         parse_resolution(resolution)
         self.model, self.layers, self.resolution = model, layers, resolution
         self.num_classes = num_classes
-        self.moments = {l.name: LayerMoments.zeros(num_classes, l.channels, feature_dim(l, resolution), device)
-                        for l in layers}
+        # maps smaller than pool:K accumulate per position and are repeated to the windows once, in results()
+        self.repeat = {l.name: index for l in layers if l.kind == "conv" and len(l.out_shape) == 3
+                       and (index := _repeat_index(l.out_shape[1], l.out_shape[2], resolution)) is not None}
+        self.moments = {l.name: LayerMoments.zeros(
+            num_classes, l.channels,
+            l.out_shape[1] * l.out_shape[2] if l.name in self.repeat else feature_dim(l, resolution), device)
+            for l in layers}
         modules = dict(model.named_modules())
         self.consumers = list(consumers or [])
         self.inputs = {n: CoMoments(
             modules[n].in_features if isinstance(modules[n], nn.Linear) else modules[n].in_channels, device)
             for n in self.consumers}
-        self.repeat: dict[str, torch.Tensor] = {}  # layers kept per position, repeated to the windows at the end
         self._labels: torch.Tensor | None = None
+        self._classes: BatchClasses | None = None  # the labels grouped by class, once per batch
         self._handles: list[Any] = []
 
     def __enter__(self) -> "MomentCollector":
@@ -154,12 +162,8 @@ class MomentCollector:
     def _hook(self, info: LayerInfo) -> Callable:
         def hook(module, inp, out):
             if self._labels is not None:
-                y, index = _reduce(layer_output(out.detach(), info.kind), self.resolution)
-                lm = self.moments[info.name]
-                if index is not None and info.name not in self.repeat:
-                    self.repeat[info.name] = index
-                    lm = LayerMoments.zeros(self.num_classes, info.channels, y.shape[-1], y.device)
-                self.moments[info.name] = lm.add_batch(y, self._labels)
+                y = _reduce(layer_output(out.detach(), info.kind), self.resolution)
+                self.moments[info.name] = self.moments[info.name].add_batch(y, self._labels, self._classes)
         return hook
 
     def _input_hook(self, name: str, channels_last: bool) -> Callable:
@@ -168,13 +172,15 @@ class MomentCollector:
                 self.inputs[name].add(input_rows(inp[0].detach(), channels_last))
         return hook
 
-    def update(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward one batch; every hooked layer accumulates its moments. Returns logits."""
-        self._labels = labels
+    def update(self, x: torch.Tensor, labels: torch.Tensor,
+               forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Forward one batch (through ``forward``, default the model's call); every hooked layer
+        accumulates its moments. Returns logits."""
+        self._labels, self._classes = labels, BatchClasses.of(labels, self.num_classes)
         try:
-            return self.model(x)
+            return (forward or nn.Module.__call__)(self.model, x)
         finally:
-            self._labels = None
+            self._labels = self._classes = None
 
     def results(self) -> tuple[dict[str, LayerMoments], dict[str, InputMoments]]:
         """The moments so far, as new tensors (windows repeated where a map was kept per position)."""
@@ -182,7 +188,8 @@ class MomentCollector:
         for name, m in self.moments.items():
             index = self.repeat.get(name)
             layers[name] = (LayerMoments(m.count.clone(), m.mean.clone(), m.m2.clone()) if index is None else
-                            LayerMoments(m.count.clone(), m.mean[:, :, index], m.m2[:, :, index]))
+                            LayerMoments(m.count.clone(), m.mean[:, :, index.to(m.mean.device)],
+                                         m.m2[:, :, index.to(m.m2.device)]))
         return layers, {n: acc.result() for n, acc in self.inputs.items()}
 
 
@@ -251,14 +258,8 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
     with collector, torch.inference_mode():
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if seen == 0:
-                collector._labels = y
-                try:
-                    run_forward(model, x)
-                finally:
-                    collector._labels = None
-            else:
-                collector.update(x, y)
+            # the first batch through run_forward: an input that does not fit is one readable line
+            collector.update(x, y, run_forward if seen == 0 else None)
             seen += len(y)
             if progress:
                 progress(len(y))

@@ -35,6 +35,25 @@ COV_MAX = 2048  # widest consumer input whose C x C covariance is kept (2048^2 f
 
 
 @dataclass
+class BatchClasses:
+    """A batch's labels grouped by class: the classes it holds and each sample's row among them."""
+
+    rows: torch.Tensor            # [B] each sample's row in ``counts``
+    counts: torch.Tensor          # [R] samples per held class
+    present: torch.Tensor | None  # [R] the held classes; None when the batch holds all of them
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, k: int) -> "BatchClasses":
+        counts = torch.bincount(labels, minlength=k)
+        present = torch.nonzero(counts).flatten()
+        if present.numel() == k:
+            return cls(labels, counts, None)
+        slot = torch.zeros(k, dtype=torch.long, device=labels.device)
+        slot[present] = torch.arange(present.numel(), device=labels.device)
+        return cls(slot[labels], counts[present], present)
+
+
+@dataclass
 class LayerMoments:
     """Moments of one layer's filters, split by class."""
 
@@ -66,7 +85,8 @@ class LayerMoments:
         m2 = self.m2 + other.m2 + delta * delta * (na * nb / safe_n)
         return LayerMoments(self.count + other.count, mean, m2)
 
-    def add_batch(self, y: torch.Tensor, labels: torch.Tensor) -> "LayerMoments":
+    def add_batch(self, y: torch.Tensor, labels: torch.Tensor,
+                  classes: "BatchClasses | None" = None) -> "LayerMoments":
         """Fold a batch ``y`` [B, C, D] (any float dtype) with ``labels`` [B] in.
 
         Within the batch, per class: the sum and the sum of squares in float64 (a float32
@@ -76,31 +96,25 @@ class LayerMoments:
 
         When the batch holds only some classes (a batch of 32 among 1,000 classes), only
         their rows are computed and merged; the other rows are copied unchanged, which is
-        what merging an empty class gives, bit for bit.
+        what merging an empty class gives, bit for bit. ``classes`` is that grouping of
+        ``labels``, when the caller already has it (one per batch, shared by every layer).
         """
         k = self.count.numel()
-        b = y.shape[0]
-        flat = y.reshape(b, -1).to(torch.float64)
-        counts = torch.bincount(labels, minlength=k)
-        present = torch.nonzero(counts).flatten()
-        rows = present.numel()
-        if rows < k:
-            slot = torch.zeros(k, dtype=torch.long, device=labels.device)
-            slot[present] = torch.arange(rows, device=labels.device)
-            labels, counts = slot[labels], counts[present]
-        zeros = torch.zeros(rows, flat.shape[1], dtype=torch.float64, device=y.device)
-        sums = zeros.index_add(0, labels, flat)
-        squares = zeros.index_add_(0, labels, flat * flat)
-        n = counts.clamp(min=1).to(torch.float64).unsqueeze(1)
+        c = classes or BatchClasses.of(labels, k)
+        flat = y.reshape(y.shape[0], -1).to(torch.float64)
+        zeros = torch.zeros(c.counts.numel(), flat.shape[1], dtype=torch.float64, device=y.device)
+        sums = zeros.index_add(0, c.rows, flat)
+        squares = zeros.index_add_(0, c.rows, flat * flat)
+        n = c.counts.clamp(min=1).to(torch.float64).unsqueeze(1)
         mean_b = sums / n
         m2_b = (squares - sums * mean_b).clamp_(min=0)
-        shape = (rows, *self.mean.shape[1:])
-        batch = LayerMoments(counts, mean_b.view(shape), m2_b.view(shape))
-        if rows == k:
+        shape = (c.counts.numel(), *self.mean.shape[1:])
+        batch = LayerMoments(c.counts, mean_b.view(shape), m2_b.view(shape))
+        if c.present is None:
             return self.merge(batch)
-        part = LayerMoments(self.count[present], self.mean[present], self.m2[present]).merge(batch)
-        return LayerMoments(self.count.index_copy(0, present, part.count), self.mean.index_copy(0, present, part.mean),
-                            self.m2.index_copy(0, present, part.m2))
+        part = LayerMoments(self.count[c.present], self.mean[c.present], self.m2[c.present]).merge(batch)
+        return LayerMoments(*(t.index_copy(0, c.present, u) for t, u in
+                              ((self.count, part.count), (self.mean, part.mean), (self.m2, part.m2))))
 
     def to(self, device: torch.device | str) -> "LayerMoments":
         return LayerMoments(self.count.to(device), self.mean.to(device), self.m2.to(device))
@@ -184,12 +198,11 @@ class CoMoments:
     """
 
     def __init__(self, channels: int, device: torch.device | str = "cpu", cov: bool | None = None) -> None:
-        self.channels = channels
-        self.keep = channels <= COV_MAX if cov is None else cov
+        empty = InputMoments.zeros(channels, device, cov)
+        self.s1 = empty.mean  # float64 [C]: sum of (batch mean - ref) over rows
+        self.s2 = empty.m2    # float64 [C, C] or None (inputs wider than COV_MAX)
         self.n = 0
         self.ref: torch.Tensor | None = None  # float64 [C]: the first batch's mean
-        self.s1 = torch.zeros(channels, dtype=torch.float64, device=device)  # sum of (batch mean - ref) x rows
-        self.s2 = torch.zeros(channels, channels, dtype=torch.float64, device=device) if self.keep else None
         blocks = max(1, min(4, channels // 64))
         self.edges = [channels * i // blocks for i in range(blocks + 1)]
 
@@ -215,7 +228,7 @@ class CoMoments:
     def result(self) -> InputMoments:
         """The rows so far as :class:`InputMoments` (unbiased covariance through ``cov``)."""
         if self.n == 0:
-            return InputMoments.zeros(self.channels, self.s1.device, self.keep)
+            return InputMoments.zeros(self.s1.numel(), self.s1.device, self.s2 is not None)
         count = torch.tensor([self.n], dtype=torch.int64, device=self.s1.device)
         offset = self.s1 / self.n
         m2 = None
