@@ -53,7 +53,53 @@ def test_moments_match_numpy_reference(resolution):
             np.testing.assert_allclose(lm.var[k].numpy(), sel.var(0, ddof=1), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("hw", [(32, 32), (8, 8), (16, 8), (4, 4), (2, 2), (1, 1), (2, 4), (6, 6)])
+class _Irregular(torch.nn.Module):
+    """conv2 runs twice on even-sized batches; conv3 is skipped on batches whose size divides by 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        for _ in range(2 if x.shape[0] % 2 == 0 else 1):
+            x = F.relu(self.bn2(self.conv2(x)))
+        if x.shape[0] % 3:
+            x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", ["inplace-relu", "irregular"])
+def test_fused_layer_groups_equal_layers_one_by_one(model, monkeypatch):
+    """The class moments of fused layer groups are bit-identical to each layer's own: with an
+    in-place ReLU after the statistic point (the group must copy, not hold a view), and with
+    a layer that runs twice or not at all in some passes (the group falls back to single layers)."""
+    import tvsprune.calibration.collector as collector
+
+    if model == "inplace-relu":
+        net = randomize_bn(TinyCNN())
+        for m in net.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = True
+    else:
+        net = randomize_bn(_Irregular())
+    batches = [(x, y) for x, y in _batches(n=60, bs=7)[0]] + [(x, y) for x, y in _batches(n=24, bs=6, seed=1)[0]]
+    probe = probe_model(net, batches[0][0][:1])
+    fused = collect_moments(net, probe, batches, ["a", "b", "c"], "pool:2", second_moments=False)
+    monkeypatch.setattr(collector, "FUSE_MAX", 0)  # every layer its own group
+    alone = collect_moments(net, probe, batches, ["a", "b", "c"], "pool:2", second_moments=False)
+    assert list(fused.layers) == list(alone.layers) == [l.name for l in probe.layers]
+    for name, lm in alone.layers.items():
+        for a, b in zip((lm.count, lm.mean, lm.m2), (fused.layers[name].count, fused.layers[name].mean,
+                                                      fused.layers[name].m2)):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (8, 8), (16, 8), (4, 4), (2, 2), (1, 1), (2, 4), (6, 6), (30, 30), (33, 35)])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_pool_windows_equal_adaptive_avg_pool(hw, k):
     """The same windows (sums to float32 rounding); a map smaller than K repeats its positions exactly."""

@@ -174,7 +174,7 @@ class InputMoments:
         return InputMoments(self.count + other.count, mean, m2)
 
     def add_rows(self, rows: torch.Tensor) -> "InputMoments":
-        """Fold rows [N, C] (one per image and sampled position) in (see :class:`CoMoments`)."""
+        """Fold rows [..., C] (one per image and sampled position) in (see :class:`CoMoments`)."""
         acc = CoMoments(self.mean.numel(), rows.device, self.m2 is not None)
         acc.add(rows)
         return self.merge(acc.result())
@@ -185,45 +185,43 @@ class InputMoments:
 
 
 class CoMoments:
-    """Streaming mean and co-moment matrix of rows [N, C] (what :class:`InputMoments` keeps).
+    """Streaming mean and co-moment matrix of rows [..., C] (what :class:`InputMoments` keeps).
 
-    Each batch is centred by its own mean in the rows' dtype; its product ``d.T @ d`` in
-    that dtype (float32 activations: the product is the cost that matters) is added to a
-    float64 sum, with two rank-one float64 terms: the centring's residual and the batch
-    mean's distance to a fixed reference (the first batch's mean), which is Chan et al.'s
-    merge done in place, without a new matrix per batch. Only the block rows of the upper
+    Rows are taken relative to a fixed reference, the first batch's mean in the rows' dtype:
+    each batch costs one pass that writes ``d = rows - ref`` (read through any strides, so a
+    strided view of an activation is gathered and centred at once), the float64 column sums
+    of ``d`` and the product ``d.T @ d`` in the rows' dtype (float32 activations: the product
+    is the cost that matters), added to a float64 sum. Only the block rows of the upper
     triangle are multiplied (about 60 % of the product's flops at four blocks); the lower
-    triangle is mirrored at the end. Shards and ranks combine through
-    :meth:`InputMoments.merge`.
+    triangle is mirrored at the end, where the reference's offset from the mean is taken out
+    in float64 (m2 = S - s s^T / n). Calibration batches mix the data, so every batch's mean
+    lies near the reference and the float32 product loses nothing to the offset. Shards and
+    ranks combine through :meth:`InputMoments.merge`.
     """
 
     def __init__(self, channels: int, device: torch.device | str = "cpu", cov: bool | None = None) -> None:
         empty = InputMoments.zeros(channels, device, cov)
-        self.s1 = empty.mean  # float64 [C]: sum of (batch mean - ref) over rows
-        self.s2 = empty.m2    # float64 [C, C] or None (inputs wider than COV_MAX)
+        self.s1 = empty.mean  # float64 [C]: sum of (row - ref)
+        self.s2 = empty.m2    # float64 [C, C] (upper block rows) or None (inputs wider than COV_MAX)
         self.n = 0
-        self.ref: torch.Tensor | None = None  # float64 [C]: the first batch's mean
+        self.ref: torch.Tensor | None = None  # [C] in the rows' dtype: the first batch's mean
         blocks = max(1, min(4, channels // 64))
         self.edges = [channels * i // blocks for i in range(blocks + 1)]
 
     def add(self, rows: torch.Tensor) -> None:
-        nb = rows.shape[0]
-        if nb == 0:
+        if rows.numel() == 0:
             return
-        rough = rows.mean(0)
-        d = rows - rough
-        resid = d.sum(0).to(torch.float64)  # the rough mean's own rounding, refined in float64
-        mean = rough.to(torch.float64) + resid / nb
+        c = rows.shape[-1]
         if self.ref is None:
-            self.ref = mean
-        offset = mean - self.ref
-        self.n += nb
-        self.s1.add_(offset, alpha=nb)
+            self.ref = rows.reshape(-1, c).mean(0)
+        d = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        d = torch.sub(rows, self.ref, out=d).view(-1, c)
+        self.n += d.shape[0]
+        self.s1 += d.sum(0, dtype=torch.float64)
         if self.s2 is not None:
             e = self.edges
             for a, b in zip(e[:-1], e[1:]):
                 self.s2[a:b, a:] += d[:, a:b].T @ d[:, a:]
-            self.s2.addr_(resid, resid, alpha=-1.0 / nb).addr_(offset, offset, alpha=float(nb))
 
     def result(self) -> InputMoments:
         """The rows so far as :class:`InputMoments` (unbiased covariance through ``cov``)."""
@@ -234,7 +232,7 @@ class CoMoments:
         m2 = None
         if self.s2 is not None:
             m2 = torch.triu(self.s2) + torch.triu(self.s2, 1).T - self.n * torch.outer(offset, offset)
-        return InputMoments(count, self.ref + offset, m2)
+        return InputMoments(count, self.ref.to(torch.float64) + offset, m2)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .plan import Plan
 log = logging.getLogger(__name__)
 COMPENSATIONS = ("none", "mean", "ls", "ls-seq", "auto")  # auto: ls or ls-seq, the more faithful (prune stage)
 DEFAULT_RIDGE = 1e-3
+REFIT_POSITIONS = 64  # ls-seq's positions per image (calibrate streams 16: it must stay near inference cost)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -234,7 +235,8 @@ def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph
         try:
             for x, _ in batches:
                 xa, xb = cap_a.run(original, x), cap_b.run(pruned, x)
-                acc = acc.add_rows(torch.cat([input_rows(xa, linear), input_rows(xb, linear)], dim=1).double())
+                acc = acc.add_rows(torch.cat([input_rows(xa, linear, REFIT_POSITIONS),
+                                              input_rows(xb, linear, REFIT_POSITIONS)], dim=1).double())
         finally:
             cap_a.handle.remove()
             cap_b.handle.remove()
