@@ -22,7 +22,7 @@ RESOLUTIONS = ("global", "pool:K", "full")
 # the LS folds as well as 64 did (README, Measured results) at a quarter of the rows
 POSITIONS_MAX = 16
 POOL_GEMM_MAX = 256  # maps of at most this many positions are pooled by one GEMM (faster on small maps)
-FUSE_MAX = 32768    # features per sample of the layers whose class moments are fused into one update
+FUSE_MAX = 1 << 22  # elements of a fused layer group's class state, classes (at least 128) x features: 32 MiB in float64
 
 
 def mixes_channels(m: nn.Module) -> bool:
@@ -186,8 +186,8 @@ class _Group:
 class MomentCollector:
     """Hooks on each layer's statistic point; ``update`` folds one labelled batch in.
 
-    Layers are updated in fused groups (see :class:`_Group`) of at most ``FUSE_MAX``
-    features per sample. A group whose layers do not each run exactly once per forward
+    Layers are updated in fused groups (see :class:`_Group`) whose class state holds at
+    most ``FUSE_MAX`` elements. A group whose layers do not each run exactly once per forward
     pass (a module called twice, or skipped) is split back into single layers at once,
     which is what they would have accumulated on their own.
     """
@@ -205,9 +205,10 @@ class MomentCollector:
                            else feature_dim(l, resolution)) for l in layers}
         self.groups: list[_Group] = []
         runs: list[list[str]] = []
+        width_max = FUSE_MAX // max(num_classes, 128)  # a batch's buffer [B, F] is bounded alike for B <= 128
         for l in layers:
             size = shapes[l.name][0] * shapes[l.name][1]
-            if runs and sum(shapes[n][0] * shapes[n][1] for n in runs[-1]) + size <= FUSE_MAX:
+            if runs and sum(shapes[n][0] * shapes[n][1] for n in runs[-1]) + size <= width_max:
                 runs[-1].append(l.name)
             else:
                 runs.append([l.name])
