@@ -22,7 +22,7 @@ RESOLUTIONS = ("global", "pool:K", "full")
 # the LS folds as well as 64 did (README, Measured results) at a quarter of the rows
 POSITIONS_MAX = 16
 POOL_GEMM_MAX = 256  # maps of at most this many positions are pooled by one GEMM (faster on small maps)
-FUSE_MAX = 1 << 22  # elements of a fused layer group's class state, classes (at least 128) x features: 32 MiB in float64
+FUSE_MAX = 1 << 22  # elements of a fused layer group's class state: classes (>= 128) x features, 32 MiB in float64
 
 
 def mixes_channels(m: nn.Module) -> bool:
@@ -151,12 +151,14 @@ class _Group:
     features side by side): each batch costs one float64 update for the group instead of one
     per layer, with the same arithmetic element by element (bit-identical moments)."""
 
-    def __init__(self, names: list[str], shapes: list[tuple[int, int]], moments: LayerMoments) -> None:
-        self.names, self.shapes, self.moments = names, shapes, moments
+    def __init__(self, names: list[str], shapes: list[tuple[int, int]], classes: int,
+                 device: torch.device | str) -> None:
+        self.names, self.shapes = names, shapes
         starts = [0]
         for c, d in shapes:
             starts.append(starts[-1] + c * d)
         self.cuts = {n: slice(a, b) for n, a, b in zip(names, starts[:-1], starts[1:])}
+        self.moments = LayerMoments.zeros(classes, starts[-1], 1, device)
         self.batch: torch.Tensor | None = None       # this batch's reduced maps, float64 [B, F]
         self.pending: dict[str, torch.Tensor] = {}  # the layers arrived so far: their columns of ``batch``
         self.flushed = False                         # the group was updated in this batch
@@ -165,7 +167,7 @@ class _Group:
         """Copy a layer's reduced map [B, C, D] into the batch (a copy: an in-place activation
         after the statistic point may overwrite ``y``); True once every layer has arrived."""
         if self.batch is None or self.batch.shape[0] != y.shape[0]:
-            self.batch = torch.empty(y.shape[0], self.cuts[self.names[-1]].stop, dtype=torch.float64,
+            self.batch = torch.empty(y.shape[0], self.moments.mean.shape[1], dtype=torch.float64,
                                      device=y.device)
         part = self.batch[:, self.cuts[name]]
         part.copy_(y.reshape(y.shape[0], -1))
@@ -203,19 +205,17 @@ class MomentCollector:
                        and (index := _repeat_index(l.out_shape[1], l.out_shape[2], resolution)) is not None}
         shapes = {l.name: (l.channels, l.out_shape[1] * l.out_shape[2] if l.name in self.repeat
                            else feature_dim(l, resolution)) for l in layers}
-        self.groups: list[_Group] = []
         runs: list[list[str]] = []
-        width_max = FUSE_MAX // max(num_classes, 128)  # a batch's buffer [B, F] is bounded alike for B <= 128
+        width, width_max = 0, FUSE_MAX // max(num_classes, 128)  # a batch's buffer [B, F] is bounded alike for B <= 128
         for l in layers:
             size = shapes[l.name][0] * shapes[l.name][1]
-            if runs and sum(shapes[n][0] * shapes[n][1] for n in runs[-1]) + size <= width_max:
+            if runs and width + size <= width_max:
                 runs[-1].append(l.name)
+                width += size
             else:
                 runs.append([l.name])
-        for names in runs:
-            width = sum(shapes[n][0] * shapes[n][1] for n in names)
-            self.groups.append(_Group(names, [shapes[n] for n in names],
-                                      LayerMoments.zeros(num_classes, width, 1, device)))
+                width = size
+        self.groups = [_Group(names, [shapes[n] for n in names], num_classes, device) for names in runs]
         self.group_of = {n: g for g in self.groups for n in g.names}
         self.single: dict[str, LayerMoments] = {}  # layers of split groups
         modules = dict(model.named_modules())
