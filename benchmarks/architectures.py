@@ -1,7 +1,8 @@
 """The architecture matrix: torchvision and timm classifiers through calibrate -> prune -> ONNX.
 
-Every model is randomly initialised with 10 classes, its BatchNorm statistics estimated
-on the same synthetic images, then calibrated, pruned (tvs and l1, 30 % of parameters,
+Every model (and a tutorial-style user CNN, tests/user_patterns.py) is randomly initialised
+with 10 classes, its BatchNorm statistics estimated on the same synthetic images, saved as a
+``{"state_dict": ...}`` checkpoint and loaded back through tvsprune's loader, then calibrated, pruned (tvs and l1, 30 % of parameters,
 default repairs) and exported to ONNX with a parity check on ONNX Runtime. A row is
 ``ok``, ``refused`` (one clean line; only attention models may be) or ``error`` (a bug).
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _common import machine  # noqa: E402
 from helpers import write_image_folder  # noqa: E402
-from hub_models import ATTENTION, TIMM, TORCHVISION, import_hub, run_case  # noqa: E402
+from hub_models import ATTENTION, TIMM, TORCHVISION, USER, import_hub, run_case  # noqa: E402
 
 
 def main() -> int:
@@ -34,10 +35,10 @@ def main() -> int:
                     help="synthetic calibration images per class (10 classes); 4 is the tests' size, where "
                          "ridge-dominated least-squares fits on the widest layers cost parity on some models")
     args = ap.parse_args()
-    cases = [("torchvision", n) for n in TORCHVISION] + [("timm", n) for n in TIMM]
+    cases = [("torchvision", n) for n in TORCHVISION] + [("timm", n) for n in TIMM] + [("user", n) for n in USER]
     if args.names:
         cases = [tuple(n.split(":", 1)) for n in args.names]
-    missing = sorted({hub for hub, _ in cases if import_hub(hub) is None})
+    missing = sorted({hub for hub, _ in cases if hub != "user" and import_hub(hub) is None})
     if missing:
         print(f"not installed: {', '.join(missing)} (pip install --no-deps {' '.join(missing)})")
         return 2

@@ -39,7 +39,11 @@ TIMM = {
     "resnet18d": ({}, 64), "efficientnet_b0": ({}, 64), "mobilenetv3_small_100": ({}, 64),
     "regnety_002": ({}, 64), "convnext_atto": ({}, 64), "ghostnet_100": ({}, 64),
 }
+# user-written networks (tests/user_patterns.py), random weights: the tutorial CNN's BatchNorm
+# after max-pooling once broke calibrate's fused moment groups
+USER = {"tutorial": ({}, 32)}
 ATTENTION = {"vit_b_16", "swin_t"}  # the only models allowed to be refused
+HUBS = {"torchvision": TORCHVISION, "timm": TIMM, "user": USER}
 
 
 @contextlib.contextmanager
@@ -87,8 +91,12 @@ def build(hub: str, name: str, kwargs: dict[str, Any], images: torch.Tensor) -> 
     torch.manual_seed(0)
     if hub == "torchvision":
         model = import_hub("torchvision").get_model(name, num_classes=10, **kwargs)
-    else:
+    elif hub == "timm":
         model = import_hub("timm").create_model(name, num_classes=10, pretrained=False, **kwargs)
+    else:
+        import user_patterns
+
+        model = user_patterns.build(name, num_classes=10, **kwargs)
     # mixed-class batches: the image folder is class-sorted, and batches of one class give
     # running variances far below the data's, an ill-conditioned network (parity misses)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
@@ -97,9 +105,30 @@ def build(hub: str, name: str, kwargs: dict[str, Any], images: torch.Tensor) -> 
     return model.eval()
 
 
+def reload(hub: str, name: str, kwargs: dict[str, Any], model: torch.nn.Module, out: Path, size: int):
+    """``model``'s weights saved as users save them (``torch.save({"state_dict": ...})``, which
+    keeps the module versions in ``_metadata``) and loaded back through tvsprune's loader."""
+    from tvsprune.models import load_model
+
+    weights = out / f"{name}.pt"
+    torch.save({"state_dict": model.state_dict()}, weights)
+    if hub == "user":
+        spec, kwargs = f"{Path(__file__).with_name('user_patterns.py')}:build", {"name": name, **kwargs}
+    elif hub == "timm":
+        spec, kwargs = f"timm:{name}", {"pretrained": False, **kwargs}
+    else:
+        spec = f"{hub}:{name}"
+    loaded = load_model(spec, str(weights), {"num_classes": 10, **kwargs})
+    loaded.input_shape, loaded.normalize = (3, size, size), None  # the synthetic images' own
+    return loaded
+
+
 def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1"), target: float = 0.3,
              size: int | None = None) -> dict[str, Any]:
     """calibrate -> prune (each method) -> ONNX export with parity; one row of the matrix.
+
+    The model is built with random weights, saved as a checkpoint and loaded back through
+    tvsprune's own loader (:func:`reload`), as a user's trained model would be.
 
     Parity is checked on the calibration images (as ``export onnx --data`` does): random
     normal inputs are far outside what BatchNorm statistics estimated on images expect,
@@ -115,7 +144,7 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
     from tvsprune.calibration.stage import DataOptions
     from tvsprune.errors import TvsError
 
-    kwargs, default_size = (TORCHVISION if hub == "torchvision" else TIMM).get(name, ({}, 64))
+    kwargs, default_size = HUBS[hub].get(name, ({}, 64))
     size = size or default_size
     row: dict[str, Any] = {"model": f"{hub}:{name}", "input": size}
     t0 = time.perf_counter()
@@ -123,10 +152,10 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
         images = image_tensors(folder)
         if images.shape[-1] != size:
             images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear")
-        model = build(hub, name, kwargs, images)
-        row["params"] = sum(p.numel() for p in model.parameters())
-        data = DataOptions(path=str(folder), resize=size, mean=[0.5] * 3, std=[0.25] * 3)
         out.mkdir(parents=True, exist_ok=True)
+        model = reload(hub, name, kwargs, build(hub, name, kwargs, images), out, size)
+        row["params"] = sum(p.numel() for p in model.module.parameters())
+        data = DataOptions(path=str(folder), resize=size, mean=[0.5] * 3, std=[0.25] * 3)
         base = tvsprune.export_onnx(model, out / f"{name}-base.onnx", input_shape=[3, size, size],
                                     parity_inputs=images)
         row["base_parity_scaled"] = base["parity"]["max_scaled_diff"]  # the unpruned network's own

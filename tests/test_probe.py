@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from tvsprune.errors import TvsError
 from tvsprune.models.probe import probe_model
+from user_patterns import NormAfterPoolAndReluNet as NormAfterPoolNet  # the same network, one definition
 
 
 class LogSoftmaxNet(nn.Module):
@@ -35,26 +36,6 @@ class TailNet(LogSoftmaxNet):
         x = F.adaptive_avg_pool2d(F.relu(self.bn1(self.conv1(x))), 4).flatten(1)
         x = self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
         return torch.softmax(x.view(-1, 10) / 2.0, dim=1)
-
-
-class NormAfterPoolNet(nn.Module):
-    """BatchNorm after MaxPool and after ReLU; a conv whose output meets no BatchNorm."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)          # conv1 -> maxpool -> bn1
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)          # conv2 -> relu -> bn2
-        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(8)          # bn3 reads conv3 + conv2's path: no unique source
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        a = self.bn1(F.max_pool2d(self.conv1(x), 2))
-        b = self.bn2(F.relu(self.conv2(a)))
-        c = self.bn3(self.conv3(b) + b)
-        return self.fc(c.mean((2, 3)))
 
 
 class ShuffledNet(nn.Module):

@@ -1,6 +1,7 @@
 """One streaming pass over calibration data that fills :class:`Moments` for every layer."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -136,14 +137,16 @@ def reduce_map(y: torch.Tensor, resolution: str) -> torch.Tensor:
 
 
 def feature_dim(info: LayerInfo, resolution: str) -> int:
-    if info.kind == "linear" or len(info.out_shape) < 3:
+    """D: features per filter that ``resolution`` keeps of the layer's statistic-point map."""
+    shape = info.map_shape
+    if info.kind == "linear" or len(shape) < 3:
         return 1
     kind, k = parse_resolution(resolution)
     if kind == "global":
         return 1
     if kind == "pool":
         return k * k
-    return int(info.out_shape[1] * info.out_shape[2])
+    return int(shape[1] * shape[2])
 
 
 class _Group:
@@ -201,9 +204,9 @@ class MomentCollector:
         self.model, self.layers, self.resolution = model, layers, resolution
         self.num_classes = num_classes
         # maps smaller than pool:K accumulate per position and are repeated to the windows once, in results()
-        self.repeat = {l.name: index for l in layers if l.kind == "conv" and len(l.out_shape) == 3
-                       and (index := _repeat_index(l.out_shape[1], l.out_shape[2], resolution)) is not None}
-        shapes = {l.name: (l.channels, l.out_shape[1] * l.out_shape[2] if l.name in self.repeat
+        self.repeat = {l.name: index for l in layers if l.kind == "conv" and len(l.map_shape) == 3
+                       and (index := _repeat_index(l.map_shape[1], l.map_shape[2], resolution)) is not None}
+        shapes = {l.name: (l.channels, l.map_shape[1] * l.map_shape[2] if l.name in self.repeat
                            else feature_dim(l, resolution)) for l in layers}
         runs: list[list[str]] = []
         width, width_max = 0, FUSE_MAX // max(num_classes, 128)  # a batch's buffer [B, F] is bounded alike for B <= 128
@@ -368,11 +371,13 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
     t0 = time.perf_counter()
     # inference mode, as plain inference runs (no autograd bookkeeping at all); what it
     # produces is cloned into ordinary tensors below, so callers may update them in place
-    with collector, torch.inference_mode():
+    with torch.inference_mode(), contextlib.ExitStack() as hooked:
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            # the first batch through run_forward: an input that does not fit is one readable line
-            collector.update(x, y, run_forward if seen == 0 else None)
+            if seen == 0:  # the model alone first, before any hook: an error there is the model's or the input's
+                run_forward(model, x)
+                hooked.enter_context(collector)
+            collector.update(x, y)
             seen += len(y)
             if progress:
                 progress(len(y))

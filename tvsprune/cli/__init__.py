@@ -5,14 +5,17 @@ One module per command (calibrate, evaluate, prune, export, doctor, bench, run),
 
 Exit codes: 0 success, 1 user error (bad input, unwritable output), 2 missing optional
 dependency / hardware, 3 a check failed (e.g. parity outside tolerance with --strict),
-64 usage error (unknown flag, bad flag value; EX_USAGE), 130 interrupted (Ctrl-C, SIGTERM).
+64 usage error (unknown flag, bad flag value; EX_USAGE), 70 internal error (a bug in tvsprune,
+EX_SOFTWARE; its traceback goes to the log file), 130 interrupted (Ctrl-C, SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -29,7 +32,7 @@ COMMANDS = (calibrate, evaluate, prune, export, doctor, bench, run)  # in the or
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""),
                      epilog="exit codes: 0 passed, 1 bad input, 2 missing optional backend, 3 check failed "
-                            "(--strict), 64 usage, 130 interrupted")
+                            "(--strict), 64 usage, 70 internal error, 130 interrupted")
     parser.add_argument("--version", action="version", version=f"tvsprune {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors and the final PASSED/FAILED line only")
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXIT_USAGE = 64  # sysexits.h EX_USAGE; 2 stays "a missing optional backend"
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error, never the user's input
 DIR_OUTPUTS = {"prune", "replay", "bench"}  # commands whose --out is a directory (run/demo lock in Pipeline)
 
 
@@ -73,6 +77,31 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _internal_error(error: BaseException, log_file: str | None) -> str:
+    """Write ``error``'s traceback to ``log_file`` (or a new file in the temp folder); the one line to show."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(error))
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    try:
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(text)
+            path = log_file
+        else:
+            fd, path = tempfile.mkstemp(prefix="tvsprune-internal-error-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        kept = f"the full traceback is in {path}"
+    except OSError:
+        kept = "the traceback could not be written; rerun with -vv"
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"internal error (a bug in tvsprune, not in your input): {type(error).__name__}: {first}{at}; "
+            f"{kept}; please report it")
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -89,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         print("FAILED | usage | tvsprune", file=sys.stderr)
         return EXIT_USAGE
     import contextlib
-    import os
     import signal
 
     from ..artifacts import output_lock
@@ -123,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return failed(f"{what}{e.strerror or e}", 1)
     except KeyboardInterrupt:
         return failed("interrupted; no partial output was kept", 130)
+    except Exception as e:  # anything else is a bug in tvsprune: one line, the traceback to the log file
+        return failed(_internal_error(e, args.log_file), EXIT_SOFTWARE)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)

@@ -34,6 +34,12 @@ class LayerInfo:
     stat_module: str       # where the statistic is taken (the layer or its BatchNorm)
     out_shape: list[int]   # output shape without the batch dimension
     groups: int = 1
+    stat_shape: list[int] | None = None  # the statistic point's output shape, when it differs (pooling between)
+
+    @property
+    def map_shape(self) -> list[int]:
+        """The shape of what calibrate's hook sees: the statistic point's output."""
+        return self.stat_shape or self.out_shape
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,12 +68,21 @@ class ModelProbe:
 
 
 def run_forward(model: nn.Module, x: torch.Tensor, what: str = "model") -> torch.Tensor:
-    """Forward with input-shape errors turned into one readable line."""
+    """The user's forward, with its errors turned into one readable line that blames the model.
+
+    Call it only where no tvsprune hook is registered: an error raised here is then the
+    model's own (a shape that does not fit, or a bug in its code), never tvsprune's.
+    """
     try:
         return model(x)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TvsError(f"input of shape {list(x.shape[1:])} does not fit {what}: {first}") from None
+    except (ArithmeticError, AttributeError, IndexError, KeyError, LookupError, NotImplementedError,
+            TypeError, ValueError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TvsError(f"{what}'s forward raised {type(e).__name__} on an input of shape "
+                       f"{list(x.shape[1:])}: {first}") from None
 
 
 _MULTI_INPUT = ("Add", "Sub", "Cat", "Stack", "Mm", "Bmm", "Matmul", "Addmm", "Convolution", "Einsum")
@@ -129,6 +144,7 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
     produced: dict = {}             # grad_fn of a layer's output -> layer
     shapes: dict[nn.Module, list[int]] = {}
     follows: dict[nn.Module, nn.Module] = {}
+    norm_shapes: dict[nn.Module, list[int]] = {}
     alive: list[torch.Tensor] = []  # every hooked tensor lives until the probe ends
     handles = []
 
@@ -149,7 +165,15 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
         if len(src) == 1:
             layer = next(iter(src))
             follows.setdefault(layer, m)
+            norm_shapes.setdefault(m, list(x.shape[1:]))
 
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # the model's own forward first, with no hook: its errors are the model's
+            run_forward(model, example, what)
+    finally:
+        model.train(was_training)
     for m in model.modules():
         if isinstance(m, PRUNABLE):
             handles.append(m.register_forward_hook(on_layer))
@@ -160,7 +184,7 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
     x = example.detach().clone().requires_grad_(example.is_floating_point())
     try:
         with torch.enable_grad():
-            out = run_forward(model, x, what)
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
@@ -178,11 +202,13 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
         if m is logits:
             continue
         stat = follows.get(m, m)
+        stat_shape = norm_shapes.get(stat)
         layers.append(LayerInfo(
             name=names[m], kind="conv" if isinstance(m, nn.Conv2d) else "linear",
             channels=m.out_channels if isinstance(m, nn.Conv2d) else m.out_features,
             stat_module=names[stat], out_shape=shapes[m],
-            groups=getattr(m, "groups", 1)))
+            groups=getattr(m, "groups", 1),
+            stat_shape=stat_shape if stat_shape is not None and stat_shape != shapes[m] else None))
     if not layers:
         raise TvsError(f"{what} has no prunable layer (Conv2d, or Linear before the logits)")
     return ModelProbe(layers, names.get(logits) if logits is not None else None, list(out.shape[1:]))

@@ -12,6 +12,7 @@ Spec forms (one registered source each, :mod:`.sources`)
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                    "or a dict with 'state_dict' or 'model')")
 
 
+def _strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """The state dict without DataParallel's ``module.`` prefix, its ``_metadata`` (module
+    versions, read by versioned ``_load_from_state_dict`` such as MNASNet's and BatchNorm's)
+    kept and renamed alike."""
+    def strip(k: str) -> str:
+        return k[7:] if k == "module" or k.startswith("module.") else k
+
+    sd = OrderedDict((strip(k), v) for k, v in state_dict.items())
+    meta = getattr(state_dict, "_metadata", None)
+    if isinstance(meta, dict):
+        sd._metadata = OrderedDict((strip(k), v) for k, v in meta.items())  # type: ignore[attr-defined]
+    return sd
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, turning missing / unexpected / mis-shaped keys into one error."""
     own = model.state_dict()
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    sd = _strip_data_parallel(state_dict)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shaped = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

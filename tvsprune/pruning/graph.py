@@ -237,7 +237,7 @@ class ChannelGraph:
         return groups
 
     def _set_blocks(self, g: Group) -> None:
-        """Grouped convolutions keep their group count: their channels go in equal numbers per block.
+        """Grouped convolutions and GroupNorms keep their group count: channels go in equal numbers per block.
 
         As Torch-Pruning's pruners do, the same block-local channels are removed from every
         block. A grouped convolution reached through a reordering of channels (e.g. a
@@ -246,15 +246,18 @@ class ChannelGraph:
         blocks = 1
         for it in g.items:
             m = self.modules[it.module]
-            if not is_grouped_conv(m):
+            if isinstance(m, nn.GroupNorm) and m.num_groups > 1:  # normalises contiguous chunks: keep them aligned
+                what, count, width = "GroupNorm", m.num_groups, m.num_channels
+            elif is_grouped_conv(m):
+                what, count = "grouped convolution", m.groups
+                width = m.out_channels if it.dim == "out" else m.in_channels
+            else:
                 continue
-            width = m.out_channels if it.dim == "out" else m.in_channels
             if width != g.channels or not np.array_equal(it.idxs, it.root_idxs) or \
                     not np.array_equal(np.sort(it.idxs), np.arange(width)):
-                self.rigid[g.root] = (f"coupled to grouped convolution {it.module} (groups={m.groups}) "
-                                      "through a channel reordering")
+                self.rigid[g.root] = f"coupled to {what} {it.module} (groups={count}) through a channel reordering"
                 return
-            blocks = int(np.lcm(blocks, m.groups))
+            blocks = int(np.lcm(blocks, count))
         if g.channels % blocks:
             self.rigid[g.root] = f"{g.channels} channels do not split into {blocks} equal blocks"
             return

@@ -554,14 +554,18 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
         model = build_pruned(ctx, plan, opts, calib, moments, report)
         trial = {"tvs_saliency": combine, "allocation": allocation,
                  "params_removed": round(plan.meta["params"]["removed_frac"], 4),
-                 "macs_removed": round(plan.meta["macs"]["removed_frac"], 4), **extra}
+                 "macs_removed": round(plan.meta["macs"]["removed_frac"], 4),
+                 "budget_met": "unmet" not in plan.meta["budget"], **extra}
         if xs is not None:
             trial.update(fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]))
         trial["seconds"] = round(time.perf_counter() - t0, 2)
         trials.append(trial)
-        if best is None or trial.get("kl", 0.0) < best["trial"]["kl"]:
+        # a candidate that misses the budget (its rule cannot reach it) ranks after every one that
+        # meets it: removing less is always more faithful, and would otherwise win by not pruning
+        rank = (not trial["budget_met"], trial.get("kl", 0.0))
+        if best is None or rank < best["rank"]:
             best = {"trial": trial, "plan": plan, "model": model, "report": report, "scores": sc,
-                    "combine": combine, "compensation": opts.compensation}
+                    "combine": combine, "compensation": opts.compensation, "rank": rank}
         else:
             del model
     assert best is not None
@@ -569,7 +573,8 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
         t0 = time.perf_counter()
         report = {}
         model = build_pruned(ctx, best["plan"], replace(opts, compensation="ls-seq"), calib, moments, report)
-        trial = {**{k: best["trial"][k] for k in ("tvs_saliency", "allocation", "params_removed", "macs_removed")},
+        trial = {**{k: best["trial"][k] for k in ("tvs_saliency", "allocation", "params_removed", "macs_removed",
+                                                  "budget_met")},
                  "compensation": "ls-seq", **fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]),
                  "seconds": round(time.perf_counter() - t0, 2)}
         best["trial"]["compensation"] = "ls"

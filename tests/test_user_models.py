@@ -1,0 +1,259 @@
+"""Networks as users write them, through the whole pipeline; internal errors never blamed on the input.
+
+Every pattern of tests/user_patterns.py is calibrated at every resolution, its moments
+checked against a per-layer float64 reference, then pruned (tvs and l1, a parameter and a
+MAC budget) and exported to ONNX with parity on ONNX Runtime.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from helpers import REPO, randomize_bn, write_image_folder
+
+import tvsprune
+import user_patterns
+from tvsprune.calibration import collect_moments, reduce_map
+from tvsprune.calibration.collector import layer_output
+from tvsprune.models.probe import probe_model
+
+RESOLUTIONS = ("global", "pool:2", "pool:4", "full")
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(user_patterns.build(name))
+
+
+def _batches(size: int, n: int = 30, bs: int = 8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+
+
+def _reference(model: nn.Module, probe, batches, resolution: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each layer's reduced statistic-point maps and their labels, captured one call at a time."""
+    modules = dict(model.named_modules())
+    acts: dict[str, list] = {l.name: [] for l in probe.layers}
+    labels: dict[str, list] = {l.name: [] for l in probe.layers}
+    current: list[torch.Tensor] = []
+
+    def hook(m, i, o, info):
+        acts[info.name].append(reduce_map(layer_output(o, info.kind), resolution).double().numpy())
+        labels[info.name].append(current[0].numpy())
+
+    hooks = [modules[l.stat_module].register_forward_hook(lambda m, i, o, info=l: hook(m, i, o, info))
+             for l in probe.layers]
+    with torch.no_grad():
+        for x, y in batches:
+            current[:] = [y]
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {k: (np.concatenate(acts[k]), np.concatenate(labels[k])) for k in acts}
+
+
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+@pytest.mark.parametrize("name", list(user_patterns.PATTERNS))
+def test_moments_equal_per_layer_float64_reference(name, resolution):
+    model = _model(name)
+    size = user_patterns.input_size(name)
+    batches = _batches(size)
+    probe = probe_model(model, batches[0][0][:1])
+    moments = collect_moments(model, probe, batches, ["a", "b", "c"], resolution)
+    reference = _reference(model, probe, batches, resolution)
+    assert set(moments.layers) == set(reference)
+    for layer, (a, y) in reference.items():
+        lm = moments.layers[layer]
+        assert lm.mean.shape[1:] == a.shape[1:], layer
+        for k in range(3):
+            sel = a[y == k]
+            assert int(lm.count[k]) == len(sel), (layer, k)
+            np.testing.assert_allclose(lm.mean[k].numpy(), sel.mean(0), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(lm.var[k].numpy(), sel.var(0, ddof=1), rtol=1e-9, atol=1e-11)
+
+
+@pytest.fixture(scope="module")
+def pattern_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patterns")
+    return {size: write_image_folder(root / f"{size}", per_class=8, size=size, seed=size) for size in (16, 32)}
+
+
+# every resolution goes through prune once per pattern, under both criteria and both budgets
+COMBOS = [("tvs", "target_params", "pool:4"), ("tvs", "target_flops", "full"),
+          ("l1", "target_params", "global"), ("l1", "target_flops", "pool:2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(user_patterns.PATTERNS))
+def test_pattern_calibrates_prunes_and_exports_with_parity(name, pattern_images, tmp_path):
+    model = _model(name)
+    size = user_patterns.input_size(name)
+    images = str(pattern_images[size])
+    moments = {res: tvsprune.calibrate(model, images, resolution=res, mean=[0.5] * 3, std=[0.25] * 3)
+               for res in {c[2] for c in COMBOS}}
+    for method, budget, resolution in COMBOS:
+        pruned = tvsprune.prune(model, moments[resolution], method=method, calib_data=images,
+                                out=tmp_path / f"{method}-{budget}", **{budget: 0.3})
+        kind = "params" if budget == "target_params" else "macs"
+        assert pruned.plan.meta[kind]["removed_frac"] > 0.1, (method, budget, pruned.plan.meta[kind])
+        side = tvsprune.export_onnx(pruned, tmp_path / f"{method}-{budget}.onnx", input_shape=[3, size, size])
+        assert side["parity"]["within_tolerance"], (method, budget, side["parity"])
+
+
+# ---- internal errors are never the input's fault ------------------------------------------------------
+
+def _calibrate_cli(tmp_path: Path, *global_flags: str) -> tuple[int, list[str], Path]:
+    """tvsprune calibrate on the tutorial CNN in this process; (exit code, stderr lines, --out)."""
+    import contextlib
+    import io
+
+    from tvsprune.cli import main
+
+    src = tmp_path / "user_patterns.py"
+    src.write_text((REPO / "tests" / "user_patterns.py").read_text())
+    torch.save({"state_dict": _model("tutorial").state_dict()}, tmp_path / "w.pt")
+    data = write_image_folder(tmp_path / "calib", per_class=4, size=32)
+    out = tmp_path / "m.safetensors"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*global_flags, "calibrate", f"{src}:TutorialNet", "--weights", str(tmp_path / "w.pt"),
+                     "--data", str(data), "--out", str(out), "--resolution", "pool:4"])
+    logging.getLogger().handlers.clear()  # main's handlers wrote to the redirected stream
+    return code, [l for l in err.getvalue().splitlines() if l.strip()], out
+
+
+def test_tutorial_cnn_calibrates_from_the_command_line(tmp_path):
+    code, lines, out = _calibrate_cli(tmp_path)
+    assert code == 0, lines
+    assert out.is_file()
+
+
+def test_fault_in_a_hook_is_an_internal_error_exit_70(tmp_path, monkeypatch):
+    from tvsprune.calibration import collector
+
+    def broken(self, name, y):
+        raise RuntimeError("The size of tensor a (16384) must match the size of tensor b (4096)")
+
+    monkeypatch.setattr(collector._Group, "put", broken)
+    log = tmp_path / "run.log"
+    code, lines, out = _calibrate_cli(tmp_path, "--log-file", str(log))
+    assert code == 70, lines
+    errors = [l for l in lines if "error:" in l]
+    assert len(errors) == 1 and "internal error" in errors[0] and "does not fit" not in errors[0], lines
+    assert str(log) in errors[0]
+    assert "Traceback" in log.read_text() and "collector.py" in log.read_text()
+    assert not any(l.startswith("Traceback") for l in lines)
+    assert lines[-1].startswith("FAILED | calibrate")
+    assert not out.exists() and not list(tmp_path.glob(".m.safetensors*"))
+
+
+def test_internal_error_without_log_file_names_a_new_file(tmp_path, monkeypatch):
+    from tvsprune.calibration import collector
+
+    monkeypatch.setattr(collector.CoMoments, "add", lambda self, x: 1 / 0)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    code, lines, out = _calibrate_cli(tmp_path)
+    assert code == 70
+    written = list((tmp_path / "tmp").glob("tvsprune-internal-error-*.log"))
+    assert len(written) == 1 and "ZeroDivisionError" in written[0].read_text()
+    assert str(written[0]) in next(l for l in lines if "error:" in l)
+
+
+def test_a_bug_in_the_users_forward_is_blamed_on_the_model_not_tvsprune(tmp_path):
+    from tvsprune.errors import TvsError
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3))) + {}["missing"]
+
+    with pytest.raises(TvsError, match="forward raised KeyError"):
+        probe_model(Broken(), torch.zeros(1, 3, 8, 8))
+
+
+# ---- checkpoints keep their module versions -----------------------------------------------------------
+
+class Versioned(nn.Module):
+    """A module whose ``_load_from_state_dict`` needs its version (as MNASNet's does)."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_checkpoint_loading_keeps_module_versions(tmp_path, wrapped):
+    from tvsprune.models.spec import load_state_dict_strict
+
+    sd = Versioned().state_dict()
+    if wrapped:  # saved from nn.DataParallel: keys and versions under "module."
+        sd = nn.DataParallel(Versioned()).state_dict()
+    torch.save({"state_dict": sd}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", weights_only=True)["state_dict"]
+    assert isinstance(loaded, OrderedDict) and hasattr(loaded, "_metadata")
+    load_state_dict_strict(Versioned(), loaded, "w.pt")  # raises if the versions were dropped
+
+
+# ---- a trained tutorial CNN: tvs keeps at least l1's accuracy -----------------------------------------
+
+CHECKPOINT = REPO / "tests" / "data" / "tutorial_cnn_cifar10.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["target_params", "target_flops"])
+def test_trained_tutorial_cnn_tvs_keeps_at_least_l1s_accuracy(budget, cifar_dir, tmp_path):
+    from tvsprune.calibration.stage import DataOptions
+    from tvsprune.models import load_model
+
+    spec = f"{REPO / 'tests' / 'user_patterns.py'}:TutorialNet"
+    model = load_model(spec, str(CHECKPOINT), {"num_classes": 10, "width": 32})
+    calib = DataOptions(path=str(cifar_dir / "train"), samples_per_class=100)
+    moments = tvsprune.calibrate(model, calib)
+    accuracy = {}
+    for method in ("tvs", "l1"):
+        pruned = tvsprune.prune(model, moments, method=method, calib_data=calib, out=tmp_path / method,
+                                **{budget: 0.3})
+        accuracy[method] = _top1(pruned, cifar_dir / "test")
+    base = _top1(model, cifar_dir / "test")
+    logging.getLogger(__name__).warning("tutorial CNN %s 0.3: base %.4f tvs %.4f l1 %.4f",
+                                        budget, base, accuracy["tvs"], accuracy["l1"])
+    # Measured on all 10,000 test images (100 calibration images per class): tvs 74.93 vs l1 75.50 at
+    # 30 % params, 75.37 vs 76.11 at 30 % MACs; with 300 per class -0.29 / -0.24. On this network tvs
+    # trails l1 by under a point, which is what this test holds it to (README, Limitations).
+    assert accuracy["tvs"] >= accuracy["l1"] - 0.01, accuracy
+    assert accuracy["tvs"] >= base - 0.05, (base, accuracy)
+
+
+def _top1(model, folder: Path) -> float:
+    """Top-1 on 300 images per class of ``folder``, measured as ``tvsprune bench`` does."""
+    from tvsprune.api import as_loaded
+    from tvsprune.bench.accuracy import evaluate
+    from tvsprune.calibration.stage import DataOptions
+
+    return evaluate(as_loaded(model), DataOptions(path=str(folder), samples_per_class=300))["top1"]

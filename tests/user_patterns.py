@@ -1,0 +1,196 @@
+"""Networks written the way users write them: every probe case and common hand-written patterns.
+
+Loaded by path as a user's model file (``user_patterns.py:build``, kwarg ``name``). Each is
+small enough that calibrate -> prune -> export takes about a second on 16x16 (or, for the
+tutorial network, 32x32) inputs.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TutorialNet(nn.Module):
+    """PyTorch's CIFAR tutorial shape: (conv -> relu -> max-pool -> BatchNorm) x 3, then
+    ``x.view(-1, C * 2 * 2)`` into a three-layer MLP and a log_softmax tail (32x32 inputs).
+    The BatchNorm after the pooling is each conv's statistic point, on a map half its size."""
+
+    def __init__(self, num_classes: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(3, width, 5)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3)
+        self.bn3 = nn.BatchNorm2d(4 * width)
+        self.fc1 = nn.Linear(4 * width * 2 * 2, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.fc3 = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.bn1(F.max_pool2d(F.relu(self.conv1(x)), 2))   # 28 -> 14
+        x = self.bn2(F.max_pool2d(F.relu(self.conv2(x)), 2))   # 12 -> 6
+        x = self.bn3(F.max_pool2d(F.relu(self.conv3(x)), 2))   # 4 -> 2
+        x = x.view(-1, 4 * self.width * 2 * 2)
+        x = F.relu(self.fc2(F.relu(self.fc1(x))))
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+class SoftmaxTemperatureNet(nn.Module):
+    """softmax of a temperature-scaled, flattened output."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(F.relu(self.bn1(self.conv1(x))), 4).flatten(1)
+        return torch.softmax(self.fc2(F.relu(self.fc1(x))).view(-1, self.fc2.out_features) / 2.0, dim=1)
+
+
+class NormAfterPoolAndReluNet(nn.Module):
+    """BatchNorm after MaxPool, after ReLU, after an addition (no unique source)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)          # conv1 -> maxpool -> bn1
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)          # conv2 -> relu -> bn2
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(8)          # bn3 reads conv3 + b
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        a = self.bn1(F.max_pool2d(self.conv1(x), 2))
+        b = self.bn2(F.relu(self.conv2(a)))
+        c = self.bn3(self.conv3(b) + b)
+        return self.fc(c.mean((2, 3)))
+
+
+class OutOfOrderNet(nn.Module):
+    """Layers created in another order than they are called."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.head = nn.Linear(12, num_classes)
+        self.late = nn.Conv2d(8, 12, 3, padding=1)
+        self.late_bn = nn.BatchNorm2d(12)
+        self.early = nn.Conv2d(3, 8, 3, padding=1)
+        self.early_bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.relu(self.early_bn(self.early(x)))
+        x = F.relu(self.late_bn(self.late(F.max_pool2d(x, 2))))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class CalledTwiceNet(nn.Module):
+    """One convolution applied twice (shared weights), and a defined but unused module."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.unused = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = F.relu(self.shared(x))
+        x = F.relu(self.shared(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class FlattenNet(nn.Module):
+    """Four ways into the classifier: ``torch.flatten``, ``view``, ``reshape``, ``nn.Flatten``."""
+
+    def __init__(self, num_classes: int = 3, how: str = "flatten") -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(4)             # fixed pooling: 16x16 -> 4x4
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(8 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        if self.how == "flatten":
+            x = torch.flatten(x, 1)
+        elif self.how == "view":
+            x = x.view(x.size(0), -1)
+        elif self.how == "reshape":
+            x = x.reshape(-1, 8 * 4 * 4)
+        else:
+            x = self.flat(x)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class NoNormNet(nn.Module):
+    """No normalisation layer at all; dropout between the layers."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.fc1 = nn.Linear(12, 10)
+        self.fc2 = nn.Linear(10, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = self.drop(F.relu(self.conv2(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc2(self.drop(F.relu(self.fc1(x))))
+
+
+class GroupNormNet(nn.Module):
+    """GroupNorm instead of BatchNorm, Dropout2d, AdaptiveAvgPool2d as a module."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn1 = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn2 = nn.GroupNorm(2, 8)
+        self.drop = nn.Dropout2d(0.2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.gn1(self.conv1(x)))
+        x = self.drop(F.relu(self.gn2(self.conv2(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+PATTERNS = {
+    "tutorial": (TutorialNet, {}),
+    "softmax-temperature": (SoftmaxTemperatureNet, {}),
+    "norm-after-pool-relu-add": (NormAfterPoolAndReluNet, {}),
+    "out-of-order": (OutOfOrderNet, {}),
+    "called-twice-and-unused": (CalledTwiceNet, {}),
+    "torch-flatten": (FlattenNet, {"how": "flatten"}),
+    "view": (FlattenNet, {"how": "view"}),
+    "reshape": (FlattenNet, {"how": "reshape"}),
+    "nn-flatten": (FlattenNet, {"how": "module"}),
+    "no-norm-dropout": (NoNormNet, {}),
+    "groupnorm": (GroupNormNet, {}),
+}
+
+
+def input_size(name: str) -> int:
+    return 32 if name == "tutorial" else 16
+
+
+def build(name: str = "tutorial", num_classes: int = 3, **kwargs) -> nn.Module:
+    cls, own = PATTERNS[name]
+    return cls(num_classes=num_classes, **own, **kwargs)
