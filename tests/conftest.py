@@ -8,6 +8,15 @@ import pytest
 from helpers import CIFAR_TGZ, MODELS, REPO, make_tiny_checkpoint, run_cli, write_image_folder
 
 
+def pytest_configure(config) -> None:
+    """tvsprune's per-user state (the record of artifacts pruned here) in a folder of this test
+    session's own, inherited by the CLI subprocesses: tests never read or write the real one."""
+    import os
+    import tempfile
+
+    os.environ["TVSPRUNE_HOME"] = tempfile.mkdtemp(prefix="tvsprune-home-")
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")

@@ -21,6 +21,7 @@ from ..calibration.stage import DataOptions
 from ..data import take_images
 from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
+from ..pruning.artifact import read_prune_report
 from ..compare.latency import LatencyConfig, measure_interleaved
 from .memory import peak_rss
 from ..backends import BACKENDS, backend_availability, backend_kind, make_runner
@@ -87,7 +88,7 @@ def machine_info() -> dict[str, Any]:
 
 def _load_entries(specs: list[str | LoadedModel], weights: str | None, onnx_paths: dict[int, Path] | None = None,
                   model_kwargs: dict[str, Any] | None = None,
-                  prune_reports: dict[int, dict[str, Any]] | None = None) -> list[Entry]:
+                  prune_reports: dict[int, dict[str, Any]] | None = None, base_model: Any = None) -> list[Entry]:
     entries, used = [], set()
     for i, spec in enumerate(specs):
         if isinstance(spec, LoadedModel):  # a module held in memory (Python API)
@@ -100,12 +101,13 @@ def _load_entries(specs: list[str | LoadedModel], weights: str | None, onnx_path
         if spec.endswith(".onnx"):
             e.onnx = Path(spec)
         else:
-            e.loaded = load_model(spec, weights if i == 0 else None, model_kwargs if i == 0 else None)
+            e.loaded = (load_model(spec, weights, model_kwargs) if i == 0 else
+                        load_model(spec, base=base_model))
             if onnx_paths and i in onnx_paths:
                 e.onnx = Path(onnx_paths[i])
             pdir = Path(spec)
             if (pdir / "prune.json").is_file():
-                e.prune_report = json.loads((pdir / "prune.json").read_text())
+                e.prune_report = read_prune_report(pdir)
                 e.files["weights"] = (pdir / "pruned.safetensors").stat().st_size
             elif weights and i == 0:
                 e.files["weights"] = Path(weights).stat().st_size
@@ -212,13 +214,14 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions)
 def bench(specs: list[str | LoadedModel], out_dir: str | Path, data: DataOptions | None = None,
           weights: str | None = None, opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None,
           onnx_paths: dict[int, Path] | None = None, model_kwargs: dict[str, Any] | None = None,
-          prune_reports: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+          prune_reports: dict[int, dict[str, Any]] | None = None, base_model: Any = None) -> dict[str, Any]:
     """Measure every model on every backend present; write report.json, report.md, report.html.
 
-    ``specs``: the base model first; each a spec string, an .onnx path or a LoadedModel."""
+    ``specs``: the base model first; each a spec string, an .onnx path or a LoadedModel.
+    ``base_model``: the base model of pruned artifacts that need one named (:mod:`tvsprune.models.trust`)."""
     with removed_on_failure(out_dir):  # a failed bench leaves no exported models or half a report
         return _bench(specs, Path(out_dir), data, weights, opts or BenchOptions(), progress, onnx_paths,
-                      model_kwargs, prune_reports)
+                      model_kwargs, prune_reports, base_model)
 
 
 def report_warnings(report: dict[str, Any]) -> list[str]:
@@ -251,7 +254,8 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
 
 def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, weights: str | None,
            opts: BenchOptions, progress: Callable[[str], None] | None, onnx_paths: dict[int, Path] | None,
-           model_kwargs: dict[str, Any] | None, prune_reports: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
+           model_kwargs: dict[str, Any] | None, prune_reports: dict[int, dict[str, Any]] | None,
+           base_model: Any = None) -> dict[str, Any]:
     progress = progress or (lambda s: log.info(s))
     if not specs:
         raise TvsError("bench needs at least one model")
@@ -272,7 +276,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
     if missing:  # only a backend asked for by name can be missing: an error, not a silent skip
         raise MissingDependencyError("; ".join(f"backend {b} is not available: {avail[b]}" for b in missing))
     kinds = {backend_kind(b) for b in run}
-    entries = _load_entries(specs, weights, onnx_paths, model_kwargs, prune_reports)
+    entries = _load_entries(specs, weights, onnx_paths, model_kwargs, prune_reports, base_model)
     shape = _input_shape(entries, data, opts.input_shape)
     _prepare(entries, shape, out, "onnx" in kinds, "engine" in kinds, opts.trt_precision, progress)
     report: dict[str, Any] = {"tvsprune_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
+from .common import (_add_image_flags, add_base_model_arg, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
                      loaded_model)
 
@@ -32,7 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = bench_options(args)
     data = data_options(args) if args.data else None
     report = bench([args.base, *args.pruned], args.out, data, args.weights, opts,
-                   progress=lambda s: print(f"... {s}", file=sys.stderr))
+                   progress=lambda s: print(f"... {s}", file=sys.stderr), base_model=args.base_model)
     print_table(summary_rows(report), title="tvsprune bench")
     for b, why in report["skipped_backends"].items():
         print(f"skipped {b}: {why}")
@@ -48,6 +48,7 @@ def _register_bench(sub: Any) -> None:
     p.add_argument("base", metavar="BASE", help="the unpruned model (zoo name / spec / .onnx)")
     p.add_argument("pruned", nargs="*", metavar="PRUNED", help="pruned artifact directories or .onnx files")
     p.add_argument("--weights", help="checkpoint of BASE")
+    add_base_model_arg(p)
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--backend", help="comma-separated: " + ", ".join(__import__("tvsprune.backends",
                    fromlist=["BACKENDS"]).BACKENDS.names()) + " (default: every backend present)")

@@ -49,6 +49,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="checkpoint (.pt/.pth via torch.load(weights_only=True), or .safetensors)")
     p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
                    help="keyword arguments for the model constructor (key=value pairs or one JSON object)")
+    add_base_model_arg(p)
+
+
+def add_base_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", metavar="SPEC",
+                   help="for a pruned artifact whose base model is code (file.py:Name, module:Name) and that you did "
+                        "not prune on this machine: the base model, named by you (the artifact's own record of it "
+                        "is never run); default: none")
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
@@ -101,4 +109,4 @@ def add_preprocess_args(p: argparse.ArgumentParser, what: str) -> None:
 def loaded_model(args: argparse.Namespace):
     from ..models import load_model, parse_kwargs
 
-    return load_model(args.model, args.weights, parse_kwargs(args.model_kwargs))
+    return load_model(args.model, args.weights, parse_kwargs(args.model_kwargs), getattr(args, "base_model", None))

@@ -159,17 +159,19 @@ def _normalize_from(extras: dict[str, Any]) -> dict[str, list[float]] | None:
 
 
 def load_model(spec: str | ModelSpec, weights: str | None = None,
-               kwargs: dict[str, Any] | None = None) -> LoadedModel:
+               kwargs: dict[str, Any] | None = None, base: str | ModelSpec | None = None) -> LoadedModel:
     """Resolve a spec (zoo, user code, hub, or pruned artifact) and load its weights.
 
-    The model is returned in eval mode on the CPU.
+    ``base``: for a pruned artifact, the base model the user names (spec, or a ModelSpec with
+    its kwargs); needed when the artifact's recorded base is code that it was not pruned from
+    here (see :mod:`.trust`). The model is returned in eval mode on the CPU.
     """
     if isinstance(spec, ModelSpec):
         ms = spec
     else:
         ms = ModelSpec(spec=spec, kwargs=dict(kwargs or {}), weights=weights)
     source = SOURCES.find(ms.spec)
-    artifact = source.load(ms.spec)
+    artifact = source.load(ms.spec, ModelSpec(spec=base) if isinstance(base, str) else base)
     if artifact is not None:
         return artifact
     module = source.build(ms.spec, dict(ms.kwargs))

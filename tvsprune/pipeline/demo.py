@@ -12,7 +12,9 @@ def summary(out: Path) -> list[dict[str, Any]]:
     """Before/after rows from the run's prune.json and report.json."""
     import json
 
-    prune = json.loads((out / "pruned" / "prune.json").read_text())
+    from ..pruning.artifact import read_prune_report
+
+    prune = read_prune_report(out / "pruned")
     rep_path = out / "report" / "report.json"
     report = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
     acc = (report.get("accuracy") or {}).get("models", {})

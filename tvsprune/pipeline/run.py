@@ -147,13 +147,13 @@ class Pipeline:
     def stage_export(self) -> list[Path]:
         from ..data import take_images
         from ..exporters import export_onnx
-        from ..models import load_model
+        from ..models import ModelSpec, load_model
 
         c, e = self.cfg, self.cfg.export
         outs: list[Path] = []
         exp = self.out / "export"
         base = load_model(c.model.spec, c.model.weights, c.model.kwargs)
-        pruned = load_model(str(self.out / "pruned"))
+        pruned = load_model(str(self.out / "pruned"), base=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
         src = _data(c, c.data.evaluation or c.data.calibration, None).open(base)
         parity, _ = take_images(src, e.parity_samples)
         shape = list(parity.shape[1:])
@@ -189,6 +189,7 @@ class Pipeline:
 
     def stage_bench(self) -> list[Path]:
         from ..bench.stage import bench
+        from ..models import ModelSpec
 
         c = self.cfg
         opts = bench_options(c)
@@ -200,7 +201,7 @@ class Pipeline:
         if (exp / "pruned.int8.onnx").is_file():  # the INT8 model is measured too (ONNX Runtime backends)
             specs.append(str(exp / "pruned.int8.onnx"))
         report = bench(specs, self.out / "report", data, c.model.weights, opts, onnx_paths=onnx,
-                       model_kwargs=c.model.kwargs)
+                       model_kwargs=c.model.kwargs, base_model=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
         self.bench_report = report
         r = self.out / "report"
         return [r / "report.json", r / "report.md", r / "report.html"]

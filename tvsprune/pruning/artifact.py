@@ -4,10 +4,11 @@ Rebuilt by: build the base spec -> apply the plan (structure) -> load the weight
 No pickle anywhere.
 
 A base model from a user's .py file is recorded by absolute path and sha256, and the file
-is copied beside the weights as ``model_source.py``: the artifact folder still loads after
-it is moved to another directory or machine, or after the original file changed (the copy,
-whose hash matches, is used, with a warning). Loading such an artifact runs that copy, as
-giving the ``file.py:Name`` spec itself would.
+is copied beside the weights as ``model_source.py``. An artifact whose base is code loads
+on its own only for the user who pruned it, on that machine (:mod:`tvsprune.models.trust`):
+then it still loads after the folder moved or the original file changed (the copy, whose
+hash matches the one remembered, is used, with a warning). Anyone else names the base
+model (``--base-model``); the metadata never chooses code to run.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..artifacts import atomic_path, sha256_file
 from ..errors import TvsError
 from ..models.sources import SOURCES, ModelSource
 from ..models.sources.code import user_file
+from ..models import trust
 from ..models.spec import LoadedModel, ModelSpec, build_module, load_state_dict_strict
 from .plan import Plan
 
@@ -51,6 +53,10 @@ def save_pruned(path: str | Path, model: nn.Module, plan: Plan, base: LoadedMode
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"tvsprune": json.dumps(meta)})
+        digest = sha256_file(tmp)
+    if _names_code(base_spec["spec"]):
+        trust.remember(digest, base_spec["spec"], base_spec.get("kwargs") or {},
+                       (meta.get("base_source") or {}).get("sha256"))
 
 
 def read_pruned_meta(path: str | Path) -> dict[str, Any]:
@@ -59,11 +65,48 @@ def read_pruned_meta(path: str | Path) -> dict[str, Any]:
     return read_safetensors(path, "pruned model", FORMAT, tensors=False)[0]
 
 
+def _names_code(spec: str) -> bool | None:
+    """Whether the spec names code to import (a file, a module); None for a spec no source knows
+    (an in-memory model's label): that one cannot be rebuilt without the user naming it."""
+    try:
+        return SOURCES.find(spec).names_code
+    except TvsError:
+        return None
+
+
+def _trusted_base(meta: dict[str, Any], weights_file: Path, base: ModelSpec | None) -> ModelSpec:
+    """The base model to build: the one the user named, the recorded one when it names no code,
+    or the recorded one when this user pruned this very file here; otherwise an error."""
+    entry = meta.get("base")
+    if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str) or \
+            not isinstance(entry.get("kwargs") or {}, dict):
+        raise TvsError(f"{weights_file}: metadata field 'base' is not a model spec ({{\"spec\": ..., \"kwargs\": ...}})")
+    recorded = ModelSpec.from_dict(entry)
+    if base is not None:
+        return ModelSpec(spec=base.spec, kwargs=dict(base.kwargs or recorded.kwargs))
+    kind = _names_code(recorded.spec)
+    if kind is False:
+        return recorded
+    if kind is None:
+        raise TvsError(f"{weights_file}: its base model was {recorded.spec}, which cannot be rebuilt from a name: "
+                       "give it with --base-model FILE.py:NAME (Python: pass the module itself)")
+    mine = trust.recorded(sha256_file(weights_file))
+    if mine is None or mine["spec"] != recorded.spec:
+        raise TvsError(f"{weights_file}: its base model {recorded.spec!r} is code, and this artifact was not pruned "
+                       "by you on this machine: tvsprune does not run code that a received file names. If you trust "
+                       f"that code, name the base model yourself: --base-model FILE.py:NAME (Python: load_model(path, "
+                       f"base=...); the artifact keeps a copy of its source as {weights_file.parent / SOURCE_FILE})")
+    source = meta.get("base_source")
+    if source is not None:
+        source = {**source, "sha256": mine.get("source_sha256")}
+    return ModelSpec(spec=_base_spec(recorded.spec, source, weights_file), kwargs=dict(mine.get("kwargs") or {}))
+
+
 def _base_spec(spec: str, source: dict[str, Any] | None, weights_file: Path) -> str:
     """The base model's spec, pointed at the recorded file when it is unchanged, else at the
-    copy kept in the artifact folder."""
+    copy kept in the artifact folder (hashes as remembered when this user pruned it)."""
     found = user_file(spec)
-    if not found or not source:
+    if not found or not source or not source.get("sha256"):
         return spec
     (recorded, attr), copy = found, weights_file.parent / source.get("copy", SOURCE_FILE)
     if recorded.is_file() and sha256_file(recorded) == source["sha256"]:
@@ -80,8 +123,12 @@ def _base_spec(spec: str, source: dict[str, Any] | None, weights_file: Path) -> 
                    "missing or altered: restore one of them")
 
 
-def load_pruned(path: str | Path) -> LoadedModel:
-    """Rebuild a pruned model from its artifact (directory or .safetensors file)."""
+def load_pruned(path: str | Path, base: ModelSpec | None = None) -> LoadedModel:
+    """Rebuild a pruned model from its artifact (directory or .safetensors file).
+
+    ``base``: the base model the user names; needed for an artifact whose recorded base is
+    code and that this user did not prune here (:func:`_trusted_base`).
+    """
     from safetensors.torch import load_file
 
     from .surgery import apply_plan
@@ -89,8 +136,8 @@ def load_pruned(path: str | Path) -> LoadedModel:
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() else path
     meta = read_pruned_meta(file)
-    base = ModelSpec.from_dict(meta["base"])
-    module = build_module(_base_spec(base.spec, meta.get("base_source"), file), base.kwargs).eval()
+    spec = _trusted_base(meta, file, base)
+    module = build_module(spec.spec, spec.kwargs).eval()
     plan = Plan.from_dict(meta["plan"], str(file))
     example = torch.zeros(1, *meta["input_shape"])
     apply_plan(module, plan, example, meta["plan"].get("logits_layer"))
@@ -109,6 +156,26 @@ def load_pruned(path: str | Path) -> LoadedModel:
                               "repairs": meta.get("repairs")})
 
 
+def read_prune_report(folder: str | Path) -> dict[str, Any]:
+    """prune.json of an artifact folder, checked against the files beside it: a folder that
+    mixes the weights or plan of one prune with the report of another is refused."""
+    folder = Path(folder)
+    path = folder / "prune.json"
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as e:
+        raise TvsError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(report, dict):
+        raise TvsError(f"{path} holds {type(report).__name__}, not a prune report")
+    artifacts = report.get("artifacts") if isinstance(report.get("artifacts"), dict) else {}
+    for key, name in (("weights_sha256", WEIGHTS_FILE), ("plan_sha256", "plan.json")):
+        want, f = artifacts.get(key), folder / name
+        if want and f.is_file() and sha256_file(f) != want:
+            raise TvsError(f"{folder}: {name} is not the file prune.json describes (sha256 differs): the folder "
+                           "mixes the outputs of two prunes; prune again")
+    return report
+
+
 def is_pruned_artifact(spec: str) -> bool:
     """A ``tvsprune prune`` output folder, or a .safetensors file (a pruned artifact's weights)."""
     p = Path(spec)
@@ -124,5 +191,5 @@ class PrunedArtifact(ModelSource):
     def matches(self, spec: str) -> bool:
         return is_pruned_artifact(spec)
 
-    def load(self, spec: str) -> LoadedModel:
-        return load_pruned(spec)
+    def load(self, spec: str, base: ModelSpec | None = None) -> LoadedModel:
+        return load_pruned(spec, base)

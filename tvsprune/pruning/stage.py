@@ -756,7 +756,8 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     try:  # the three files are one artifact: a failure (disk full) leaves none of them
         save_pruned(files[0], pruned, plan, loaded, input_shape, {"repairs": meta["repairs"]})
         plan.save(files[1])
-        report["artifacts"] = {"plan": str(files[1]), "weights": str(files[0]), "weights_sha256": sha256_file(files[0])}
+        report["artifacts"] = {"plan": str(files[1]), "weights": str(files[0]), "weights_sha256": sha256_file(files[0]),
+                               "plan_sha256": sha256_file(files[1])}
         write_json(files[2], report)
     except BaseException:
         for f in files:

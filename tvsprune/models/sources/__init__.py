@@ -26,7 +26,7 @@ from ...errors import TvsError
 from ...registry import Registry
 
 if TYPE_CHECKING:
-    from ..spec import LoadedModel
+    from ..spec import LoadedModel, ModelSpec
 
 
 class ModelSource:
@@ -35,6 +35,9 @@ class ModelSource:
     priority: ClassVar[int] = 50
     name: ClassVar[str] = ""
     form: ClassVar[str] = ""  # how the spec looks, for the error that lists them
+    # the spec names code to import and call (a .py file, a module): a recorded spec of this
+    # kind is never taken from a received file (see :mod:`tvsprune.models.trust`)
+    names_code: ClassVar[bool] = False
 
     def matches(self, spec: str) -> bool:
         raise NotImplementedError
@@ -42,9 +45,10 @@ class ModelSource:
     def build(self, spec: str, kwargs: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
-    def load(self, spec: str) -> "LoadedModel | None":
+    def load(self, spec: str, base: "ModelSpec | None" = None) -> "LoadedModel | None":
         """A source whose spec carries its own weights and structure (a pruned artifact)
-        returns the whole loaded model here; the others return None and are built."""
+        returns the whole loaded model here (``base``: the base model the user named for it);
+        the others return None and are built."""
         return None
 
     def describe(self, module: nn.Module, loaded: "LoadedModel") -> None:

@@ -59,7 +59,7 @@ def _call(spec: str, module: Any, attr: str, kwargs: dict[str, Any]) -> nn.Modul
 
 @SOURCES.entry("file")
 class UserFile(ModelSource):
-    priority, form = 30, "file.py:Name"
+    priority, form, names_code = 30, "file.py:Name", True
 
     def matches(self, spec: str) -> bool:
         return user_file(spec) is not None
@@ -71,7 +71,7 @@ class UserFile(ModelSource):
 
 @SOURCES.entry("module")
 class ImportableModule(ModelSource):
-    priority, form = 40, "module:Name"
+    priority, form, names_code = 40, "module:Name", True
 
     def matches(self, spec: str) -> bool:
         return ":" in spec
