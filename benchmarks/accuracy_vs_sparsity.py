@@ -45,7 +45,7 @@ from tvsprune.models import load_model  # noqa: E402
 from tvsprune.models.probe import probe_model  # noqa: E402
 from tvsprune.pruning import PruneOptions, load_pruned, prune  # noqa: E402
 from tvsprune.pruning.repairs import recalibrate_batchnorm  # noqa: E402
-from tvsprune.pruning.stage import repair_batches  # noqa: E402
+from tvsprune.pruning.context import repair_batches  # noqa: E402
 
 BUDGETS = {"resnet20": "params:0.1,params:0.2,params:0.3,macs:0.3",
            "vgg11_bn": "params:0.5,params:0.6,params:0.7,macs:0.5"}

@@ -20,7 +20,7 @@ from tvsprune.errors import TvsError
 from tvsprune.models.probe import probe_model
 from tvsprune.pruning.costs import CostModel
 from tvsprune.pruning.graph import ChannelGraph
-from tvsprune.pruning.plan import make_plan
+from tvsprune.pruning.budget import make_plan
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,23 @@ def test_report_json_lists_skipped_backends_and_measurements(tiny_report):
         assert w in md and escape(w) in html
 
 
+def test_accuracy_is_measured_per_backend_through_its_runner(tiny_report):
+    """Every backend that ran has top-1 and agreement with the base for every model; torch and
+    ONNX Runtime run the same networks, so their top-1 agree to within one image."""
+    rep = json.loads((tiny_report / "report.json").read_text())
+    by_backend = rep["accuracy_by_backend"]
+    assert set(by_backend) == set(rep["latency"]) == {"torch-cpu", "ort-cpu"}
+    n = rep["accuracy"]["samples"]
+    for backend, models in by_backend.items():
+        assert set(models) == {"base", "pruned0.2", "pruned0.5"}
+        assert models["base"]["agreement_with_base"] == 1.0 and models["base"]["samples"] == n
+        for label, a in models.items():
+            assert abs(a["top1"] - by_backend["torch-cpu"][label]["top1"]) <= 1 / n + 1e-9, (backend, label)
+            assert abs(a["top1"] - rep["accuracy"]["models"][label]["top1"]) <= 1 / n + 1e-9
+    md = (tiny_report / "report.md").read_text()
+    assert "## Accuracy per backend" in md and "| ort-cpu | pruned0.5 |" in md
+
+
 def test_report_html_plots_render_in_headless_chromium(tiny_report, chromium, tmp_path):
     html = tiny_report / "report.html"
     r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

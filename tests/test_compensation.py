@@ -20,7 +20,7 @@ from tvsprune.models.probe import probe_model
 from tvsprune.pruning import Plan, apply_plan
 from tvsprune.pruning.compensation import DEFAULT_RIDGE, fold_from_moments, refit_sequential
 from tvsprune.pruning.graph import ChannelGraph
-from tvsprune.pruning.stage import PruneOptions
+from tvsprune.pruning.options import PruneOptions
 
 
 

@@ -13,7 +13,7 @@ from tvsprune.exporters.int8 import quantize_int8
 from tvsprune.exporters.tensorrt import build_engine
 from tvsprune.pipeline import load_config
 from tvsprune.pipeline import run as pipeline
-from tvsprune.pruning.stage import PruneOptions
+from tvsprune.pruning.options import PruneOptions
 
 EMPTY = {"model": {"spec": "resnet20"}, "data": {"calibration": "imgs"}}
 

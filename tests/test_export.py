@@ -13,7 +13,7 @@ from helpers import randomize_bn, run_cli
 from tiny_models import TinyCNN
 
 from tvsprune.exporters import export_onnx
-from tvsprune.exporters.onnx_export import ort_session
+from tvsprune.backends.onnxruntime_backend import ort_session
 from tvsprune.exporters.probe import probe_environment
 from tvsprune.models import LoadedModel, ModelSpec
 

@@ -3,6 +3,7 @@ dependence), and the registries find their entries without being told about them
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import pkgutil
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
@@ -92,3 +93,79 @@ def test_unknown_name_names_the_closest():
 
     with pytest.raises(TvsError, match=r"unknown criterion 'tsv' \(did you mean 'tvs'\?"):
         CRITERIA.get("tsv")
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """tvsprune's modules -> the tvsprune modules they import, read from every import statement at
+    any depth (function-level ones too), imports under ``if TYPE_CHECKING:`` left out."""
+    import ast
+
+    root = Path(tvsprune.__file__).parent
+    mods = {}
+    for path in root.rglob("*.py"):
+        parts = ["tvsprune", *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                for child in node.body for n in ast.walk(child)}
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else (node.module or "")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in mods:
+                    t = t.rpartition(".")[0]
+                if t and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def test_no_import_circle_between_the_package_files():
+    """Every arrow runs one way: no file reaches itself through imports (Tarjan's components)."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not circles, circles
+
+
+def test_the_import_graph_sees_function_level_imports():
+    """The circle test must not miss an import written inside a function."""
+    graph = _import_graph()
+    assert "tvsprune.pruning.artifact" in graph["tvsprune.cli.calibrate"]  # imported inside a function there

@@ -253,7 +253,7 @@ def test_guards_and_round_to():
 def test_cost_rank_allocation_counts_depend_on_cost_not_on_score_spread():
     """Two groups of equal cost: under cost-rank they lose the same number of channels however
     skewed their scores are (under cost, the skewed group loses more); order stays the criterion's."""
-    from tvsprune.pruning.plan import Allocator
+    from tvsprune.pruning.allocations import Allocator
 
     skewed, flat = np.array([0.01, 0.02, 0.03, 1.0]), np.array([0.7, 0.8, 0.9, 1.0])
     guards = Guards(0.0, 1, 1)
@@ -373,7 +373,7 @@ def test_tied_scores_do_not_overshoot_the_budget():
     from tvsprune.models.probe import probe_model
     from tvsprune.pruning.costs import CostModel
     from tvsprune.pruning.graph import ChannelGraph
-    from tvsprune.pruning.plan import make_plan
+    from tvsprune.pruning.budget import make_plan
 
     model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4)).eval()
@@ -401,7 +401,7 @@ def test_magnitude_allocation_counts_by_l2_and_orders_by_the_criterion():
     implicit = make_plan(graph, cost, other, target=0.3, allocation="magnitude")  # L2 norms read from the model
     assert [len(g["kept"]) for g in mixed.groups] == [len(g["kept"]) for g in by_l2.groups]
     assert mixed.groups == implicit.groups
-    from tvsprune.pruning.plan import block_scores, group_scores
+    from tvsprune.pruning.budget import block_scores, group_scores
 
     for g, t in zip(mixed.groups, block_scores(graph, group_scores(graph, other))):
         removed = np.setdiff1d(np.arange(g["channels"]), g["kept"])
@@ -416,7 +416,7 @@ def test_sensitivity_allocation_cuts_where_the_measured_kl_per_saving_is_lowest(
     which channels go is the criterion's order."""
     from tvsprune.errors import TvsError
     from tvsprune.pruning.allocations.sensitivity import lower_hull
-    from tvsprune.pruning.plan import block_scores, group_scores
+    from tvsprune.pruning.budget import block_scores, group_scores
 
     model = randomize_bn(TinyCNN())
     example, probe, graph, cost = _setup(model)
@@ -460,7 +460,7 @@ def test_sensitivity_budget_shrinks_images_then_points_then_gives_up(monkeypatch
     """The measurement's cost is bounded by the network (cuts x images x MACs), not the machine."""
     from dataclasses import replace
 
-    from tvsprune.pruning import stage
+    from tvsprune.pruning import selection as stage
 
     loaded = replace(load_model("resnet20"), module=randomize_bn(TinyCNN()))
     ctx = stage.Context.build(loaded, [3, 16, 16])
@@ -482,7 +482,7 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
     from tvsprune.compare.logits import chunks, collect_logits, forward_fn
     from tvsprune.calibration import DataOptions
     from tvsprune.pruning import PruneOptions, load_pruned, prune
-    from tvsprune.pruning.stage import fidelity, fidelity_images
+    from tvsprune.pruning.selection import fidelity, fidelity_images
 
     spec, weights, data, moments = tiny_calibrated
     loaded = load_model(spec, str(weights))

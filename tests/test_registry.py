@@ -60,7 +60,7 @@ def test_a_new_allocation_is_one_registration():
     from tvsprune.pruning.allocations import ALLOCATIONS, Allocation
     from tvsprune.pruning.costs import CostModel, output_shapes
     from tvsprune.pruning.graph import ChannelGraph
-    from tvsprune.pruning.plan import make_plan
+    from tvsprune.pruning.budget import make_plan
 
     with registered(ALLOCATIONS, "first-only"):
         @ALLOCATIONS.entry("first-only", instantiate=False)

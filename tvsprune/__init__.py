@@ -13,10 +13,10 @@ On a model you hold::
 The API is imported on first use, so ``import tvsprune`` (and ``tvsprune --version``)
 does not import torch.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {"calibrate", "prune", "export_onnx", "Pruned"}
-_OTHER = {"BenchOptions": ".bench.stage", "PruneOptions": ".pruning.stage", "DataOptions": ".calibration.stage", "Moments": ".calibration.moments",
+_OTHER = {"BenchOptions": ".bench.stage", "PruneOptions": ".pruning.options", "DataOptions": ".calibration.stage", "Moments": ".calibration.moments",
           "TvsError": ".errors"}
 
 

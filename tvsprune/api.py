@@ -27,9 +27,10 @@ from .calibration.stage import DEFAULT_RESOLUTION, DataOptions
 from .errors import TvsError
 from .models import LoadedModel, load_model
 from .models.spec import ModelSpec
-from .pruning.plan import Guards, Plan
+from .pruning.options import Guards
+from .pruning.plan import Plan
 from .exporters import defaults as export_defaults
-from .pruning.stage import PruneOptions
+from .pruning.options import PruneOptions
 
 @dataclass
 class Pruned:

@@ -7,8 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, TvsError
 from . import Runner, cuda_available, gpu_free_bytes, register
+
+
+def ort_session(path: str | Path, providers: list[str] | None = None, provider_options: list[dict] | None = None,
+                threads: int | None = None):
+    """An ONNX Runtime session (CPU unless ``providers`` say otherwise); a file ONNX Runtime cannot
+    parse or load is a one-line TvsError naming it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
+                                    provider_options=provider_options)
+    except Exception as e:
+        if type(e).__name__ in ("InvalidProtobuf", "NoSuchFile", "InvalidGraph", "InvalidArgument", "Fail"):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TvsError(f"{path} is not an ONNX model ONNX Runtime can load: {first}") from None
+        raise
 
 
 class OrtRunner(Runner):
@@ -24,8 +44,6 @@ class OrtRunner(Runner):
         self.device = "cpu" if backend == "ort-cpu" else "cuda"
 
     def _activate(self) -> None:
-        from ..exporters.onnx_export import ort_session
-
         want = self.PROVIDERS[self.name]
         opts: dict[str, Any] = {}
         if self.name == "ort-trt":

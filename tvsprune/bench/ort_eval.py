@@ -13,12 +13,13 @@ from ..data import BatchStream, Source, stratified_indices
 
 
 def onnx_logits(path: str | Path, source: Source, max_samples: int | None = None, batch_size: int = 256,
-                providers: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                backend: str = "ort-cpu") -> tuple[np.ndarray, np.ndarray]:
     idx = stratified_indices(source.labels, None)
     if max_samples is not None and max_samples < len(idx):
         per_class = -(-max_samples // len(source.classes))
         idx = stratified_indices(source.labels, per_class)[:max_samples]
-    return collect_logits(forward_fn(path, providers), BatchStream(source, idx, batch_size))
+    with make_runner(backend, path) as runner:
+        return collect_logits(forward_fn(runner), BatchStream(source, idx, batch_size))
 
 
 def compare_int8(fp32: str | Path, int8: str | Path, source: Source, max_samples: int | None = None,

@@ -200,6 +200,13 @@ def _details(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
              for m in report["models"]]
     sections.append(("Memory", mem_rows))
     sections.append(("Files", files))
+    by_backend = [{"backend": b, "model": label, "top-1 %": _fmt(a["top1"] * 100),
+                   "agreement with base %": _fmt(a["agreement_with_base"] * 100)
+                   if a.get("agreement_with_base") is not None else "-", "images": a["samples"]}
+                  for b, models in (report.get("accuracy_by_backend") or {}).items() for label, a in models.items()]
+    if by_backend:
+        sections.append(("Accuracy per backend (each model run by that backend; agreement: top-1 prediction "
+                         "equal to the base model's on the same backend)", by_backend))
     acc = (report.get("accuracy") or {}).get("models", {})
     sim = []
     for label, a in acc.items():

@@ -1,7 +1,6 @@
 """The bench stage: base vs pruned models on every backend present -> report.json (+ md/html)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -15,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..artifacts import removed_on_failure, versions, write_json
 from ..calibration.stage import DataOptions
 from ..data import take_images
@@ -124,11 +123,9 @@ def _input_shape(entries: list[Entry], data: DataOptions | None, given: list[int
             return list(e.loaded.input_shape)
     for e in entries:
         if e.onnx is not None:
-            from ..exporters.onnx_export import ort_session
-
-            dims = ort_session(e.onnx).get_inputs()[0].shape[1:]
-            if all(isinstance(d, int) for d in dims):
-                return [int(d) for d in dims]
+            with make_runner("ort-cpu", e.onnx) as runner:
+                if runner.input_shape:
+                    return [int(d) for d in runner.input_shape]
     if data is not None:
         ref = next((e.loaded for e in entries if e.loaded is not None), None)
         src = data.open(ref)
@@ -174,19 +171,21 @@ def _artifact(entry: Entry, kind: str) -> Any:
 
 
 @torch.no_grad()
-def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions) -> dict[str, Any]:
+def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions,
+                    evaluation: tuple[torch.Tensor, np.ndarray]) -> dict[str, Any]:
     """Accuracy, agreement with the base model, and functional similarity under input noise."""
     from ..compare.logits import chunks, collect_logits, forward_fn
     from .accuracy import accuracy_from_logits
 
     ref = entries[0]
     src = data.open(ref.loaded)
-    n = opts.eval_samples or len(src)
-    x, y = take_images(src, min(n, len(src)), seed=opts.seed)
-    labels = y.numpy()
+    x, labels = evaluation
 
     def logits_of(e: Entry, inputs: torch.Tensor) -> np.ndarray:
-        return collect_logits(forward_fn(e.loaded.module if e.loaded is not None else e.onnx), chunks(inputs))[0]
+        if e.loaded is not None:
+            return collect_logits(forward_fn(e.loaded.module), chunks(inputs))[0]
+        with make_runner("ort-cpu", e.onnx) as runner:
+            return collect_logits(forward_fn(runner), chunks(inputs))[0]
 
     out: dict[str, Any] = {"samples": int(len(labels)), "classes": src.classes, "models": {}}
     base_logits = logits_of(ref, x)
@@ -252,6 +251,60 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _eval_images(entries: list[Entry], data: DataOptions, opts: BenchOptions) -> tuple[torch.Tensor, np.ndarray]:
+    """The evaluation images every backend's accuracy is measured on (the same ones for all)."""
+    src = data.open(entries[0].loaded)
+    n = opts.eval_samples or len(src)
+    x, y = take_images(src, min(n, len(src)), seed=opts.seed)
+    return x, y.numpy()
+
+
+def _measure_backend(b: str, kind: str, usable: list[Entry], shape: list[int], opts: BenchOptions, out: Path,
+                     rng: np.random.Generator, progress: Callable[[str], None],
+                     evaluation: tuple[torch.Tensor, np.ndarray] | None
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Latency per batch size, memory and (with ``evaluation``) top-1 and agreement with the base
+    model, every model run through this backend's runner; runners are deactivated on every path."""
+    from ..compare.logits import chunks, collect_logits, forward_fn
+
+    runners: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    per_batch: dict[str, Any] = {}
+    accuracy: dict[str, Any] = {}
+    try:
+        for e in usable:
+            with peak_rss() as mem:
+                r = make_runner(b, _artifact(e, kind), **_runner_options(b, opts, out))
+                runners[e.label] = r
+                r.activate()
+                r.infer(rng.standard_normal((max(opts.batch_sizes), *shape)).astype(np.float32))
+            # the process holds every model: its own memory is what the peak rose by while it
+            # loaded and ran one batch (the process-wide peak is kept for reference)
+            grown = max(0, mem["peak"] - mem["before"]) if mem["peak"] and mem["before"] else None
+            memory[e.label] = {"model_rss_bytes": grown, "peak_rss_bytes": mem["peak"],
+                               "rss_before_bytes": mem["before"], "method": mem.get("method"), **r.info}
+        for bs in opts.batch_sizes:
+            progress(f"{b}: batch {bs}")
+            x = rng.standard_normal((bs, *shape)).astype(np.float32)
+            per_batch[str(bs)] = measure_interleaved(runners, x, opts.latency)
+        if evaluation is not None:
+            progress(f"{b}: accuracy")
+            images, labels = evaluation
+            logits = {label: collect_logits(forward_fn(r), chunks(images, max(opts.batch_sizes)))[0]
+                      for label, r in runners.items()}
+            base = logits.get(usable[0].label)
+            for label, lg in logits.items():
+                accuracy[label] = {"top1": float((lg.argmax(1) == labels).mean()), "samples": int(len(labels)),
+                                   "agreement_with_base": None if base is None else
+                                   float((lg.argmax(1) == base.argmax(1)).mean())}
+    finally:
+        for label, r in runners.items():
+            r.deactivate()
+            if label in memory:
+                memory[label].update(r.info)
+    return per_batch, memory, accuracy
+
+
 def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, weights: str | None,
            opts: BenchOptions, progress: Callable[[str], None] | None, onnx_paths: dict[int, Path] | None,
            model_kwargs: dict[str, Any] | None, prune_reports: dict[int, dict[str, Any]] | None,
@@ -297,42 +350,25 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
                                                                "per_class", "repairs", "allocation", "budget")}
         report["models"].append(m)
     rng = np.random.default_rng(opts.seed)
+    evaluation = _eval_images(entries, data, opts) if data is not None and entries[0].loaded is not None else None
     for b in run:
         kind = backend_kind(b)
         usable = [e for e in entries if _artifact(e, kind) is not None]
         if not usable:
             report["skipped_backends"][b] = f"no {kind} artifact for any model"
             continue
-        per_batch = {}
         try:
-            runners = {}
-            for e in usable:
-                with peak_rss() as mem:
-                    r = make_runner(b, _artifact(e, kind), **_runner_options(b, opts, out))
-                    r.activate()
-                    r.infer(rng.standard_normal((max(opts.batch_sizes), *shape)).astype(np.float32))
-                runners[e.label] = r
-                # the process holds every model: its own memory is what the peak rose by while it
-                # loaded and ran one batch (the process-wide peak is kept for reference)
-                grown = max(0, mem["peak"] - mem["before"]) if mem["peak"] and mem["before"] else None
-                report["memory"].setdefault(b, {})[e.label] = {"model_rss_bytes": grown,
-                                                               "peak_rss_bytes": mem["peak"],
-                                                               "rss_before_bytes": mem["before"],
-                                                               "method": mem.get("method"), **r.info}
-            for bs in opts.batch_sizes:
-                progress(f"{b}: batch {bs}")
-                x = rng.standard_normal((bs, *shape)).astype(np.float32)
-                per_batch[str(bs)] = measure_interleaved(runners, x, opts.latency)
-            for e in usable:
-                runners[e.label].deactivate()
-                report["memory"][b][e.label].update(runners[e.label].info)
+            report["latency"][b], report["memory"][b], accuracy = _measure_backend(b, kind, usable, shape, opts, out,
+                                                                                  rng, progress, evaluation)
         except MissingDependencyError as err:
             report["skipped_backends"][b] = str(err)
+            report["memory"].pop(b, None)
             continue
-        report["latency"][b] = per_batch
+        if accuracy:
+            report.setdefault("accuracy_by_backend", {})[b] = accuracy
     if data is not None and entries[0].loaded is not None:
         progress("accuracy and functional similarity")
-        report["accuracy"] = _accuracy_block(entries, data, opts)
+        report["accuracy"] = _accuracy_block(entries, data, opts, evaluation)
     report["data"] = data.path if data is not None else None
     report["warnings"] = report_warnings(report)
     for w in report["warnings"]:

@@ -309,45 +309,6 @@ class MomentCollector:
         return layers, {n: acc.result() for n, acc in self.inputs.items()}
 
 
-def _all_gather_merge(moments: dict[str, LayerMoments]) -> dict[str, LayerMoments]:
-    """Gather every rank's moments and merge them in rank order (exact, deterministic)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    merged = {}
-    for name, lm in moments.items():
-        parts = []
-        for t in (lm.count, lm.mean, lm.m2):
-            bufs = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(bufs, t.contiguous())
-            parts.append(bufs)
-        acc = LayerMoments(parts[0][0], parts[1][0], parts[2][0])
-        for r in range(1, world):
-            acc = acc.merge(LayerMoments(parts[0][r], parts[1][r], parts[2][r]))
-        merged[name] = acc
-    return merged
-
-
-def _all_gather_merge_inputs(inputs: dict[str, InputMoments]) -> dict[str, InputMoments]:
-    """The same for the consumers' input statistics."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    merged = {}
-    for name, im in inputs.items():
-        parts = []
-        for t in (im.count, im.mean) + ((im.m2,) if im.m2 is not None else ()):
-            bufs = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(bufs, t.contiguous())
-            parts.append(bufs)
-        m2s = parts[2] if len(parts) == 3 else [None] * world
-        acc = InputMoments(parts[0][0], parts[1][0], m2s[0])
-        for r in range(1, world):
-            acc = acc.merge(InputMoments(parts[0][r], parts[1][r], m2s[r]))
-        merged[name] = acc
-    return merged
-
-
 def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     classes: list[str], resolution: str = "global", layers: list[LayerInfo] | None = None,
                     device: str = "cpu", progress: Callable[[int], None] | None = None,
@@ -389,11 +350,13 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
+        from .distributed import all_gather_merge, all_gather_merge_inputs
+
         if dist.get_backend() == "gloo":
             result = {n: m.to("cpu") for n, m in result.items()}
             inputs = {n: m.to("cpu") for n, m in inputs.items()}
-        result = _all_gather_merge(result)
-        inputs = _all_gather_merge_inputs(inputs)
+        result = all_gather_merge(result)
+        inputs = all_gather_merge_inputs(inputs)
     result = {n: m.to("cpu") for n, m in result.items()}
     inputs = {n: m.to("cpu") for n, m in inputs.items() if m.n > 0}
     counts = next(iter(result.values())).count

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from .. import __version__
+from ..version import __version__
 from ..data import BatchStream, Preprocess, Source, open_source, stratified_indices
 from ..errors import TvsError
 from ..models import LoadedModel, load_model

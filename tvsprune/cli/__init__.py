@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..errors import TvsError
 from . import bench, calibrate, doctor, evaluate, export, prune, run
 from .bench import bench_options

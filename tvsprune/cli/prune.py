@@ -70,9 +70,8 @@ def repair_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _register_prune(sub: Any) -> None:
-    from ..pruning.compensation import COMPENSATIONS
-    from ..pruning.plan import Guards
-    from ..pruning.stage import DEFAULT_TARGET_PARAMS, TVS_SALIENCY, PruneOptions, allocation_choices, methods
+    from ..pruning.options import (COMPENSATIONS, DEFAULT_TARGET_PARAMS, TVS_SALIENCY, Guards, PruneOptions,
+                                   allocation_choices, methods)
 
     P = PruneOptions
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")

@@ -1,7 +1,6 @@
-"""Logits of a model over batches: a PyTorch module or an ONNX file, the same loop for both."""
+"""Logits of a model over batches: a PyTorch module or any backend's runner, the same loop for both."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -10,8 +9,9 @@ import torch
 Forward = Callable[[torch.Tensor], np.ndarray]
 
 
-def forward_fn(model: Any, providers: list[str] | None = None) -> Forward:
-    """A batch -> logits function for an ``nn.Module`` (no grad, eval mode) or an ONNX file."""
+def forward_fn(model: Any) -> Forward:
+    """A batch -> logits function for an ``nn.Module`` (no grad, eval mode) or an active runner
+    (anything with ``infer(float32 array) -> array``: every backend's runner, see tvsprune.backends)."""
     if isinstance(model, torch.nn.Module):
         net = model.eval()
 
@@ -20,11 +20,9 @@ def forward_fn(model: Any, providers: list[str] | None = None) -> Forward:
                 return net(x).float().cpu().numpy()
 
         return run_torch
-    from ..exporters.onnx_export import ort_session
-
-    sess = ort_session(Path(model), providers)
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x.cpu().numpy()})[0]
+    if not callable(getattr(model, "infer", None)):
+        raise TypeError(f"forward_fn takes an nn.Module or a runner, not {type(model).__name__}")
+    return lambda x: np.asarray(model.infer(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)))
 
 
 def chunks(x: torch.Tensor, size: int = 256) -> Iterator[tuple[torch.Tensor, None]]:

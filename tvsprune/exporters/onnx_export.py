@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..artifacts import atomic_path, sha256_file, sha256_json, write_json
 from .defaults import TOLERANCE
 from ..console import step
@@ -92,32 +92,19 @@ def clean_graph(model_proto):
     return onnx.shape_inference.infer_shapes(cleaned)
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, provider_options: list[dict] | None = None,
-                threads: int | None = None):
-    """An ONNX Runtime session (CPU unless ``providers`` say otherwise); a file ONNX Runtime cannot
-    parse or load is a one-line TvsError naming it."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
-                                    provider_options=provider_options)
-    except Exception as e:
-        if type(e).__name__ in ("InvalidProtobuf", "NoSuchFile", "InvalidGraph", "InvalidArgument", "Fail"):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TvsError(f"{path} is not an ONNX model ONNX Runtime can load: {first}") from None
-        raise
-
-
 def parity_check(model: torch.nn.Module, onnx_path: str | Path, inputs: torch.Tensor, tolerance: float = TOLERANCE,
                  batch_sizes: tuple[int, ...] = (1, 7, 64)) -> ParityResult:
     """Compare PyTorch and ONNX Runtime (CPU) logits on ``inputs``, at several batch sizes."""
-    from ..compare.logits import chunks, collect_logits, forward_fn
+    from ..backends import make_runner
+    from ..compare.logits import forward_fn
 
-    torch_fn, ort_fn = forward_fn(model), forward_fn(onnx_path)
+    with make_runner("ort-cpu", onnx_path) as runner:
+        return _parity(forward_fn(model), forward_fn(runner), inputs, tolerance, batch_sizes)
+
+
+def _parity(torch_fn, ort_fn, inputs: torch.Tensor, tolerance: float, batch_sizes: tuple[int, ...]) -> ParityResult:
+    from ..compare.logits import chunks, collect_logits
+
     worst, scale = 0.0, 0.0
     used = []
 

@@ -18,8 +18,7 @@ from ..bench.stage import BenchOptions
 from ..calibration.stage import DEFAULT_RESOLUTION, DataOptions
 from ..errors import TvsError
 from ..exporters import defaults as export_defaults
-from ..pruning.plan import Guards
-from ..pruning.stage import DEFAULT_TARGET_PARAMS, PruneOptions
+from ..pruning.options import DEFAULT_TARGET_PARAMS, Guards, PruneOptions
 from ..registry import unknown
 
 # Every default below is read from the library's own options (DataOptions, PruneOptions,
@@ -106,14 +105,14 @@ class PruneSection(Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from ..pruning.stage import methods
+        from ..pruning.options import methods
 
         return one_of(v, methods(), "method")
 
     @field_validator("allocation")
     @classmethod
     def _allocation(cls, v: str) -> str:
-        from ..pruning.stage import allocation_choices
+        from ..pruning.options import allocation_choices
 
         return one_of(v, allocation_choices(), "allocation")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import __version__
+from ..version import __version__
 from ..artifacts import output_lock, sha256_file, sha256_json, versions, write_json
 from ..calibration.stage import DataOptions
 from ..console import step
@@ -24,7 +24,7 @@ from .config import RunConfig
 
 if TYPE_CHECKING:
     from ..bench.stage import BenchOptions
-    from ..pruning.stage import PruneOptions
+    from ..pruning.options import PruneOptions
 
 log = logging.getLogger(__name__)
 STAGES = ("calibrate", "prune", "export", "bench")

@@ -1,8 +1,10 @@
 """The prune stage: scores -> plan -> surgery, the iterative driver, repairs and report."""
 from .artifact import load_pruned, save_pruned
-from .plan import Guards, Plan, make_plan
+from .budget import make_plan
+from .options import Guards, PruneOptions, methods
+from .plan import Plan
 from .scores import CRITERIA, hellinger_pairs, layer_scores, ldiff, mean_distance, spearman
-from .stage import PruneOptions, methods, prune, replay
+from .stage import prune, replay
 from .surgery import apply_plan
 
 __all__ = ["CRITERIA", "Guards", "Plan", "PruneOptions", "apply_plan", "hellinger_pairs",

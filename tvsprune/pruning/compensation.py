@@ -32,11 +32,10 @@ from ..calibration.collector import input_rows, mixes_channels
 from ..calibration.moments import InputMoments
 from ..errors import TvsError
 from .graph import ChannelGraph
+from .options import COMPENSATIONS, DEFAULT_RIDGE  # noqa: F401 (re-exported)
 from .plan import Plan
 
 log = logging.getLogger(__name__)
-COMPENSATIONS = ("none", "mean", "ls", "ls-seq", "auto")  # auto: ls or ls-seq, the more faithful (prune stage)
-DEFAULT_RIDGE = 1e-3
 REFIT_POSITIONS = 64  # ls-seq's positions per image (calibrate streams 16: it must stay near inference cost)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 

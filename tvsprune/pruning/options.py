@@ -1,0 +1,153 @@
+"""Prune options: every choice of the prune stage and its default, written once.
+
+``PruneOptions`` is what the CLI, the TOML config and the Python API build; ``Guards`` are
+the per-layer limits a plan keeps. Nothing here imports another module of ``pruning``
+except the registries, so every other module may read a default from here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TvsError
+from ..registry import unknown
+from .allocations import ALLOCATIONS
+from .criteria import CRITERIA
+
+COMPENSATIONS = ("none", "mean", "ls", "ls-seq", "auto")  # auto: ls or ls-seq, the more faithful (prune stage)
+DEFAULT_RIDGE = 1e-3
+
+
+@dataclass
+class Guards:
+    """Limits that keep a pruned network usable."""
+
+    min_keep_frac: float = 0.1
+    min_keep: int = 1
+    round_to: int = 1
+
+    def max_removable(self, channels: int) -> int:
+        keep = max(self.min_keep, math.ceil(self.min_keep_frac * channels))
+        return max(0, channels - min(channels, keep))
+
+    def clamp(self, channels: int, n_remove: int) -> int:
+        n = min(max(0, n_remove), self.max_removable(channels))
+        if self.round_to > 1 and n > 0:
+            kept = channels - n
+            kept = min(channels, int(math.ceil(kept / self.round_to) * self.round_to))
+            n = channels - kept
+        return n
+
+
+def methods() -> tuple[str, ...]:
+    """tvs, iter-tvs, then every other registered criterion (read when asked: a criterion
+    registered later is a method too)."""
+    return ("tvs", "iter-tvs") + tuple(c for c in CRITERIA.names() if c != "tvs")
+
+
+def allocation_choices() -> tuple[str, ...]:
+    return ("auto",) + ALLOCATIONS.names()
+
+
+# how the TV score is combined before allocation: "none" (the TV score alone), "ls" (times the
+# least-squares saliency: least discriminative *and* most reconstructable), "l2" (times the
+# filter's L2 norm), "auto" (the most faithful of them, see select_plan)
+TVS_SALIENCY = ("auto", "ls", "l2", "none")
+DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
+NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
+                "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
+
+
+@dataclass
+class PruneOptions:
+    method: str = "tvs"
+    target_params: float | None = None
+    target_flops: float | None = None
+    threshold: float | None = None
+    # "auto": the candidates of AUTO_CANDIDATES / AUTO_ALLOCATIONS, chosen by fidelity (select_plan);
+    # without calibration images cost for parameter budgets, global for MAC budgets (cost
+    # keeps VGG-11 within 1 point at 60 % of parameters where global loses 4; it drains
+    # ResNet-20's fragile early layers under a MAC budget, where global does not)
+    allocation: str = "auto"
+    cost_power: float = 2.0
+    guards: Guards = field(default_factory=Guards)
+    pair_reduce: str = "min"
+    seed: int = 0
+    # repairs: the defaults are the best configuration the accuracy benchmark found
+    # "auto": ls, and ls-seq too when the repair images are few enough (AUTO_SEQ_IMAGES) and
+    # others are held out to compare on; the more faithful network is kept (ls-seq won on
+    # ResNet-20 and tied on VGG-11)
+    compensation: str = "auto"
+    bn_recalibrate: bool = True
+    ridge: float = DEFAULT_RIDGE
+    mean_compensation: bool = False  # deprecated spelling of compensation="mean"
+    repair_samples_per_class: int | None = 100
+    # iterative
+    max_acc_drop: float = 2.0     # points
+    step: float = 0.05            # fraction of the original metric removed per round
+    step_decrease: float = 0.025  # the reference code's step shrink on rejection
+    max_rounds: int = 50
+    compare_criteria: bool = True
+    # tvs: how the TV score is combined (TVS_SALIENCY); "auto" tries the combinations with the
+    # allocations that suit the budget (AUTO_CANDIDATES) and keeps the most faithful pruned
+    # network: no single one won on both ResNet-20 and VGG-11 in the accuracy benchmark
+    tvs_saliency: str = "auto"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.target_params is None and self.target_flops is None and self.threshold is None:
+            self.target_params = DEFAULT_TARGET_PARAMS  # one default budget for the CLI, the API and run
+        if self.tvs_saliency not in TVS_SALIENCY:
+            raise TvsError(f"unknown tvs saliency {self.tvs_saliency!r} (one of {', '.join(TVS_SALIENCY)})")
+        if self.mean_compensation:
+            self.compensation, self.mean_compensation = "mean", False
+        if self.allocation not in allocation_choices():
+            raise TvsError(unknown("allocation", self.allocation, allocation_choices()))
+        if self.compensation not in COMPENSATIONS:
+            raise TvsError(f"unknown compensation {self.compensation!r} (one of {', '.join(COMPENSATIONS)})")
+
+    @property
+    def repairs(self) -> dict[str, Any]:
+        return {"compensation": self.compensation, "bn_recalibrate": self.bn_recalibrate, "ridge": self.ridge}
+
+    @property
+    def needs_images(self) -> bool:
+        return self.bn_recalibrate or self.compensation == "ls-seq"
+
+    @classmethod
+    def no_repair(cls, **kw: Any) -> "PruneOptions":
+        return cls(compensation="none", bn_recalibrate=False, **kw)
+
+    def allocation_for(self, metric: str) -> str:
+        """The allocation used for a budget in ``metric`` (params or macs) where no selection runs."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "cost" if metric == "params" else "global"
+
+    def candidates(self, metric: str, criterion: str) -> list[tuple[str | None, str]]:
+        """(tvs combination or None, allocation) pairs that ``auto`` chooses among
+        (select_plan leaves ``sensitivity`` out on networks with too many groups)."""
+        combos = [None] if criterion != "tvs" else None if self.tvs_saliency == "auto" else [self.tvs_saliency]
+        if self.allocation == "auto" and combos is None:
+            return list(AUTO_CANDIDATES[metric])
+        allocs = AUTO_ALLOCATIONS[metric] if self.allocation == "auto" else (self.allocation,)
+        return [(c, a) for c in (combos or ("none", "l2", "ls")) for a in allocs]
+
+    def budget(self) -> tuple[float | None, str]:
+        if self.target_params is not None and self.target_flops is not None:
+            raise TvsError("give --target-params or --target-flops, not both")
+        if self.target_flops is not None:
+            return self.target_flops, "macs"
+        return self.target_params, "params"
+
+
+# what ``auto`` tries, by budget metric (benchmarks/accuracy_vs_sparsity.py): the TV score
+# with the cost rule wins VGG-11's parameter budgets, TV x L2 with one global threshold
+# ResNet-20's, and TV x LS saliency counted by filter magnitude ResNet-20's MAC budgets; the
+# cost rule is ruinous under MAC budgets on both (it drains the MAC-heavy early layers);
+# TV x LS saliency with measured per-group sensitivity wins VGG-11's MAC budget
+AUTO_CANDIDATES = {"params": (("none", "cost"), ("l2", "global"), ("ls", "magnitude"), ("ls", "sensitivity")),
+                   "macs": (("none", "global"), ("l2", "global"), ("ls", "magnitude"), ("ls", "sensitivity"))}
+AUTO_ALLOCATIONS = {"params": ("cost", "global", "magnitude", "sensitivity"),
+                    "macs": ("global", "magnitude", "sensitivity")}
