@@ -370,7 +370,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         proc.wait()
     r = run_cli("run", str(cfg))
     assert r.returncode == 0, r.stderr
-    assert not list(out.rglob("*.tmp"))  # temporary files of killed writes are swept on resume
+    assert not list(out.rglob("*.tvsprune-tmp"))  # temporary files of killed writes are swept on resume
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["status"] in ("passed", "skipped") for s in manifest["stages"].values()), manifest["stages"]
     from tvsprune.artifacts import sha256_file

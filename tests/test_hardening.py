@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import randomize_bn, run_cli
@@ -138,3 +139,107 @@ def test_pruned_artifact_survives_a_move_and_a_changed_model_file(tiny_setup, tm
 
     os.remove(src)
     _one_error(run_cli("eval", moved, "--data", data), "model_source.py", "restore")
+
+
+def test_sixteen_bit_images_keep_their_values(tmp_path):
+    """A 16-bit greyscale PNG is scaled by 65535, not clipped to white by an 8-bit conversion."""
+    from PIL import Image
+
+    from tvsprune.data.sources import _pixels
+
+    a = (np.arange(16 * 16).reshape(16, 16) * 200).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I;16")
+        x = _pixels(im)
+    assert x.shape == (3, 16, 16)
+    np.testing.assert_allclose(x[0].numpy(), a / 65535.0, rtol=1e-6)
+    assert float(x.mean()) < 0.5  # the 8-bit conversion made 98 % of these pixels 1.0
+
+
+@pytest.mark.parametrize("case", ["weights", "inside-data"])
+def test_output_over_an_input_is_refused_and_the_input_kept(tiny_setup, tmp_path, case):
+    spec, weights, images = tiny_setup
+    before = weights.read_bytes()
+    out = weights if case == "weights" else images / "m.safetensors"
+    _one_error(run_cli("calibrate", spec, "--weights", weights, "--data", images, "--out", out),
+               "--out", "is" if case == "weights" else "is inside", code=64)
+    assert weights.read_bytes() == before and not (images / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--threshold", "nan", "finite"), ("--target-flops", "50", "0.5"),
+                                                ("--min-keep-frac", "nan", "finite"), ("--ridge", "-1", "(0, inf)"),
+                                                ("--step", "0", "(0, 1]"), ("--seed", "-1", ">= 0")])
+def test_numeric_flags_are_finite_and_in_range_before_any_model_loads(tmp_path, flag, value, needle):
+    r = run_cli("prune", "resnet20", "--out", tmp_path / "p", flag, value)
+    _one_error(r, flag, needle, code=64)
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("key,value,needle", [("threshold", "nan", "finite"), ("target_flops", "50", "0.5"),
+                                               ("round_to", "0", "greater than 0"), ("ridge", "-1", "(0, inf)")])
+def test_config_values_get_the_flags_checks(tmp_path, key, value, needle):
+    from helpers import write_run_config
+
+    from tvsprune.errors import TvsError
+    from tvsprune.pipeline import load_config
+
+    cfg = write_run_config(tmp_path)
+    with pytest.raises(TvsError, match=None) as e:
+        load_config(cfg, [f"prune.{key}={value}"])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def _moments_with(tiny_calibrated, tmp_path, edit):
+    """A copy of the session's tiny moments file with one tensor edited."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    spec, weights, images, moments = tiny_calibrated
+    with safe_open(str(moments), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    return spec, weights, images, bad
+
+
+@pytest.mark.parametrize("what,needle", [("nan", "NaN or Inf"), ("negative-var", "negative"),
+                                         ("class-count", "classes")])
+def test_damaged_moments_are_refused_at_prune(tiny_calibrated, tmp_path, what, needle):
+    def edit(t):
+        key = next(k for k in t if k.endswith("/var") and not k.startswith("@in/"))
+        if what == "nan":
+            t[key][0, 0, 0] = float("nan")
+        elif what == "negative-var":
+            t[key][0, 0, 0] = -1.0
+        else:
+            count = key.rsplit("/", 1)[0] + "/count"
+            t[count] = torch.cat([t[count], t[count][:1]])
+    spec, weights, images, bad = _moments_with(tiny_calibrated, tmp_path, edit)
+    _one_error(run_cli("prune", spec, "--weights", weights, "--moments", bad, "--out", tmp_path / "p",
+                       "--calib-data", images), needle)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_model_with_nan_outputs_is_refused_at_calibrate(tmp_path):
+    from tvsprune.calibration import collect_moments
+    from tvsprune.errors import TvsError
+    from tvsprune.models.probe import probe_model
+
+    model = randomize_bn(TinyCNN())
+    with torch.no_grad():
+        model.features[0].weight[0, 0, 0, 0] = float("nan")
+    x = torch.rand(12, 3, 16, 16)
+    with pytest.raises(TvsError, match="NaN or Inf"):
+        collect_moments(model, probe_model(model, x[:1]), [(x, torch.arange(12) % 3)], ["a", "b", "c"])
+
+
+def test_validation_classes_must_be_the_calibration_classes(tiny_calibrated, tmp_path):
+    from helpers import write_image_folder
+
+    spec, weights, images, moments = tiny_calibrated
+    val = write_image_folder(tmp_path / "val", per_class=2)
+    (val / "class2").rename(val / "zebra")
+    _one_error(run_cli("prune", spec, "--weights", weights, "--moments", moments, "--out", tmp_path / "p",
+                       "--calib-data", images, "--val-data", val), "--val-data", "zebra")

@@ -62,7 +62,7 @@ def test_run_skips_unchanged_and_resumes_after_kill_during_prune(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["calibrate"]["status"] == "passed"
     assert manifest["stages"]["prune"]["status"] == "running"
-    assert not list(out.rglob("*.tmp")) and not (out / "pruned").exists()
+    assert not list(out.rglob("*.tvsprune-tmp")) and not (out / "pruned").exists()
     moments = out / "moments.safetensors"
     stamp = moments.stat().st_mtime_ns
     # killed again at the end of prune: its files are on disk, but the manifest never recorded
@@ -131,3 +131,23 @@ def test_misspelt_enumerations_are_refused_at_load_naming_the_closest(tmp_path, 
     msg = str(e.value)
     assert key in msg and f"did you mean {closest}" in msg, msg
     assert "\n" not in msg
+
+
+def test_run_removes_only_its_own_temporary_files(tmp_path, monkeypatch):
+    """A resumed run sweeps the temporary files of killed writes, never a user's own .tmp files."""
+    from tvsprune.pipeline.config import load_config, resolve_paths
+    from tvsprune.pipeline.run import Pipeline
+
+    cfg = _config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / ".notes.tmp"
+    mine.write_text("the user's")
+    killed = out / ".moments.safetensors.abc123.tvsprune-tmp"
+    killed.write_text("half a file")
+    monkeypatch.chdir(tmp_path)
+    config, base = load_config(cfg)
+    pipe = Pipeline(resolve_paths(config, base))
+    monkeypatch.setattr(pipe, "enabled", lambda: [])  # no stage: only the start-of-run sweep
+    pipe.run()
+    assert mine.read_text() == "the user's" and not killed.exists()

@@ -55,6 +55,31 @@ def test_a_new_criterion_is_one_registration():
     assert "l-inf" not in CRITERIA
 
 
+def test_a_new_budget_metric_is_one_function_of_kept_widths():
+    """A cost registered in COSTS (here: the kept output channels of the convolutions, a stand-in
+    for a measured latency table) is a budget the plan meets, with no change to the budget code."""
+    from tvsprune.models.probe import probe_model
+    from tvsprune.pruning.budget import make_plan
+    from tvsprune.pruning.costs import COSTS, CostModel, output_shapes
+    from tvsprune.pruning.graph import ChannelGraph
+
+    def conv_channels(table, widths):
+        return sum(widths[n][0] for n, c in table.layers.items() if c.kind == "conv")
+
+    with registered(COSTS, "conv-channels"):
+        COSTS.register("conv-channels", conv_channels)
+        model, example = TinyCNN().eval(), torch.zeros(1, 3, 16, 16)
+        probe = probe_model(model, example)
+        graph = ChannelGraph(model, example, probe.logits_layer)
+        cost = CostModel(model, graph, output_shapes(model, (3, 16, 16)))
+        assert cost.metric("conv-channels") == 8 + 16  # TinyCNN's two convolutions
+        scores = {l.name: np.arange(l.channels, dtype=float) for l in probe.layers}
+        plan = make_plan(graph, cost, scores, target=0.25, metric="conv-channels", allocation="global")
+        kept = cost.metric("conv-channels", plan.removed())
+        assert plan.meta["budget"]["metric"] == "conv-channels"
+        assert 1 - kept / 24 >= 0.25 and kept >= 24 * 0.75 - 2  # met, to one step of the allocation
+
+
 def test_a_new_allocation_is_one_registration():
     from tvsprune.models.probe import probe_model
     from tvsprune.pruning.allocations import ALLOCATIONS, Allocation

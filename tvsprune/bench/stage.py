@@ -339,7 +339,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
                                         "noise": opts.noise, "threads": opts.threads or torch.get_num_threads()},
                               "input_shape": shape, "skipped_backends": skipped, "models": [], "latency": {},
                               "memory": {}}
-    from ..pruning.costs import count_params_macs
+    from ..models.costs import count_params_macs
 
     for e in entries:
         m: dict[str, Any] = {"label": e.label, "spec": e.spec, "files_bytes": e.files}

@@ -362,6 +362,11 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
     counts = next(iter(result.values())).count
     if int(counts.sum()) == 0:
         raise TvsError("no calibration samples were processed")
+    bad = next((n for n, m in result.items() if not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all())),
+               None)
+    if bad is not None:
+        raise TvsError(f"layer {bad}'s outputs are NaN or Inf on the calibration images (the model's weights or "
+                       "its inputs' preprocessing): refusing to write moments that would prune at random")
     out_meta = dict(meta or {})
     out_meta.update({
         "resolution": resolution,

@@ -235,6 +235,20 @@ class CoMoments:
         return InputMoments(count, self.ref.to(torch.float64) + offset, m2)
 
 
+def _check_values(path: str | Path, tensors: dict[str, torch.Tensor], classes: int) -> None:
+    """Refuse what would prune silently wrong: NaN or Inf anywhere, negative counts or variances,
+    and class counts of another length than the class list."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TvsError(f"{path}: tensor {key} holds NaN or Inf values (a model whose outputs are not finite, "
+                           "or a damaged file): calibrate again")
+        leaf = key.rsplit("/", 1)[-1]
+        if leaf in ("count", "var") and (t < 0).any():
+            raise TvsError(f"{path}: tensor {key} holds negative values ({leaf} cannot be negative)")
+        if leaf == "count" and not key.startswith("@in/") and t.shape[0] != classes:
+            raise TvsError(f"{path}: tensor {key} counts {t.shape[0]} classes, the metadata lists {classes}")
+
+
 @dataclass
 class Moments:
     """Moments of every calibrated layer, plus metadata describing where they came from.
@@ -300,12 +314,18 @@ class Moments:
         from ..artifacts import read_safetensors
 
         meta, tensors = read_safetensors(path, "moments file", FORMATS)
+        if not isinstance(meta.get("layers"), dict) or not isinstance(meta.get("classes"), list):
+            raise TvsError(f"{path}: metadata lacks its 'layers' or 'classes' entry (not a moments file tvsprune wrote)")
+        _check_values(path, tensors, len(meta["classes"]))
         layers = {}
         for name in meta["layers"]:
             try:
                 count, mean, var = (tensors[f"{name}/{t}"] for t in ("count", "mean", "var"))
             except KeyError as e:
                 raise TvsError(f"{path}: tensor {e.args[0]} missing") from None
+            if count.shape[0] != mean.shape[0] or mean.shape != var.shape or mean.dim() != 3:
+                raise TvsError(f"{path}: layer {name}: count {tuple(count.shape)}, mean {tuple(mean.shape)} and var "
+                               f"{tuple(var.shape)} do not agree ([classes], [classes, channels, features] twice)")
             m2 = var * (count - 1).clamp(min=0).to(torch.float64).view(-1, 1, 1)
             layers[name] = LayerMoments(count, mean, m2)
         inputs = {}

@@ -77,6 +77,43 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+INPUTS = ("model", "weights", "moments", "data", "calib_data", "val_data", "eval_data", "plan", "base", "pruned",
+          "inputs", "config")  # argument names that hold files a command reads
+
+
+def _input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(flag, existing path) for every file or folder the command reads (a ``file.py:Name`` spec
+    counts as its file)."""
+    found = []
+    for name in INPUTS:
+        values = getattr(args, name, None)
+        for v in values if isinstance(values, list) else [values]:
+            if not isinstance(v, str) or not v:
+                continue
+            path = Path(v)
+            if not path.exists() and ":" in v and v.rsplit(":", 1)[0].endswith(".py"):
+                path = Path(v.rsplit(":", 1)[0])
+            if path.exists():
+                found.append((name if name in ("model", "base", "pruned", "inputs") else "--" + name.replace("_", "-"),
+                              path))
+    return found
+
+
+def _refuse_output_over_input(args: argparse.Namespace) -> None:
+    """An output equal to an input, or inside an input folder, would destroy or pollute what the
+    command reads: refused before anything runs (exit 64)."""
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    target = Path(out).resolve()
+    for flag, path in _input_paths(args):
+        source = path.resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            where = "is" if target == source else "is inside"
+            raise TvsError(f"--out {out} {where} the input {flag} {path}: choose an output path apart from the "
+                           "inputs", EXIT_USAGE)
+
+
 def _internal_error(error: BaseException, log_file: str | None) -> str:
     """Write ``error``'s traceback to ``log_file`` (or a new file in the temp folder); the one line to show."""
     import tempfile
@@ -133,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, _interrupt) if hasattr(signal, "SIGTERM") else None
     try:
         _setup_logging(args)
+        _refuse_output_over_input(args)
         with contextlib.ExitStack() as stack:
             rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the output
             if getattr(args, "out", None) and args.command not in ("run", "demo") and rank0:

@@ -42,6 +42,24 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 _count, _nonneg = _int_at_least(1), _int_at_least(0)
 
 
+def _limited(name: str) -> Callable[[str], float]:
+    """An argparse type for the numeric option ``name``: a finite number within its limit
+    (``tvsprune.pruning.options.LIMITS``, which the config checks too); else a usage error."""
+    from ..pruning.options import LIMITS
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return LIMITS[name].check("--" + name.replace("_", "-"), value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="zoo name (resnet20, vgg11_bn, ...), file.py:Name, module:Name, "
@@ -67,7 +85,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str =
                    help="image folder (root/<class>/*.jpg), .npz with x and y, or CIFAR python batches")
     g.add_argument("--split", default=D.split, choices=["train", "test"], help="split for CIFAR batch folders")
     g.add_argument("--samples-per-class", type=_count, help="seeded stratified subset of N images per class")
-    g.add_argument("--seed", type=int, default=D.seed, help=f"seed for sampling (default {D.seed})")
+    g.add_argument("--seed", type=_nonneg, default=D.seed, help=f"seed for sampling (default {D.seed})")
     _add_image_flags(g)
 
 

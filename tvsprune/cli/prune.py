@@ -5,7 +5,7 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
+from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _limited, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
                      loaded_model)
 
@@ -80,11 +80,11 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--method", default=P.method, choices=methods())
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     b = p.add_argument_group("budget")
-    b.add_argument("--target-params", type=float,
+    b.add_argument("--target-params", type=_limited("target_params"),
                    help=f"fraction of parameters to remove, e.g. 0.5 (default {DEFAULT_TARGET_PARAMS} when no budget "
                         "is given)")
-    b.add_argument("--target-flops", type=float, help="fraction of MACs to remove")
-    b.add_argument("--threshold", type=float, help="remove filters whose score is below ETA (no budget)")
+    b.add_argument("--target-flops", type=_limited("target_flops"), help="fraction of MACs to remove")
+    b.add_argument("--threshold", type=_limited("threshold"), help="remove filters whose score is below ETA (no budget)")
     b.add_argument("--allocation", default=PruneOptions.allocation, choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "
                         "budget and keep the pruned network most faithful to the unpruned one on calibration "
@@ -97,8 +97,8 @@ def _register_prune(sub: Any) -> None:
                         "group's measured KL when cut alone, one price per unit saved; needs calibration images), "
                         "alpha (the reference rule "
                         "t_j <= alpha * mean(t)), uniform, ldiff")
-    b.add_argument("--cost-power", type=float, default=P.cost_power, help="exponent of the saving in --allocation cost")
-    b.add_argument("--min-keep-frac", type=float, default=Guards.min_keep_frac,
+    b.add_argument("--cost-power", type=_limited("cost_power"), default=P.cost_power, help="exponent of the saving in --allocation cost")
+    b.add_argument("--min-keep-frac", type=_limited("min_keep_frac"), default=Guards.min_keep_frac,
                    help="keep at least this fraction per layer")
     b.add_argument("--min-keep", type=_count, default=Guards.min_keep, help="keep at least this many channels per layer")
     b.add_argument("--round-to", type=_count, default=Guards.round_to,
@@ -110,7 +110,7 @@ def _register_prune(sub: Any) -> None:
                         "chosen with --allocation auto), none (the TV score alone), l2 (times the filter's L2 norm), "
                         "ls (times the least-squares saliency: what removing the channel costs once compensated); "
                         "iter-tvs uses the TV score alone")
-    p.add_argument("--seed", type=int, default=P.seed)
+    p.add_argument("--seed", type=_nonneg, default=P.seed, help=f"seed of the random criterion (default {P.seed})")
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
     r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
                    help="rebuild removed channels from kept ones at every consumer: auto (default: ls, and "
@@ -121,7 +121,7 @@ def _register_prune(sub: Any) -> None:
     r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=PruneOptions.bn_recalibrate,
                    help="re-estimate BatchNorm statistics on calibration images after the fold")
     r.add_argument("--no-repair", action="store_true", help="no compensation, no BatchNorm re-estimation (studies)")
-    r.add_argument("--ridge", type=float, default=PruneOptions.ridge,
+    r.add_argument("--ridge", type=_limited("ridge"), default=PruneOptions.ridge,
                    help="ridge strength of the least-squares fits, relative to the mean input variance")
     r.add_argument("--mean-compensation", action="store_true", help=argparse.SUPPRESS)  # old spelling
     r.add_argument("--calib-data", help="images for the repairs (default: the moments file's data)")
@@ -129,8 +129,8 @@ def _register_prune(sub: Any) -> None:
     i = p.add_argument_group("iter-tvs / validation")
     i.add_argument("--val-data", help="held-out labelled images (accuracy before/after; required by iter-tvs)")
     i.add_argument("--val-samples-per-class", type=_count)
-    i.add_argument("--max-acc-drop", type=float, default=P.max_acc_drop, help="accuracy points iter-tvs may lose")
-    i.add_argument("--step", type=float, default=P.step, help="fraction removed per iter-tvs round")
+    i.add_argument("--max-acc-drop", type=_limited("max_acc_drop"), default=P.max_acc_drop, help="accuracy points iter-tvs may lose")
+    i.add_argument("--step", type=_limited("step"), default=P.step, help="fraction removed per iter-tvs round")
     add_preprocess_args(p, "--calib-data and --val-data")
     p.add_argument("--device", default=P.device, help="device for scoring")
     p.set_defaults(func=cmd_prune)

@@ -83,7 +83,9 @@ class Source:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.name, "kind": type(self).__name__, "samples": len(self),
+        # resolved: a later stage run from another working directory finds the same data
+        source = str(Path(self.name).resolve()) if Path(self.name).exists() else self.name
+        return {"source": source, "kind": type(self).__name__, "samples": len(self),
                 "classes": len(self.classes), "preprocess": self.preprocess.to_dict()}
 
 
@@ -119,11 +121,24 @@ class ImageFolderSource(Source):
         path = self.files[i]
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                x = _pixels(im)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise BadSample(str(path), f"cannot decode image ({type(e).__name__}: {e})") from None
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
         return self.preprocess(x)
+
+
+def _pixels(im) -> torch.Tensor:
+    """RGB in [0, 1], [3, H, W]. 16-bit images (Pillow's I;16 modes) are scaled by 65535, not
+    clipped at 255 by an 8-bit conversion (which turns them almost white); palette, grey and
+    RGBA images go through Pillow's RGB conversion."""
+    if im.mode.startswith("I;16"):
+        grey = torch.from_numpy(np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0)
+        return grey.expand(3, *grey.shape).contiguous()
+    if im.mode in ("I", "F"):
+        raise ValueError(f"{im.mode}-mode images (32-bit integer or float pixels) have no defined [0, 1] scale; "
+                         "save them as 8- or 16-bit")
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def array_layout(name: str, x: np.ndarray) -> str:

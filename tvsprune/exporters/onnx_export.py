@@ -184,7 +184,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
             proto = _export_torchscript(model, example, opset, dynamic, Path(td))
             used = "torchscript"
     proto = clean_graph(proto)
-    from ..pruning.costs import count_params_macs
+    from ..models.costs import count_params_macs
 
     params, macs = count_params_macs(model, shape)
     meta = {"tvsprune_version": __version__, "source_spec": loaded.spec.spec,

@@ -18,7 +18,7 @@ from ..bench.stage import BenchOptions
 from ..calibration.stage import DEFAULT_RESOLUTION, DataOptions
 from ..errors import TvsError
 from ..exporters import defaults as export_defaults
-from ..pruning.options import DEFAULT_TARGET_PARAMS, Guards, PruneOptions
+from ..pruning.options import DEFAULT_TARGET_PARAMS, LIMITS, Guards, PruneOptions
 from ..registry import unknown
 
 # Every default below is read from the library's own options (DataOptions, PruneOptions,
@@ -89,8 +89,8 @@ class PruneSection(Strict):
     allocation: str = PruneOptions.allocation
     cost_power: float = PruneOptions.cost_power
     min_keep_frac: float = Guards.min_keep_frac
-    min_keep: int = Guards.min_keep
-    round_to: int = Guards.round_to
+    min_keep: PositiveInt = Guards.min_keep
+    round_to: PositiveInt = Guards.round_to
     pair_reduce: Literal["min", "mean"] = PruneOptions.pair_reduce
     tvs_saliency: Literal["auto", "none", "ls", "l2"] = PruneOptions.tvs_saliency
     compensation: Literal["auto", "none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
@@ -100,7 +100,16 @@ class PruneSection(Strict):
     repair_samples_per_class: PositiveInt | None = PruneOptions.repair_samples_per_class
     max_acc_drop: float = PruneOptions.max_acc_drop
     step: float = PruneOptions.step
-    seed: int = PruneOptions.seed
+    seed: NonNegativeInt = PruneOptions.seed
+
+    @model_validator(mode="after")
+    def _limits(self) -> "PruneSection":
+        """The same finite ranges as the flags (LIMITS), with the same words."""
+        for name, limit in LIMITS.items():
+            value = getattr(self, name, None)
+            if value is not None:
+                limit.check(name, value)
+        return self
 
     @field_validator("method")
     @classmethod

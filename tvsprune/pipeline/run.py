@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..version import __version__
-from ..artifacts import output_lock, sha256_file, sha256_json, versions, write_json
+from ..artifacts import TMP_SUFFIX, output_lock, sha256_file, sha256_json, versions, write_json
 from ..calibration.stage import DataOptions
 from ..console import step
 from ..errors import MissingDependencyError, TvsError
@@ -238,7 +238,7 @@ class Pipeline:
 
     def _run(self, force: set[str]) -> list[StageResult]:
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.rglob(".*.tmp"):  # temporary files of a run killed mid-write (SIGKILL)
+        for stale in self.out.rglob(f".*{TMP_SUFFIX}"):  # this tool's temporary files of a run killed mid-write
             stale.unlink()
         self._load_manifest()
         results = []

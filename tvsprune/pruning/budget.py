@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import TvsError
 from .allocations import ALLOCATIONS, Allocator, removal_order
-from .costs import COSTS, CostModel
+from .costs import CostModel
 from .graph import ChannelGraph
 from .options import Guards, PruneOptions
 from .plan import Plan, plan_groups
@@ -105,7 +105,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     guards = guards or Guards()
     channels = [g.block_size for g in graph.groups]  # what the allocation counts: block-local channels
     base_params, base_macs = cost.cost()
-    base = COSTS.get(metric)(base_params, base_macs)
+    base = cost.metric(metric)
     if threshold is not None:
         raw = block_scores(graph, group_scores(graph, scores, normalise=False))
         counts = [0 if t is None else guards.clamp(len(t), int((t < threshold).sum())) for t in raw]
@@ -162,6 +162,9 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
                             "round_to": guards.round_to},
                  "params": {"before": base_params, "after": params, "removed_frac": 1 - params / base_params},
                  "macs": {"before": base_macs, "after": macs, "removed_frac": 1 - macs / base_macs if base_macs else 0.0}})
+    if metric not in info:  # any other registered cost: recorded beside params and MACs
+        after = cost.metric(metric, removed)
+        info[metric] = {"before": base, "after": after, "removed_frac": 1 - after / base if base else 0.0}
     if target is not None and threshold is None:
         achieved = info[metric]["removed_frac"]
         if achieved + 1e-9 < target:

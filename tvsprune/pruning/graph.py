@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TvsError
+from ..models.costs import is_grouped_conv  # noqa: F401 (re-exported)
 
 COSTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -59,11 +60,6 @@ class Group:
 def out_width(m: nn.Module) -> int:
     """Output channels of a Conv2d, output features of a Linear."""
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-
-
-def is_grouped_conv(m: nn.Module) -> bool:
-    """A Conv2d whose channels split into groups that do not mix (depthwise excepted)."""
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
 
 
 @contextlib.contextmanager

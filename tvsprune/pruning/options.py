@@ -19,6 +19,54 @@ COMPENSATIONS = ("none", "mean", "ls", "ls-seq", "auto")  # auto: ls or ls-seq, 
 DEFAULT_RIDGE = 1e-3
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The finite range a numeric option must lie in (one definition for its flag and its config key)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    hint: str = ""
+
+    def check(self, name: str, value: float) -> float:
+        """``value`` when finite and in range, else a ValueError saying the range (and the hint)."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if below or above:
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open or self.high == math.inf else "]"
+            top = "inf" if self.high == math.inf else f"{self.high:g}"
+            hint = f" ({self.hint})" if self.hint else ""
+            raise ValueError(f"{name} must be in {lo}{self.low:g}, {top}{hi}, got {value:g}{hint}")
+        return value
+
+
+FRACTION = "a fraction: 50 % removed is 0.5"
+LIMITS = {
+    "target_params": Limit(0.0, 1.0, high_open=True, hint=FRACTION),
+    "target_flops": Limit(0.0, 1.0, high_open=True, hint=FRACTION),
+    "threshold": Limit(0.0),
+    "cost_power": Limit(0.0),
+    "min_keep_frac": Limit(0.0, 1.0),
+    "ridge": Limit(0.0, low_open=True),
+    "max_acc_drop": Limit(0.0, 100.0),
+    "step": Limit(0.0, 1.0, low_open=True),
+    "step_decrease": Limit(0.0, 1.0, low_open=True),
+}
+
+
+def check_limits(values: dict[str, Any]) -> None:
+    """Every option of ``values`` that has a :data:`LIMITS` entry is finite and in range (a TvsError)."""
+    for name, limit in LIMITS.items():
+        if values.get(name) is not None:
+            try:
+                limit.check(name, values[name])
+            except ValueError as e:
+                raise TvsError(str(e)) from None
+
+
 @dataclass
 class Guards:
     """Limits that keep a pruned network usable."""
@@ -96,6 +144,8 @@ class PruneOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_limits({**{k: getattr(self, k) for k in LIMITS if hasattr(self, k)},
+                      "min_keep_frac": self.guards.min_keep_frac})
         if self.target_params is None and self.target_flops is None and self.threshold is None:
             self.target_params = DEFAULT_TARGET_PARAMS  # one default budget for the CLI, the API and run
         if self.tvs_saliency not in TVS_SALIENCY:

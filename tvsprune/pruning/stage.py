@@ -83,13 +83,21 @@ def _scores(ctx: Context, moments: Moments | None, opts: PruneOptions, criterion
     return tv, scores, {n: ldiff(s) for n, s in (tv or scores).items()}
 
 
-def _validation(val: DataOptions | None, calib: DataOptions | None, loaded: LoadedModel
-                ) -> tuple[list | None, list[str] | None]:
-    """Validation batches (calibration images excluded when it is the same folder) and class names."""
+def _validation(val: DataOptions | None, calib: DataOptions | None, loaded: LoadedModel,
+                classes: list[str] | None) -> tuple[list | None, list[str] | None]:
+    """Validation batches (calibration images excluded when it is the same folder) and class names,
+    which must be the calibration data's (``classes``): labels are positions in that list."""
     if val is None:
         return None, None
     exclude = None
     vsrc = val.open(loaded)
+    if classes is not None and list(vsrc.classes) != list(classes):
+        extra = sorted(set(vsrc.classes) - set(classes))[:3]
+        missing = sorted(set(classes) - set(vsrc.classes))[:3]
+        detail = (f"only in it: {', '.join(extra)}; missing: {', '.join(missing)}" if extra or missing
+                  else "the same names in another order")
+        raise TvsError(f"--val-data {val.path}: its classes are not the calibration data's ({detail}): labels would "
+                       "be compared by position and the accuracy would be wrong")
     if calib is not None and Path(val.path).resolve() == Path(calib.path).resolve():
         csrc = calib.open(loaded)
         exclude = stratified_indices(csrc.labels, calib.samples_per_class, calib.seed)
@@ -169,7 +177,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         raise TvsError("give a budget (--target-params F or --target-flops F) or --threshold ETA")
     criterion = "tvs" if opts.method == "iter-tvs" else opts.method
     tv, scores, ldiffs = _scores(ctx, moments, opts, criterion)
-    val_batches, val_classes = _validation(val, calib, loaded)
+    val_batches, val_classes = _validation(val, calib, loaded, moments.classes if moments else None)
     source_classes = val_classes or (moments.classes if moments else None)
     n_classes = ctx.probe.num_outputs
     base_acc = base_per = None
