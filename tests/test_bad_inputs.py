@@ -196,7 +196,7 @@ CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
     ("moments-from-other-weights", lambda f, t: prune(f, t, weights=(torch.save(state(seed=5), t / "w.pt"),
                                                                      t / "w.pt")[1]), "other weights", 1),
     # prune flags
-    ("budget-above-one", lambda f, t: prune(f, t, "--target-params", "1.5"), "1.5", 1),
+    ("budget-above-one", lambda f, t: prune(f, t, "--target-params", "1.5"), "1.5", 64),
     ("two-budgets", lambda f, t: prune(f, t, "--target-params", "0.3", "--target-flops", "0.3"), "not both", 1),
     ("misspelt-method", lambda f, t: prune(f, t, "--method", "tsv"), "tsv", 64),
     # plans

@@ -243,3 +243,40 @@ def test_validation_classes_must_be_the_calibration_classes(tiny_calibrated, tmp
     (val / "class2").rename(val / "zebra")
     _one_error(run_cli("prune", spec, "--weights", weights, "--moments", moments, "--out", tmp_path / "p",
                        "--calib-data", images, "--val-data", val), "--val-data", "zebra")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["calibrate", "resnet20", "--data", ".", "--out", "m.safetensors", "--device", "tpu"], "torch device"),
+    (["calibrate", "resnet20", "--data", ".", "--out", "m.safetensors", "--resolution", "pool:1000"], "at most 64"),
+    (["calibrate", "resnet20", "--data", ".", "--out", "m.safetensors", "--resize", "100000"], "at most 4096"),
+    (["export", "onnx", "resnet20", "--out", "x.onnx", "--batch", "abc"], "positive integer"),
+    (["export", "onnx", "resnet20", "--out", "x.onnx", "--batch", "0"], "positive integer"),
+])
+def test_bad_flag_values_are_usage_errors_before_anything_loads(tmp_path, args, needle):
+    _one_error(run_cli(*args, cwd=tmp_path), needle, code=64)
+    assert not list(tmp_path.iterdir())
+
+
+def test_moments_state_over_its_bound_is_refused_before_allocation(monkeypatch):
+    from tvsprune.calibration import collector
+    from tvsprune.errors import TvsError
+    from tvsprune.models.probe import probe_model
+
+    model = randomize_bn(TinyCNN())
+    probe = probe_model(model, torch.zeros(1, 3, 16, 16))
+    monkeypatch.setattr(collector, "STATE_MAX_BYTES", 1000)
+    with pytest.raises(TvsError, match="over the bound of"):
+        collector.MomentCollector(model, probe.layers, 3, "full")
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tvsprune.data import sources
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "a" / "big.png")
+    monkeypatch.setattr(sources, "MAX_PIXELS", 1000)
+    src = sources.ImageFolderSource(tmp_path, sources.Preprocess())
+    with pytest.raises(sources.BadSample, match="64 x 64 pixels, over the bound"):
+        src.load(0)

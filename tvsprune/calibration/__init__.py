@@ -1,5 +1,6 @@
 """The calibrate stage: hooks, streaming moments (Chan merge), file format, distributed reduction."""
-from .collector import MomentCollector, collect_moments, parse_resolution, reduce_map
+from .collector import MomentCollector, collect_moments
+from .resolution import parse_resolution, reduce_map
 from .moments import InputMoments, LayerMoments, Moments
 from .stage import DataOptions, calibrate, merge_moment_files
 

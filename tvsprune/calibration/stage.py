@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..version import __version__
 from ..data import BatchStream, Preprocess, Source, open_source, stratified_indices
-from ..errors import TvsError
+from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
 from ..models.probe import probe_model
 from .collector import collect_moments
@@ -89,7 +89,8 @@ def calibrate(model: str | LoadedModel, data: DataOptions, out: str | Path | Non
         import torch
 
         if not torch.cuda.is_available():
-            raise TvsError("--device cuda asked for, but torch sees no CUDA GPU (tvsprune doctor tells more)")
+            raise MissingDependencyError("--device cuda asked for, but torch sees no CUDA GPU (tvsprune doctor "
+                                         "tells more)")
     source = data.open(loaded)
     if data.mean is None and loaded.normalize is None:
         log.warning("no normalisation given (--mean/--std) and none in the checkpoint: using raw [0, 1] pixels")

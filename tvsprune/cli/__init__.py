@@ -79,11 +79,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 INPUTS = ("model", "weights", "moments", "data", "calib_data", "val_data", "eval_data", "plan", "base", "pruned",
           "inputs", "config")  # argument names that hold files a command reads
+FOLDER_INPUTS = {"model", "data", "calib_data", "val_data", "eval_data", "base", "pruned", "inputs"}  # read as folders
 
 
-def _input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    """(flag, existing path) for every file or folder the command reads (a ``file.py:Name`` spec
-    counts as its file)."""
+def _input_paths(args: argparse.Namespace) -> list[tuple[str, Path, bool]]:
+    """(flag, existing path, read as a folder) for every file or folder the command reads (a
+    ``file.py:Name`` spec counts as its file)."""
     found = []
     for name in INPUTS:
         values = getattr(args, name, None)
@@ -95,7 +96,7 @@ def _input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
                 path = Path(v.rsplit(":", 1)[0])
             if path.exists():
                 found.append((name if name in ("model", "base", "pruned", "inputs") else "--" + name.replace("_", "-"),
-                              path))
+                              path, name in FOLDER_INPUTS))
     return found
 
 
@@ -106,9 +107,9 @@ def _refuse_output_over_input(args: argparse.Namespace) -> None:
     if not out:
         return
     target = Path(out).resolve()
-    for flag, path in _input_paths(args):
+    for flag, path, folder in _input_paths(args):
         source = path.resolve()
-        if target == source or (source.is_dir() and source in target.parents):
+        if target == source or (folder and source.is_dir() and source in target.parents):
             where = "is" if target == source else "is inside"
             raise TvsError(f"--out {out} {where} the input {flag} {path}: choose an output path apart from the "
                            "inputs", EXIT_USAGE)

@@ -6,12 +6,24 @@ import logging
 from typing import Any
 
 from ..errors import TvsError
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
+from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
                      loaded_model)
 
 log = logging.getLogger("tvsprune")
 
+
+
+def _resolution(text: str) -> str:
+    """global, pool:K (1 <= K <= 64) or full; anything else is a usage error."""
+    from ..calibration.resolution import parse_resolution
+    from ..errors import TvsError
+
+    try:
+        parse_resolution(text)
+    except TvsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..calibration import calibrate
@@ -56,10 +68,10 @@ def register(sub: Any) -> None:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--out", required=True, help="moments file to write (.safetensors)")
-    p.add_argument("--resolution", default=DEFAULT_RESOLUTION,
+    p.add_argument("--resolution", type=_resolution, default=DEFAULT_RESOLUTION,
                    help=f"global | pool:K | full (default {DEFAULT_RESOLUTION})")
     p.add_argument("--layers", help="comma-separated globs of layer names (default: every prunable layer)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; moments accumulate on that device")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]; moments accumulate on that device")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="calibrate without --weights (only for a model that loads its own weights)")
     p.set_defaults(func=cmd_calibrate)

@@ -42,6 +42,28 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 _count, _nonneg = _int_at_least(1), _int_at_least(0)
 
 
+def _side(text: str) -> int:
+    """An image side in pixels: 1 .. MAX_SIDE (a resize to 100,000 would ask for 120 GB per image)."""
+    from ..data.sources import MAX_SIDE
+
+    value = _count(text)
+    if value > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SIDE} pixels, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device name (cpu, cuda, cuda:N, mps, ...); whether it is present is checked where it is used."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") \
+            from None
+    return text
+
+
 def _limited(name: str) -> Callable[[str], float]:
     """An argparse type for the numeric option ``name``: a finite number within its limit
     (``tvsprune.pruning.options.LIMITS``, which the config checks too); else a usage error."""
@@ -93,8 +115,8 @@ def _add_image_flags(g: Any) -> None:
     """Resize, crop, normalisation and loading flags, shared by every command that reads images."""
     from ..calibration.stage import DataOptions as D
 
-    g.add_argument("--resize", type=_count, help="resize the shorter side to N pixels")
-    g.add_argument("--crop", type=_count, help="center-crop to N x N")
+    g.add_argument("--resize", type=_side, help="resize the shorter side to N pixels (default: no resize)")
+    g.add_argument("--crop", type=_side, help="center-crop to N x N (default: no crop)")
     g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: checkpoint's)")
     g.add_argument("--std", type=_floats, help="normalisation std (default: checkpoint's)")
     g.add_argument("--batch-size", type=_count, default=D.batch_size, help=f"default {D.batch_size}")

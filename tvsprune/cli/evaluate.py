@@ -5,7 +5,7 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
+from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
                      loaded_model)
 
@@ -33,6 +33,6 @@ def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="top-1 / top-5 / per-class accuracy of a model or pruned artifact")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval)

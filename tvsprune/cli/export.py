@@ -12,6 +12,11 @@ from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _n
 log = logging.getLogger("tvsprune")
 
 
+def _batch(text: str) -> str | int:
+    """``dynamic`` or a positive batch size."""
+    return text if text == "dynamic" else _count(text)
+
+
 def _onnx_data(args: argparse.Namespace, path: str, meta: dict[str, str]):
     """Data options for an ONNX model: normalisation from flags, else from the file's metadata."""
     from ..calibration import DataOptions
@@ -33,7 +38,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         src = data_options(args).open(model)
         inputs, _ = take_images(src, args.parity_samples)
         shape = shape or list(inputs.shape[1:])
-    batch = "dynamic" if args.batch == "dynamic" else int(args.batch)
+    batch = args.batch
     rep = export_onnx(model, args.out, args.opset, batch, shape, inputs, args.tolerance, args.exporter)
     p = rep["parity"]
     print(f"wrote {args.out} ({rep['size_bytes'] / 1e6:.2f} MB, {rep['parameters']:,} parameters, opset {rep['opset']}, "
@@ -101,7 +106,7 @@ def _register_export(sub: Any) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    p.add_argument("--batch", type=_batch, default="dynamic", help="dynamic (default) or a fixed batch size")
     p.add_argument("--input-shape", type=_ints, help="C,H,W (default: the model's, or the data's)")
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="auto: torch.export-based, TorchScript when that fails")

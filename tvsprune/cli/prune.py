@@ -5,7 +5,7 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _limited, _nonneg,  # noqa: F401
+from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _limited, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
                      loaded_model)
 
@@ -132,7 +132,7 @@ def _register_prune(sub: Any) -> None:
     i.add_argument("--max-acc-drop", type=_limited("max_acc_drop"), default=P.max_acc_drop, help="accuracy points iter-tvs may lose")
     i.add_argument("--step", type=_limited("step"), default=P.step, help="fraction removed per iter-tvs round")
     add_preprocess_args(p, "--calib-data and --val-data")
-    p.add_argument("--device", default=P.device, help="device for scoring")
+    p.add_argument("--device", type=_device, default=P.device, help=f"device for scoring (default {P.device})")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model, redoing its repairs")

@@ -121,10 +121,16 @@ class ImageFolderSource(Source):
         path = self.files[i]
         try:
             with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ValueError(f"it declares {im.width} x {im.height} pixels, over the bound of {MAX_PIXELS:,}")
                 x = _pixels(im)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadSample(str(path), f"cannot decode image ({type(e).__name__}: {e})") from None
         return self.preprocess(x)
+
+
+MAX_SIDE = 4096           # --resize / --crop: pixels per side
+MAX_PIXELS = 64 * 1024 * 1024  # an image is refused before decoding beyond this many pixels
 
 
 def _pixels(im) -> torch.Tensor:

@@ -9,13 +9,14 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
 from ..bench.stage import BenchOptions
 from ..calibration.stage import DEFAULT_RESOLUTION, DataOptions
+from ..data.sources import MAX_SIDE
 from ..errors import TvsError
 from ..exporters import defaults as export_defaults
 from ..pruning.options import DEFAULT_TARGET_PARAMS, LIMITS, Guards, PruneOptions
@@ -50,8 +51,8 @@ class DataSection(Strict):
     samples_per_class: PositiveInt | None = DataOptions.samples_per_class
     eval_samples: PositiveInt | None = None
     split: Literal["train", "test"] = DataOptions.split
-    resize: PositiveInt | None = None
-    crop: PositiveInt | None = None
+    resize: Annotated[int, Field(ge=1, le=MAX_SIDE)] | None = None
+    crop: Annotated[int, Field(ge=1, le=MAX_SIDE)] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     batch_size: PositiveInt = DataOptions.batch_size
@@ -67,7 +68,7 @@ class CalibrateSection(Strict):
     @field_validator("resolution")
     @classmethod
     def _resolution(cls, v: str) -> str:
-        from ..calibration.collector import parse_resolution
+        from ..calibration.resolution import parse_resolution
 
         try:
             parse_resolution(v)
