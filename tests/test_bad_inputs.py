@@ -331,13 +331,14 @@ def _start_holding_lock(argv: list[str], out: Path) -> subprocess.Popen:
     raise AssertionError(f"the command never held its lock: {proc.communicate()}")
 
 
-def test_ctrl_c_exits_130_without_partial_output(fx, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_exit_without_partial_output(fx, tmp_path, sig, code):
     out = tmp_path / "out" / "m.safetensors"
     proc = _start_holding_lock(_slow_calibration(fx, out), out)
     time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert len([l for l in err.splitlines() if "error:" in l]) == 1 and "Traceback" not in err, err
     assert err.rstrip().splitlines()[-1].startswith("FAILED"), err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -6,7 +6,7 @@ One module per command (calibrate, evaluate, prune, export, doctor, bench, run),
 Exit codes: 0 success, 1 user error (bad input, unwritable output), 2 missing optional
 dependency / hardware, 3 a check failed (e.g. parity outside tolerance with --strict),
 64 usage error (unknown flag, bad flag value; EX_USAGE), 70 internal error (a bug in tvsprune,
-EX_SOFTWARE; its traceback goes to the log file), 130 interrupted (Ctrl-C, SIGTERM).
+EX_SOFTWARE; its traceback goes to the log file), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ COMMANDS = (calibrate, evaluate, prune, export, doctor, bench, run)  # in the or
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tvsprune", description=__doc__.splitlines()[0].replace("``", ""),
                      epilog="exit codes: 0 passed, 1 bad input, 2 missing optional backend, 3 check failed "
-                            "(--strict), 64 usage, 70 internal error, 130 interrupted")
+                            "(--strict), 64 usage, 70 internal error, 130 interrupted, 143 terminated")
     parser.add_argument("--version", action="version", version=f"tvsprune {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors and the final PASSED/FAILED line only")
@@ -140,8 +140,12 @@ def _internal_error(error: BaseException, log_file: str | None) -> str:
             f"{kept}; please report it")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (temporary files removed), exits 143 (128 + SIGTERM)."""
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the environment, not a bug: unwritable output, disk full, missing file
         what = f"cannot use {e.filename}: " if e.filename else ""
         return failed(f"{what}{e.strerror or e}", 1)
+    except Terminated:
+        return failed("terminated (SIGTERM); no partial output was kept", 143)
     except KeyboardInterrupt:
         return failed("interrupted; no partial output was kept", 130)
     except Exception as e:  # anything else is a bug in tvsprune: one line, the traceback to the log file
