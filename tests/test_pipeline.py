@@ -151,3 +151,30 @@ def test_run_removes_only_its_own_temporary_files(tmp_path, monkeypatch):
     monkeypatch.setattr(pipe, "enabled", lambda: [])  # no stage: only the start-of-run sweep
     pipe.run()
     assert mine.read_text() == "the user's" and not killed.exists()
+
+
+def test_run_reruns_when_the_data_or_the_model_source_changes_and_says_why(tmp_path):
+    """Stage reuse is by content: an image replaced under the same name, or the model's .py file
+    edited, re-runs calibrate (and what follows) with a line naming what changed."""
+    import os
+    import time
+
+    cfg = _config(tmp_path)
+    quick = ["--set", "bench.enabled=false", "--set", "export.onnx=false"]
+    r = run_cli("run", cfg, *quick)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", cfg, *quick)
+    assert "SKIPPED | calibrate" in r.stdout, r.stdout
+    image = sorted((tmp_path / "calib" / "class0").iterdir())[0]
+    data = image.read_bytes()
+    time.sleep(0.01)
+    image.write_bytes(data)  # the same name, written again
+    os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    r = run_cli("run", cfg, *quick)
+    assert r.returncode == 0, r.stderr
+    assert "RERUN | calibrate | changed since its last run: calibration_files" in r.stdout, r.stdout
+    source = tmp_path / "tiny_models.py"
+    source.write_text(source.read_text() + "\n# edited\n")
+    r = run_cli("run", cfg, *quick)
+    assert r.returncode == 0, r.stderr
+    assert "RERUN | calibrate" in r.stdout and "model_source_sha256" in r.stdout, r.stdout

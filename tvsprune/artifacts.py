@@ -139,6 +139,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def content_digest(path: str | os.PathLike | None) -> str | None:
+    """What a data folder (or file) holds, cheaply: sha256 over every file's relative path, size and
+    modification time (a file replaced under the same name changes it); None when it does not exist."""
+    if path is None:
+        return None
+    root = Path(path)
+    if root.is_file():
+        st = root.stat()
+        return sha256_json([root.name, st.st_size, st.st_mtime_ns])
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def sha256_json(obj: Any) -> str:
     """Hex sha256 of a canonical JSON encoding (stable across runs)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()

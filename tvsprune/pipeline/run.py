@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..version import __version__
-from ..artifacts import TMP_SUFFIX, output_lock, sha256_file, sha256_json, versions, write_json
+from ..artifacts import TMP_SUFFIX, content_digest, output_lock, sha256_file, sha256_json, versions, write_json
+from ..models.sources.code import user_file
 from ..calibration.stage import DataOptions
 from ..console import step
 from ..errors import MissingDependencyError, TvsError
@@ -105,12 +106,23 @@ class Pipeline:
     def _inputs(self, stage: str) -> dict[str, Any]:
         c = self.cfg
         ups = {s: self.manifest["stages"].get(s, {}).get("outputs", {}) for s in STAGES[:STAGES.index(stage)]}
-        base = {"model": c.model.model_dump(), "weights_sha256": sha256_file(c.model.weights) if c.model.weights else None}
-        section = {"calibrate": {"data": c.data.model_dump(), "calibrate": c.calibrate.model_dump()},
-                   "prune": {"prune": c.prune.model_dump(), "evaluation": c.data.evaluation},
-                   "export": {"export": c.export.model_dump(), "calibration": c.data.calibration},
-                   "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation}}[stage]
+        source = user_file(c.model.spec)
+        base = {"tvsprune": __version__, "model": c.model.model_dump(),
+                "weights_sha256": sha256_file(c.model.weights) if c.model.weights else None,
+                "model_source_sha256": sha256_file(source[0]) if source and source[0].is_file() else None}
+        calibration = {"calibration_files": content_digest(c.data.calibration)}
+        evaluation = {"evaluation_files": content_digest(c.data.evaluation)} if c.data.evaluation else {}
+        section = {"calibrate": {"data": c.data.model_dump(), "calibrate": c.calibrate.model_dump(), **calibration},
+                   "prune": {"prune": c.prune.model_dump(), "evaluation": c.data.evaluation, **calibration,
+                             **evaluation},
+                   "export": {"export": c.export.model_dump(), "calibration": c.data.calibration, **calibration},
+                   "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation, **evaluation}}[stage]
         return {**base, **section, "upstream": ups}
+
+    def _changed(self, stage: str, inputs: dict[str, Any]) -> list[str]:
+        """Which of ``stage``'s inputs differ from those its last run recorded (for the re-run line)."""
+        before = (self.manifest["stages"].get(stage) or {}).get("inputs") or {}
+        return [k for k, v in inputs.items() if before.get(k) != sha256_json(v)] if before else []
 
     def _up_to_date(self, stage: str, inputs_hash: str) -> bool:
         rec = self.manifest["stages"].get(stage)
@@ -245,11 +257,15 @@ class Pipeline:
         stale = False
         for stage in self.enabled():
             t0 = time.perf_counter()
-            inputs_hash = sha256_json(self._inputs(stage))
+            inputs = self._inputs(stage)
+            inputs_hash = sha256_json(inputs)
             if not stale and stage not in force and self._up_to_date(stage, inputs_hash):
                 results.append(StageResult(stage, "skipped", 0.0, "inputs and outputs unchanged"))
                 self.echo(f"SKIPPED | {stage} | inputs and outputs unchanged")
                 continue
+            changed = self._changed(stage, inputs)
+            if changed:
+                self.echo(f"RERUN | {stage} | changed since its last run: {', '.join(changed)}")
             stale = True
             self.manifest["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self._save_manifest()
@@ -270,6 +286,7 @@ class Pipeline:
             _fault_point(f"{stage}:end")
             secs = time.perf_counter() - t0
             self.manifest["stages"][stage] = {"status": "passed", "inputs_sha256": inputs_hash,
+                                              "inputs": {k: sha256_json(v) for k, v in inputs.items()},
                                               "outputs": {str(p): sha256_file(p) for p in outputs},
                                               "seconds": round(secs, 2)}
             self._save_manifest()
