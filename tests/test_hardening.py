@@ -280,3 +280,28 @@ def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path,
     src = sources.ImageFolderSource(tmp_path, sources.Preprocess())
     with pytest.raises(sources.BadSample, match="64 x 64 pixels, over the bound"):
         src.load(0)
+
+
+def test_a_prune_that_fails_while_writing_keeps_the_earlier_artifact(tiny_calibrated, tmp_path, monkeypatch):
+    """The new files are written beside the old ones and swapped in only once all are written."""
+    from tvsprune.models import load_model
+    from tvsprune.pruning import stage
+    from tvsprune.pruning.options import PruneOptions
+
+    spec, weights, images, moments = tiny_calibrated
+    out = tmp_path / "p"
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--out", out, "--target-params", "0.3",
+                "--method", "l1", "--calib-data", images)
+    assert r.returncode == 0, r.stderr
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stage, "write_json", disk_full)  # prune.json, the last file written
+    from tvsprune.calibration.stage import DataOptions
+
+    with pytest.raises(OSError):
+        stage.prune(load_model(spec, str(weights)), moments, out, PruneOptions(method="l2", target_params=0.5),
+                    DataOptions(path=str(images)))
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before

@@ -44,6 +44,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_paths(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths beside each of ``paths``, renamed onto them together once every one is
+    written: a failure (disk full, Ctrl-C) leaves each target as it was, an earlier artifact whole."""
+    targets = [Path(p) for p in paths]
+    stack = contextlib.ExitStack()
+    with stack:
+        tmps = [stack.enter_context(_temporary_beside(t)) for t in targets]
+        yield tmps
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path) -> Iterator[Path]:
+    """An empty temporary file beside ``path`` (umask permissions), removed on exit if still there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def removed_on_failure(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield ``folder``; when the block fails, remove the files (and now-empty folders) it created
     there, so a failed stage leaves the folder as it found it."""

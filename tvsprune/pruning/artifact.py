@@ -34,18 +34,26 @@ SOURCE_FILE = "model_source.py"
 log = logging.getLogger(__name__)
 
 
+def keeps_source(base: LoadedModel) -> bool:
+    """Whether the artifact of ``base`` keeps a copy of its model source (a user .py file)."""
+    found = user_file(base.spec.spec)
+    return bool(found and found[0].is_file())
+
+
 def save_pruned(path: str | Path, model: nn.Module, plan: Plan, base: LoadedModel,
-                input_shape: list[int], extra: dict[str, Any] | None = None) -> None:
+                input_shape: list[int], extra: dict[str, Any] | None = None, source_copy: Path | None = None) -> None:
+    """Write the pruned-model file; a user model file is copied to ``source_copy`` (default: beside
+    ``path`` as model_source.py)."""
     from safetensors.torch import save_file
 
     base_spec = base.spec.to_dict()
     meta: dict[str, Any] = {}
-    found = user_file(base.spec.spec)
-    if found and found[0].is_file():
-        src, attr = found[0].resolve(), found[1]
+    if keeps_source(base):
+        src, attr = user_file(base.spec.spec)
+        src = src.resolve()
         base_spec["spec"] = f"{src}:{attr}"
         meta["base_source"] = {"path": str(src), "sha256": sha256_file(src), "copy": SOURCE_FILE}
-        with atomic_path(Path(path).parent / SOURCE_FILE) as tmp:
+        with atomic_path(source_copy or Path(path).parent / SOURCE_FILE) as tmp:
             tmp.write_bytes(src.read_bytes())
     meta = {"format": FORMAT, "base": base_spec, "base_weights_sha256": base.weights_sha256,
             "input_shape": list(input_shape), "normalize": base.normalize, "plan": plan.to_dict(),

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..artifacts import sha256_file, write_json
+from ..artifacts import atomic_paths, sha256_file, write_json
 from ..calibration.moments import Moments
 from ..calibration.stage import DataOptions
 from ..console import step
@@ -20,7 +20,7 @@ from ..errors import TvsError
 from ..models import LoadedModel, load_model
 from ..registry import unknown
 from ..version import __version__
-from .artifact import SOURCE_FILE, WEIGHTS_FILE, save_pruned
+from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, save_pruned
 from .context import Context, calib_options_from, repair_batches  # noqa: F401 (repair_batches re-exported)
 from .criteria import criteria_needing
 from .iterative import _accuracy, iterative
@@ -250,19 +250,17 @@ def _report(loaded: LoadedModel, ctx: Context, opts: PruneOptions, plan: Plan, m
 
 def _write(out_dir: Path, pruned: torch.nn.Module, plan: Plan, loaded: LoadedModel, input_shape: list[int],
            meta: dict[str, Any], report: dict[str, Any]) -> None:
-    """The three files of one artifact: a failure (disk full) leaves none of them."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / WEIGHTS_FILE, out_dir / "plan.json", out_dir / "prune.json", out_dir / SOURCE_FILE]
-    try:
-        save_pruned(files[0], pruned, plan, loaded, input_shape, {"repairs": meta["repairs"]})
-        plan.save(files[1])
-        report["artifacts"] = {"plan": str(files[1]), "weights": str(files[0]), "weights_sha256": sha256_file(files[0]),
-                               "plan_sha256": sha256_file(files[1])}
-        write_json(files[2], report)
-    except BaseException:
-        for f in files:
-            f.unlink(missing_ok=True)
-        raise
+    """The files of one artifact, each written beside its target and renamed onto it once all are
+    written: a failure (disk full) leaves none of the new files, and an earlier artifact whole."""
+    final = [out_dir / WEIGHTS_FILE, out_dir / "plan.json", out_dir / "prune.json"]
+    final += [out_dir / SOURCE_FILE] if keeps_source(loaded) else []
+    with atomic_paths(final) as tmps:
+        save_pruned(tmps[0], pruned, plan, loaded, input_shape, {"repairs": meta["repairs"]},
+                    source_copy=tmps[3] if len(tmps) > 3 else None)
+        plan.save(tmps[1])
+        report["artifacts"] = {"plan": str(final[1]), "weights": str(final[0]), "weights_sha256": sha256_file(tmps[0]),
+                               "plan_sha256": sha256_file(tmps[1])}
+        write_json(tmps[2], report)
 
 
 def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path | None = None,
