@@ -305,3 +305,23 @@ def test_a_prune_that_fails_while_writing_keeps_the_earlier_artifact(tiny_calibr
         stage.prune(load_model(spec, str(weights)), moments, out, PruneOptions(method="l2", target_params=0.5),
                     DataOptions(path=str(images)))
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_the_output_lock_is_taken_on_the_real_path(tmp_path):
+    """A second writer reaching the same folder through a symlink is refused like one naming it."""
+    from tvsprune.artifacts import output_lock
+    from tvsprune.errors import TvsError
+
+    real = tmp_path / "out"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with output_lock(real, "dir"):
+        with pytest.raises(TvsError, match="being written by another"):
+            with output_lock(tmp_path / "link", "dir"):
+                pass
+
+
+def test_a_model_file_that_exits_on_import_is_one_error(tmp_path, image_folder):
+    (tmp_path / "m.py").write_text("import sys\nsys.exit(0)\n")
+    _one_error(run_cli("calibrate", f"{tmp_path / 'm.py'}:Net", "--data", image_folder, "--out", tmp_path / "o.st",
+                       "--allow-random-weights"), "sys.exit(0)")

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def home() -> Path:
+    """The per-user folder tvsprune keeps its own state in (``$TVSPRUNE_HOME``, default ~/.cache/tvsprune)."""
+    return Path(os.environ.get("TVSPRUNE_HOME") or Path.home() / ".cache" / "tvsprune")
+
+
 TMP_SUFFIX = ".tvsprune-tmp"  # marks the temporary files this tool writes: clean-up removes only those
 
 
@@ -101,14 +106,14 @@ def output_lock(path: str | os.PathLike, kind: str = "file") -> Iterator[None]:
 
     A second tvsprune process writing the same output is refused at once with a one-line
     error instead of interleaving its files with the first one's. The lock is an ``flock``
-    on a file in the temporary directory named by the output's absolute path (nothing is
-    created beside the output; the kernel releases it when the process dies, even by
-    SIGKILL). Also refuses an output that exists as the wrong kind (a file where a
+    on a file in the user's own folder (:func:`home`), named by the output's real path
+    (nothing is created beside the output; the kernel releases it when the process dies,
+    even by SIGKILL). Also refuses an output that exists as the wrong kind (a file where a
     directory is written, or the reverse).
     """
     from .errors import TvsError
 
-    path = Path(path).absolute()
+    path = Path(path).resolve()  # the real path: a symlinked spelling of the same output gets the same lock
     if kind == "dir" and path.exists() and not path.is_dir():
         raise TvsError(f"output directory {path} exists and is not a directory")
     if kind == "file" and path.is_dir():
@@ -118,8 +123,8 @@ def output_lock(path: str | os.PathLike, kind: str = "file") -> Iterator[None]:
     except ImportError:  # not POSIX: no locking
         yield
         return
-    folder = Path(tempfile.gettempdir()) / "tvsprune-locks"
-    folder.mkdir(exist_ok=True)
+    folder = home() / "locks"  # per user: another user's lock folder can neither block nor see this one
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = folder / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
+from ..artifacts import home
+
 TRUST_DIR = "trusted-artifacts"
-
-
-def home() -> Path:
-    """The per-user folder tvsprune keeps its own state in."""
-    return Path(os.environ.get("TVSPRUNE_HOME") or Path.home() / ".cache" / "tvsprune")
 
 
 def remember(weights_sha256: str, spec: str, kwargs: dict[str, Any], source_sha256: str | None) -> None:

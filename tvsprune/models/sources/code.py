@@ -38,9 +38,10 @@ def _import_file(path: Path) -> Any:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the user's code failed to import
+    except (Exception, SystemExit) as e:  # the user's code failed to import, or exited while importing
         del sys.modules[name]
-        raise TvsError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+        what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}: {e}"
+        raise TvsError(f"importing {path} {what}") from None
     return module
 
 
