@@ -51,7 +51,7 @@ LIMITS = {
     "cost_power": Limit(0.0),
     "min_keep_frac": Limit(0.0, 1.0),
     "ridge": Limit(0.0, low_open=True),
-    "max_acc_drop": Limit(0.0, 100.0),
+    "max_acc_drop": Limit(-100.0, 100.0),  # negative: the pruned network must gain accuracy
     "step": Limit(0.0, 1.0, low_open=True),
     "step_decrease": Limit(0.0, 1.0, low_open=True),
 }
