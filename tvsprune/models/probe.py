@@ -172,17 +172,12 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
     try:
         with torch.no_grad():  # the model's own forward first, with no hook: its errors are the model's
             run_forward(model, example, what)
-    finally:
-        model.train(was_training)
-    for m in model.modules():
-        if isinstance(m, PRUNABLE):
-            handles.append(m.register_forward_hook(on_layer))
-        elif isinstance(m, NORMS):
-            handles.append(m.register_forward_pre_hook(on_norm))
-    was_training = model.training
-    model.eval()
-    x = example.detach().clone().requires_grad_(example.is_floating_point())
-    try:
+        for m in model.modules():
+            if isinstance(m, PRUNABLE):
+                handles.append(m.register_forward_hook(on_layer))
+            elif isinstance(m, NORMS):
+                handles.append(m.register_forward_pre_hook(on_norm))
+        x = example.detach().clone().requires_grad_(example.is_floating_point())
         with torch.enable_grad():
             out = model(x)
     finally:
