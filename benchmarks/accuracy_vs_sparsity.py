@@ -146,12 +146,12 @@ def main() -> None:
     for name in args.models.split(","):
         t0 = time.time()
         lm = load_model(name, str(CHECKPOINTS[name]))
-        calib = DataOptions(str(root / "train"), samples_per_class=args.samples_per_class, seed=1, batch_size=250)
+        calib = DataOptions(path=str(root / "train"), samples_per_class=args.samples_per_class, seed=1, batch_size=250)
         mpath = tmp / f"{name}.moments.safetensors"
         calibrate(lm, calib, mpath, args.resolution)
-        xt, yt = decode(DataOptions(str(root / "test")), lm, args.test_per_class)
+        xt, yt = decode(DataOptions(path=str(root / "test")), lm, args.test_per_class)
         # the same repair images, in the same seeded mixed-class order, as tvsprune's own repairs
-        repair = list(repair_batches(calib, lm, PruneOptions.repair_samples_per_class)[1])
+        repair = list(repair_batches(calib, lm, PruneOptions.default("repair_samples_per_class"))[1])
         base = accuracy(lm.module, xt, yt)
         bmacs, bparams = count(lm.module)
         base_cost = {"params": bparams, "macs": bmacs}

@@ -101,7 +101,7 @@ def main() -> None:
     print(f"# calibrate speed on {machine()}, torch threads {torch.get_num_threads()}, {allocator}")
     for name in args.models.split(","):
         lm = load_model(name, str(CHECKPOINTS[name]))
-        data = DataOptions(str(root / "test"), batch_size=128)
+        data = DataOptions(path=str(root / "test"), batch_size=128)
         src = data.open(lm)
         idx = stratified_indices(src.labels, args.images // len(src.classes), 0)
         batches = list(BatchStream(src, idx, 128))

@@ -141,7 +141,7 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
     with its traceback: a bug).
     """
     import tvsprune
-    from tvsprune.calibration.stage import DataOptions
+    from tvsprune.data.options import DataOptions
     from tvsprune.errors import TvsError
 
     kwargs, default_size = HUBS[hub].get(name, ({}, 64))

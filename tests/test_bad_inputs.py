@@ -197,7 +197,8 @@ CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
                                                                      t / "w.pt")[1]), "other weights", 1),
     # prune flags
     ("budget-above-one", lambda f, t: prune(f, t, "--target-params", "1.5"), "1.5", 64),
-    ("two-budgets", lambda f, t: prune(f, t, "--target-params", "0.3", "--target-flops", "0.3"), "not both", 1),
+    ("two-budgets", lambda f, t: prune(f, t, "--target-params", "0.3", "--target-flops", "0.3"),
+     "give one budget, not --target-params and --target-flops", 64),
     ("misspelt-method", lambda f, t: prune(f, t, "--method", "tsv"), "tsv", 64),
     # plans
     ("plan-not-json", lambda f, t: replay(f, t, write(t / "plan.json", "{not json")), "plan.json", 1),

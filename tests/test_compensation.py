@@ -198,7 +198,7 @@ def test_prune_without_flags_equals_run_with_default_config(tiny_run, tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     cfg, _ = load_config(tiny_run)
-    assert cfg.prune.compensation == PruneOptions.compensation and cfg.prune.bn_recalibrate
+    assert cfg.prune.compensation == PruneOptions.default("compensation") and cfg.prune.bn_recalibrate
     pipe = Pipeline(cfg)
     pipe.stage_calibrate()
     pipe.stage_prune()

@@ -299,7 +299,7 @@ def test_a_prune_that_fails_while_writing_keeps_the_earlier_artifact(tiny_calibr
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(stage, "write_json", disk_full)  # prune.json, the last file written
-    from tvsprune.calibration.stage import DataOptions
+    from tvsprune.data.options import DataOptions
 
     with pytest.raises(OSError):
         stage.prune(load_model(spec, str(weights)), moments, out, PruneOptions(method="l2", target_params=0.5),

@@ -486,7 +486,7 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
 
     spec, weights, data, moments = tiny_calibrated
     loaded = load_model(spec, str(weights))
-    calib = DataOptions(str(data))
+    calib = DataOptions(path=str(data))
     opts = PruneOptions(target_params=0.3, repair_samples_per_class=3)  # 3 of 6 per class held out
     report = prune(loaded, moments, tmp_path / "p", opts, calib)
     sel = report["selection"]
@@ -506,7 +506,7 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
     xs, held_out = fidelity_images(calib, loaded, opts)
     assert held_out
     # every image used by the moments: those the repairs did not use; none left: the repair images
-    every = DataOptions(str(data), samples_per_class=6)
+    every = DataOptions(path=str(data), samples_per_class=6)
     assert fidelity_images(every, loaded, opts)[0].shape[0] == 9 and fidelity_images(every, loaded, opts)[1]
     assert fidelity_images(every, loaded, PruneOptions(repair_samples_per_class=6))[1] is False
     base = collect_logits(forward_fn(loaded.module), chunks(xs))[0]

@@ -228,7 +228,7 @@ CHECKPOINT = REPO / "tests" / "data" / "tutorial_cnn_cifar10.pt"
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", ["target_params", "target_flops"])
 def test_trained_tutorial_cnn_tvs_keeps_at_least_l1s_accuracy(budget, cifar_dir, tmp_path):
-    from tvsprune.calibration.stage import DataOptions
+    from tvsprune.data.options import DataOptions
     from tvsprune.models import load_model
 
     spec = f"{REPO / 'tests' / 'user_patterns.py'}:TutorialNet"
@@ -254,6 +254,6 @@ def _top1(model, folder: Path) -> float:
     """Top-1 on 300 images per class of ``folder``, measured as ``tvsprune bench`` does."""
     from tvsprune.api import as_loaded
     from tvsprune.bench.accuracy import evaluate
-    from tvsprune.calibration.stage import DataOptions
+    from tvsprune.data.options import DataOptions
 
     return evaluate(as_loaded(model), DataOptions(path=str(folder), samples_per_class=300))["top1"]

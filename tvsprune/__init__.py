@@ -15,8 +15,9 @@ does not import torch.
 """
 from .version import __version__
 
-_API = {"calibrate", "prune", "export_onnx", "Pruned"}
-_OTHER = {"BenchOptions": ".bench.stage", "PruneOptions": ".pruning.options", "DataOptions": ".calibration.stage", "Moments": ".calibration.moments",
+_API = {"calibrate", "prune", "export", "export_onnx", "Pruned"}
+_OTHER = {"BenchOptions": ".bench.stage", "CalibrateOptions": ".calibration.options", "DataOptions": ".data.options",
+          "ExportOptions": ".exporters.options", "PruneOptions": ".pruning.options", "Moments": ".calibration.moments",
           "TvsError": ".errors"}
 
 
@@ -32,6 +33,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tvsprune' has no attribute {name!r}")
 
 
-__all__ = ["BenchOptions", "DataOptions", "Moments", "PruneOptions", "Pruned", "TvsError", "bench", "calibrate",
-           "export_onnx", "prune",
-           "__version__"]
+__all__ = ["BenchOptions", "CalibrateOptions", "DataOptions", "ExportOptions", "Moments", "PruneOptions", "Pruned",
+           "TvsError", "bench", "calibrate", "export", "export_onnx", "prune", "__version__"]

@@ -7,14 +7,15 @@
 
 Each function also takes what the CLI takes (a spec string such as ``resnet20`` or
 ``my_models.py:Net`` with ``weights=``, a pruned artifact folder) and uses the same
-defaults as the CLI and the TOML config (``PruneOptions``, ``DEFAULT_RESOLUTION``).
+defaults as the CLI and the TOML config: keywords are validated by the stage's options
+model (``CalibrateOptions``, ``PruneOptions``, ``ExportOptions``, ``BenchOptions``).
 The stages underneath are the CLI's: nothing here is a second implementation.
 """
 from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,17 @@ import torch.nn as nn
 
 from .artifacts import read_safetensors
 from .calibration.moments import FORMATS, Moments
-from .calibration.stage import DEFAULT_RESOLUTION, DataOptions
+from .bench.stage import BenchOptions
+from .calibration.options import CalibrateOptions
+from .data.options import DataOptions, ReadOptions
 from .errors import TvsError
+from .exporters import defaults as export_defaults
+from .exporters.options import ExportOptions
 from .models import LoadedModel, load_model
 from .models.spec import ModelSpec
-from .pruning.options import Guards
-from .pruning.plan import Plan
-from .exporters import defaults as export_defaults
 from .pruning.options import PruneOptions
+from .pruning.plan import Plan
+from .registry import unknown
 
 @dataclass
 class Pruned:
@@ -73,30 +77,40 @@ def as_loaded(model: Any, weights: str | None = None, normalize: dict[str, list[
     raise TvsError(f"model must be an nn.Module, a spec string or a pruned result, not {type(model).__name__}")
 
 
-def _data(data: Any, **kw: Any) -> DataOptions:
+def _split(options: dict[str, Any], *models: Any, what: str) -> list[dict[str, Any]]:
+    """``options`` shared out among the options ``models`` by field name; a key no model has
+    is one TvsError naming it and the closest valid key."""
+    known = [name for m in models for name in m.model_fields]
+    bad = sorted(k for k in options if k not in known)
+    if bad:
+        raise TvsError("; ".join(unknown(f"{what} option", k, tuple(known)) for k in bad))
+    return [{k: v for k, v in options.items() if k in m.model_fields} for m in models]
+
+
+def _data(data: Any, **read: Any) -> DataOptions:
     if isinstance(data, DataOptions):
         return data
     if isinstance(data, (str, Path)):
-        return DataOptions(path=str(data), **{k: v for k, v in kw.items() if v is not None})
+        return DataOptions.build(path=str(data), **read)
     raise TvsError(f"data must be an image folder path or DataOptions, not {type(data).__name__}")
 
 
 def calibrate(model: Any, data: Any, *, out: str | Path | None = None, weights: str | None = None,
-              resolution: str = DEFAULT_RESOLUTION, samples_per_class: int | None = None,
-              mean: list[float] | None = None, std: list[float] | None = None,
-              resize: int | None = None, crop: int | None = None,
-              batch_size: int | None = None, device: str = "cpu") -> Moments:
+              **options: Any) -> Moments:
     """Class-conditional moments (and the consumers' second moments) of ``model`` on ``data``.
 
     ``data``: an image folder (one sub-folder per class), an .npz, CIFAR batches, or
-    :class:`DataOptions`. ``out`` also writes the moments file.
+    :class:`DataOptions`. ``options``: :class:`CalibrateOptions` fields (``resolution``,
+    ``layers``, ``device``) and :class:`DataOptions` reading fields (``samples_per_class``,
+    ``mean``, ``std``, ``resize``, ``crop``, ``batch_size``, ...). ``out`` also writes the
+    moments file.
     """
     from .calibration.stage import calibrate as _calibrate
 
-    loaded = as_loaded(model, weights)
-    opts = _data(data, samples_per_class=samples_per_class, mean=mean, std=std, resize=resize, crop=crop,
-                 batch_size=batch_size)
-    return _calibrate(loaded, opts, out, resolution, device=device)
+    cal, read = _split(options, CalibrateOptions, ReadOptions, what="calibrate")
+    opts = CalibrateOptions.build(**cal)
+    return _calibrate(as_loaded(model, weights), _data(data, **read), out, opts.resolution, opts.layers,
+                      opts.device)
 
 
 def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None = None,
@@ -104,20 +118,13 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
     """Prune ``model`` with the moments from :func:`calibrate`; returns the pruned module and its plan.
 
     ``options`` are :class:`PruneOptions` fields (``target_params``, ``target_flops``,
-    ``method``, ``allocation``, ``compensation``, ``bn_recalibrate``, ...) plus
-    ``min_keep_frac``, ``min_keep`` and ``round_to``; a parameter budget of 0.3 applies
-    when none is given. ``out`` keeps plan.json, pruned.safetensors and prune.json (a
-    temporary folder otherwise).
+    ``method``, ``allocation``, ``compensation``, ``bn_recalibrate``, ``min_keep_frac``,
+    ``round_to``, ...); a parameter budget of 0.3 applies when none is given. ``out``
+    keeps plan.json, pruned.safetensors and prune.json (a temporary folder otherwise).
     """
     from .pruning.stage import prune_model
 
-    guard_keys = {f.name for f in fields(Guards)}
-    guards = Guards(**{k: options.pop(k) for k in list(options) if k in guard_keys})
-    known = {f.name for f in fields(PruneOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TvsError(f"unknown prune option(s) {', '.join(unknown)} (see tvsprune.PruneOptions)")
-    opts = PruneOptions(guards=guards, **options)
+    opts = PruneOptions.build(**_split(options, PruneOptions, what="prune")[0])
     out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tvsprune-"))
     if isinstance(moments, Moments):
         path = out_dir / "moments.safetensors"
@@ -133,6 +140,29 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
     pre = (mom_meta.get("data") or {}).get("preprocess") or {}
     norm = loaded.normalize or ({"mean": pre["mean"], "std": pre["std"]} if pre.get("mean") else None)
     return Pruned(module.eval(), plan, report, out_dir, norm, mom_meta.get("input_shape"))
+
+
+def export(model: Any, out: str | Path, data: Any, *, label: str = "model", weights: str | None = None,
+           calib_data: Any = None, **options: Any) -> list[Path]:
+    """Everything :class:`ExportOptions` asks for, for one model: ``OUT/<label>.onnx`` (parity
+    on ONNX Runtime with images of ``data``), ``<label>.int8.onnx`` when ``int8=True``
+    (calibrated on ``calib_data``, else ``data``), engines for ``tensorrt=["fp16", ...]``.
+    ``options``: :class:`ExportOptions` fields. Returns the files written.
+    """
+    from .data import take_images
+    from .exporters.stage import export_model
+
+    opts = ExportOptions.build(**_split(options, ExportOptions, what="export")[0])
+    loaded = as_loaded(model, weights)
+    parity, _ = take_images(_data(data).open(loaded), opts.parity_samples)
+
+    def calib_batches() -> list:
+        x, _ = take_images(_data(calib_data if calib_data is not None else data).open(loaded), opts.int8_samples,
+                           seed=1)
+        return [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return export_model(loaded, out, label, opts, parity, calib_batches)[0]
 
 
 def export_onnx(model: Any, out: str | Path, *, input_shape: list[int] | None = None, opset: int | None = None,
@@ -158,21 +188,15 @@ def bench(base: Any, *pruned: Any, out: str | Path, data: Any = None, weights: s
     folders, .onnx files or :class:`Pruned` results; ``options`` are :class:`~tvsprune.bench.stage.BenchOptions`
     fields. Writes report.json, report.md and report.html under ``out``; returns the report.
     """
-    from dataclasses import fields
+    from .bench.stage import bench as _bench
 
-    from .bench.stage import BenchOptions, bench as _bench
-
-    known = {f.name for f in fields(BenchOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TvsError(f"unknown bench option(s) {', '.join(unknown)} (see tvsprune.BenchOptions)")
-
+    opts = BenchOptions.build(**_split(options, BenchOptions, what="bench")[0])
     models = [base, *pruned]
     reports = {i: m.report for i, m in enumerate(models) if isinstance(m, Pruned)}
     specs = [str(m) if isinstance(m, (str, Path)) else as_loaded(m, weights if i == 0 else None)
              for i, m in enumerate(models)]
-    return _bench(specs, out, _data(data) if data is not None else None, weights, BenchOptions(**options),
+    return _bench(specs, out, _data(data) if data is not None else None, weights, opts,
                   prune_reports=reports)
 
 
-__all__ = ["Pruned", "as_loaded", "bench", "calibrate", "export_onnx", "prune", "state_sha256"]
+__all__ = ["Pruned", "as_loaded", "bench", "calibrate", "export", "export_onnx", "prune", "state_sha256"]

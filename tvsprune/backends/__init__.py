@@ -147,15 +147,23 @@ class Backend:
     kind: str                                   # "torch", "onnx", "engine" (or a test double's own)
     factory: Callable[..., Runner]
     unavailable: Callable[[], str | None] = lambda: None  # None when usable here, else the reason
+    order: int | None = None  # place among the backends measured when none is named; None: only when named
 
 
 BACKENDS: Registry[Backend] = Registry("backend", package=__name__)
 
 
 def register(name: str, kind: str, factory: Callable[..., Runner],
-             unavailable: Callable[[], str | None] = lambda: None) -> None:
-    """Add a backend under ``name`` (a backend module does this; so may a test double)."""
-    BACKENDS.register(name, Backend(kind, factory, unavailable))
+             unavailable: Callable[[], str | None] = lambda: None, order: int | None = None) -> None:
+    """Add a backend under ``name`` (a backend module does this; so may a test double).
+    ``order``: its place among the backends measured when the user names none."""
+    BACKENDS.register(name, Backend(kind, factory, unavailable, order))
+
+
+def default_backends() -> list[str]:
+    """The backends measured when none is named, in their registered order."""
+    ranked = [(b.order, name) for name, b in BACKENDS.items() if b.order is not None]
+    return [name for _, name in sorted(ranked)]
 
 
 def make_runner(name: str, artifact: Any, **options: Any) -> Runner:
@@ -172,4 +180,4 @@ def backend_availability() -> dict[str, str | None]:
 
 
 __all__ = ["BACKENDS", "Backend", "Runner", "backend_availability", "backend_kind", "cuda_event_timed",
-           "make_runner", "register"]
+           "default_backends", "make_runner", "register"]

@@ -91,8 +91,8 @@ def _provider_missing(provider: str, what: str):
     return check
 
 
-register("ort-cpu", "onnx", lambda a, **k: OrtRunner(a, "ort-cpu", **k))
+register("ort-cpu", "onnx", lambda a, **k: OrtRunner(a, "ort-cpu", **k), order=1)
 register("ort-cuda", "onnx", lambda a, **k: OrtRunner(a, "ort-cuda", **k),
-         _provider_missing("CUDAExecutionProvider", "onnxruntime-gpu (CUDAExecutionProvider)"))
+         _provider_missing("CUDAExecutionProvider", "onnxruntime-gpu (CUDAExecutionProvider)"), order=4)
 register("ort-trt", "onnx", lambda a, **k: OrtRunner(a, "ort-trt", **k),
-         _provider_missing("TensorrtExecutionProvider", "onnxruntime-gpu with the TensorRT provider"))
+         _provider_missing("TensorrtExecutionProvider", "onnxruntime-gpu with the TensorRT provider"), order=5)

@@ -79,4 +79,4 @@ def _trt_missing() -> str | None:
     return None if cuda_available() else "no CUDA GPU visible"
 
 
-register("tensorrt", "engine", lambda a, **k: TensorRTRunner(a, **k), _trt_missing)
+register("tensorrt", "engine", lambda a, **k: TensorRTRunner(a, **k), _trt_missing, order=6)

@@ -82,6 +82,7 @@ def _no_cuda() -> str | None:
     return None if cuda_available() else "no CUDA GPU visible to torch"
 
 
-register("torch-cpu", "torch", lambda a, **k: TorchRunner(a, "cpu", **k))
-register("torch-cuda", "torch", lambda a, **k: TorchRunner(a, "cuda", **k), _no_cuda)
-register("torch-cuda-graphs", "torch", lambda a, **k: TorchRunner(a, "cuda", cuda_graphs=True, **k), _no_cuda)
+register("torch-cpu", "torch", lambda a, **k: TorchRunner(a, "cpu", **k), order=0)
+register("torch-cuda", "torch", lambda a, **k: TorchRunner(a, "cuda", **k), _no_cuda, order=2)
+register("torch-cuda-graphs", "torch", lambda a, **k: TorchRunner(a, "cuda", cuda_graphs=True, **k), _no_cuda,
+         order=3)

@@ -9,37 +9,48 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 
 import numpy as np
 import torch
 
 from ..version import __version__
 from ..artifacts import removed_on_failure, versions, write_json
-from ..calibration.stage import DataOptions
+from ..data.options import DataOptions
 from ..data import take_images
 from ..errors import MissingDependencyError, TvsError
+from ..options import Options, one_of
 from ..models import LoadedModel, load_model
 from ..pruning.artifact import read_prune_report
 from ..compare.latency import LatencyConfig, measure_interleaved
 from .memory import peak_rss
-from ..backends import BACKENDS, backend_availability, backend_kind, make_runner
+from ..backends import BACKENDS, backend_availability, backend_kind, default_backends, make_runner
 
 log = logging.getLogger(__name__)
-DEFAULT_ORDER = ["torch-cpu", "ort-cpu", "torch-cuda", "torch-cuda-graphs", "ort-cuda", "ort-trt", "tensorrt"]
 
 
-@dataclass
-class BenchOptions:
-    backends: list[str] | None = None       # None: every backend present
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
-    eval_samples: int | None = 2000
-    noise: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2])
-    trt_precision: str = "fp16"
-    threads: int | None = None
-    seed: int = 0
-    input_shape: list[int] | None = None
+class BenchOptions(Options):
+    backends: list[str] | None = None  # None: every backend present, in the registry's order
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    rounds: PositiveInt = LatencyConfig.rounds  # A B A B ... rounds
+    iters: PositiveInt = LatencyConfig.iters    # timed iterations per model per round
+    eval_samples: PositiveInt | None = 2000      # images for accuracy (stratified); None: all
+    noise: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2])
+    trt_precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
+    threads: PositiveInt | None = None
+    seed: NonNegativeInt = 0
+    input_shape: list[PositiveInt] | None = None  # C,H,W when neither the models nor the data tell it
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [one_of(b, BACKENDS.names(), "backend") for b in v]
+
+    @property
+    def latency(self) -> LatencyConfig:
+        return LatencyConfig(rounds=self.rounds, iters=self.iters)
 
 
 @dataclass
@@ -316,11 +327,12 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     avail = backend_availability()
-    requested = opts.backends or [b for b in DEFAULT_ORDER if avail.get(b) is None]
+    order = default_backends()
+    requested = opts.backends or [b for b in order if avail.get(b) is None]
     unknown = [b for b in requested if b not in BACKENDS]
     if unknown:
         raise TvsError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS.names())})")
-    skipped = {b: avail[b] for b in DEFAULT_ORDER if b not in requested or avail.get(b)}
+    skipped = {b: avail[b] for b in order if b not in requested or avail.get(b)}
     for b in list(skipped):
         if b not in requested and avail.get(b) is None:
             skipped[b] = "not requested (--backend)"

@@ -2,7 +2,9 @@
 from .collector import MomentCollector, collect_moments
 from .resolution import parse_resolution, reduce_map
 from .moments import InputMoments, LayerMoments, Moments
-from .stage import DataOptions, calibrate, merge_moment_files
+from ..data.options import DataOptions
+from .options import CalibrateOptions
+from .stage import calibrate, merge_moment_files
 
-__all__ = ["DataOptions", "InputMoments", "LayerMoments", "MomentCollector", "Moments", "calibrate", "collect_moments",
+__all__ = ["CalibrateOptions", "DataOptions", "InputMoments", "LayerMoments", "MomentCollector", "Moments", "calibrate", "collect_moments",
            "merge_moment_files", "parse_resolution", "reduce_map"]

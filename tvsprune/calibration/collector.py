@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..errors import TvsError
 from ..models.probe import LayerInfo, ModelProbe, run_forward
+from .options import DEFAULT_RESOLUTION
 from .moments import BatchClasses, CoMoments, InputMoments, LayerMoments, Moments
 from .resolution import (POOL_MAX, RESOLUTIONS, _repeat_index, _reduce, feature_dim,  # noqa: F401 (re-exported)
                          parse_resolution, reduce_map)
@@ -234,7 +235,7 @@ class MomentCollector:
 
 
 def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    classes: list[str], resolution: str = "global", layers: list[LayerInfo] | None = None,
+                    classes: list[str], resolution: str = DEFAULT_RESOLUTION, layers: list[LayerInfo] | None = None,
                     device: str = "cpu", progress: Callable[[int], None] | None = None,
                     meta: dict[str, Any] | None = None, second_moments: bool = True) -> Moments:
     """Stream ``batches`` through ``model`` once and return the class-conditional moments.

@@ -2,60 +2,22 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 
 from ..version import __version__
-from ..data import BatchStream, Preprocess, Source, open_source, stratified_indices
+from ..data import BatchStream, stratified_indices
+from ..data.options import DataOptions
 from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
 from ..models.probe import probe_model
 from .collector import collect_moments
 from .moments import Moments
+from .options import DEFAULT_RESOLUTION
 
 log = logging.getLogger(__name__)
-DEFAULT_RESOLUTION = "pool:4"  # what the accuracy benchmark measured; CLI, config and API share it
-
-
-@dataclass
-class DataOptions:
-    """Where calibration / evaluation images come from and how they are preprocessed."""
-
-    path: str
-    resize: int | None = None
-    crop: int | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    split: str = "test"
-    samples_per_class: int | None = None
-    seed: int = 0
-    batch_size: int = 128
-    workers: int = 0
-    skip_bad: bool = False
-
-    def preprocess(self, model: LoadedModel | None = None) -> Preprocess:
-        """Normalisation: what the user gave, each of mean/std completed from the checkpoint."""
-        saved = (model.normalize if model is not None else None) or {}
-        mean = self.mean if self.mean is not None else saved.get("mean")
-        std = self.std if self.std is not None else saved.get("std")
-        if (mean is None) != (std is None):
-            given = "--mean" if mean is not None else "--std"
-            raise TvsError(f"{given} given without {'--std' if given == '--mean' else '--mean'} (and the checkpoint "
-                           "records no normalisation): give both")
-        if mean is not None:
-            for flag, values in (("--mean", mean), ("--std", std)):
-                if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
-                    raise TvsError(f"{flag} {','.join(map(str, values))}: give 1 or 3 finite values (R,G,B)")
-            if any(v <= 0 for v in std):
-                raise TvsError(f"--std {','.join(map(str, std))}: every value must be positive")
-        return Preprocess(self.resize, self.crop, mean, std)
-
-    def open(self, model: LoadedModel | None = None) -> Source:
-        return open_source(self.path, self.preprocess(model), self.split)
 
 
 def _dist_context() -> tuple[int, int, bool]:

@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import TvsError
 from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     loaded_model)
+                     defaults_from, loaded_model)
 
 log = logging.getLogger("tvsprune")
 
@@ -27,6 +27,7 @@ def _resolution(text: str) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..calibration import calibrate
+    from ..calibration.options import CalibrateOptions
     from ..calibration.stage import moments_table
     from ..console import print_table, progress_bar, short_list
     from ..pruning.artifact import is_pruned_artifact
@@ -36,7 +37,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                        "give --weights, or --allow-random-weights if the model loads its own")
     model = loaded_model(args)
     with progress_bar("calibrate") as bar:
-        moments = calibrate(model, data_options(args), args.out, args.resolution, args.layers, args.device,
+        opts = CalibrateOptions.from_args(args)
+        moments = calibrate(model, data_options(args), args.out, opts.resolution, opts.layers, opts.device,
                             progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
     import torch.distributed as dist
 
@@ -62,18 +64,19 @@ def cmd_merge_moments(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from ..calibration.stage import DEFAULT_RESOLUTION
+    from ..calibration.options import CalibrateOptions
 
     p = sub.add_parser("calibrate", help="collect class-conditional filter moments in one streaming pass")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--out", required=True, help="moments file to write (.safetensors)")
-    p.add_argument("--resolution", type=_resolution, default=DEFAULT_RESOLUTION,
-                   help=f"global | pool:K | full (default {DEFAULT_RESOLUTION})")
+    p.add_argument("--resolution", type=_resolution, help="global | pool:K | full (default %(default)s)")
     p.add_argument("--layers", help="comma-separated globs of layer names (default: every prunable layer)")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]; moments accumulate on that device")
+    p.add_argument("--device", type=_device,
+                   help="cpu or cuda[:N]; moments accumulate on that device (default %(default)s)")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="calibrate without --weights (only for a model that loads its own weights)")
+    defaults_from(p, CalibrateOptions)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("merge-moments", help="merge moments files collected on disjoint shards")

@@ -99,51 +99,59 @@ def add_base_model_arg(p: argparse.ArgumentParser) -> None:
                         "is never run); default: none")
 
 
-def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
-    from ..calibration.stage import DataOptions as D
+def defaults_from(p: argparse.ArgumentParser, *models: Any) -> None:
+    """Every flag of ``p`` whose ``dest`` is a field of one of the options ``models`` gets
+    that field's default (the one definition of it); help texts show it with %(default)s."""
+    dests = {a.dest for a in p._actions}
+    p.set_defaults(**{name: m.default(name) for m in models for name in m.model_fields if name in dests})
 
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
     g = p.add_argument_group("data")
     g.add_argument(flag, dest="data", required=required,
                    help="image folder (root/<class>/*.jpg), .npz with x and y, or CIFAR python batches")
-    g.add_argument("--split", default=D.split, choices=["train", "test"], help="split for CIFAR batch folders")
-    g.add_argument("--samples-per-class", type=_count, help="seeded stratified subset of N images per class")
-    g.add_argument("--seed", type=_nonneg, default=D.seed, help=f"seed for sampling (default {D.seed})")
+    g.add_argument("--split", choices=["train", "test"], help="split for CIFAR batch folders (default %(default)s)")
+    g.add_argument("--samples-per-class", type=_count,
+                   help="seeded stratified subset of N images per class (default: every image)")
+    g.add_argument("--seed", type=_nonneg, help="seed for sampling (default %(default)s)")
     _add_image_flags(g)
+    _data_defaults(p)
+
+
+def _data_defaults(p: argparse.ArgumentParser) -> None:
+    from ..data.options import DataOptions
+
+    defaults_from(p, DataOptions)
 
 
 def _add_image_flags(g: Any) -> None:
     """Resize, crop, normalisation and loading flags, shared by every command that reads images."""
-    from ..calibration.stage import DataOptions as D
-
     g.add_argument("--resize", type=_side, help="resize the shorter side to N pixels (default: no resize)")
     g.add_argument("--crop", type=_side, help="center-crop to N x N (default: no crop)")
     g.add_argument("--mean", type=_floats, help="normalisation mean, e.g. 0.485,0.456,0.406 (default: checkpoint's)")
     g.add_argument("--std", type=_floats, help="normalisation std (default: checkpoint's)")
-    g.add_argument("--batch-size", type=_count, default=D.batch_size, help=f"default {D.batch_size}")
-    g.add_argument("--workers", type=_nonneg, default=D.workers, help="data-loading worker processes")
+    g.add_argument("--batch-size", type=_count, help="images per batch (default %(default)s)")
+    g.add_argument("--workers", type=_nonneg, help="data-loading worker processes (default %(default)s)")
     g.add_argument("--skip-bad", action="store_true", help="skip and count undecodable files instead of failing")
 
 
-def data_options(args: argparse.Namespace):
-    from ..calibration import DataOptions
+def data_options(args: argparse.Namespace, path: str | None = None, **values: Any):
+    """The DataOptions that a command's data flags describe, for ``--data`` or ``path``."""
+    from ..data.options import DataOptions
 
-    return DataOptions(path=args.data, resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
-                       split=args.split, samples_per_class=args.samples_per_class, seed=args.seed,
-                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
+    return DataOptions.from_args(args, path=path or args.data, **values)
 
 
 def data_options_for(args: argparse.Namespace, path: str):
     """The same data flags, applied to another folder (--calib-data, --val-data)."""
-    return data_options(argparse.Namespace(**{**vars(args), "data": path}))
+    return data_options(args, path)
 
 
 def add_preprocess_args(p: argparse.ArgumentParser, what: str) -> None:
     """Preprocessing flags for commands whose data comes from other folders (--calib-data, --val-data)."""
-    from ..calibration.stage import DataOptions as D
-
     g = p.add_argument_group(f"preprocessing of {what} (default: as recorded in the moments file / checkpoint)")
     _add_image_flags(g)
-    p.set_defaults(split=D.split, samples_per_class=D.samples_per_class)
+    _data_defaults(p)
 
 
 def loaded_model(args: argparse.Namespace):

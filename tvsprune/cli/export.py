@@ -7,7 +7,7 @@ from typing import Any
 
 from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     loaded_model)
+                     defaults_from, loaded_model)
 
 log = logging.getLogger("tvsprune")
 
@@ -19,27 +19,34 @@ def _batch(text: str) -> str | int:
 
 def _onnx_data(args: argparse.Namespace, path: str, meta: dict[str, str]):
     """Data options for an ONNX model: normalisation from flags, else from the file's metadata."""
-    from ..calibration import DataOptions
+    from ..data.options import DataOptions
 
     mean = args.mean or ([float(v) for v in meta["normalize_mean"].split(",")] if "normalize_mean" in meta else None)
     std = args.std or ([float(v) for v in meta["normalize_std"].split(",")] if "normalize_std" in meta else None)
-    return DataOptions(path=path, resize=args.resize, crop=args.crop, mean=mean, std=std, split=args.split,
-                       batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad)
+    return DataOptions.from_args(args, path=path, mean=mean, std=std, samples_per_class=None, seed=0)
+
+
+def _export_options(args: argparse.Namespace):
+    """The ExportOptions the flags of an export subcommand describe (its other fields at their defaults)."""
+    from ..exporters.options import ExportOptions
+
+    return ExportOptions.from_args(args)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from ..data import take_images
     from ..exporters import export_onnx
 
+    opts = _export_options(args)
     model = loaded_model(args)
     shape = args.input_shape or (list(model.input_shape) if model.input_shape else None)
     inputs = None
     if args.data:
         src = data_options(args).open(model)
-        inputs, _ = take_images(src, args.parity_samples)
+        inputs, _ = take_images(src, opts.parity_samples)
         shape = shape or list(inputs.shape[1:])
     batch = args.batch
-    rep = export_onnx(model, args.out, args.opset, batch, shape, inputs, args.tolerance, args.exporter)
+    rep = export_onnx(model, args.out, opts.opset, batch, shape, inputs, opts.tolerance, args.exporter)
     p = rep["parity"]
     print(f"wrote {args.out} ({rep['size_bytes'] / 1e6:.2f} MB, {rep['parameters']:,} parameters, opset {rep['opset']}, "
           f"{rep['exporter']} exporter); checker {rep['checker']}")
@@ -58,11 +65,12 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     from ..exporters.int8 import quantize_int8, write_report
     from ..exporters.onnx_export import onnx_metadata
 
+    opts = _export_options(args)
     meta = onnx_metadata(args.model)
     src = _onnx_data(args, args.calib_data, meta).open()
-    x, _ = take_images(src, args.calib_samples, seed=args.seed)
+    x, _ = take_images(src, opts.int8_samples, seed=args.seed)
     batches = [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
-    rep = quantize_int8(args.model, batches, args.out, args.method, per_channel=not args.per_tensor)
+    rep = quantize_int8(args.model, batches, args.out, opts.int8_method, per_channel=not args.per_tensor)
     if args.eval_data:
         esrc = _onnx_data(args, args.eval_data, meta).open()
         rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)
@@ -87,16 +95,17 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
 def cmd_export_trt(args: argparse.Namespace) -> int:
     from ..exporters.tensorrt import build_engine
 
-    rep = build_engine(args.model, args.out, args.precision, args.min_batch, args.opt_batch, args.max_batch,
-                       args.workspace, args.timing_cache, args.opt_level, args.strongly_typed)
+    o = _export_options(args)
+    rep = build_engine(args.model, args.out, args.precision, o.min_batch, o.opt_batch, o.max_batch,
+                       o.workspace_mib, args.timing_cache, o.opt_level, args.strongly_typed)
     print(f"wrote {args.out}: TensorRT {rep['tensorrt']} on {rep['gpu']} (sm {rep['compute_capability']}), "
           f"{rep['precision']}, {rep['size_bytes'] / 1e6:.2f} MB, built in {rep['build_seconds']:.1f} s")
     return 0
 
 
 def _register_export(sub: Any) -> None:
-    from ..exporters import defaults as ED
     from ..exporters.int8 import METHODS as INT8_METHODS
+    from ..exporters.options import ExportOptions
     from ..exporters.tensorrt import PRECISIONS
 
     exp = sub.add_parser("export", help="export to ONNX, INT8 (QDQ) ONNX, or a TensorRT engine")
@@ -105,43 +114,49 @@ def _register_export(sub: Any) -> None:
     p = esub.add_parser("onnx", help="ONNX with checker, graphsurgeon clean-up and ORT parity")
     add_model_args(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, opset 18 with torch 2.x)")
     p.add_argument("--batch", type=_batch, default="dynamic", help="dynamic (default) or a fixed batch size")
     p.add_argument("--input-shape", type=_ints, help="C,H,W (default: the model's, or the data's)")
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="auto: torch.export-based, TorchScript when that fails")
-    p.add_argument("--parity-samples", type=_count, default=ED.PARITY_SAMPLES,
-                   help=f"images from --data compared on ONNX Runtime (default {ED.PARITY_SAMPLES})")
-    p.add_argument("--tolerance", type=float, default=ED.TOLERANCE,
+    p.add_argument("--parity-samples", type=_count,
+                   help="images from --data compared on ONNX Runtime (default %(default)s)")
+    p.add_argument("--tolerance", type=float,
                    help="max logit difference over max(1, largest |logit|): absolute for logits within "
-                        f"+-1, relative beyond (default {ED.TOLERANCE:g})")
+                        "+-1, relative beyond (default %(default)g)")
     p.add_argument("--strict", action="store_true", help="exit 3 when parity is outside tolerance")
     add_data_args(p, required=False)
+    defaults_from(p, ExportOptions)
     p.set_defaults(func=cmd_export_onnx)
 
     p = esub.add_parser("int8", help="static INT8 quantization to a QDQ model (ONNX Runtime)")
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--calib-data", required=True)
-    p.add_argument("--calib-samples", type=_count, default=ED.INT8_SAMPLES)
-    p.add_argument("--method", default=ED.INT8_METHOD, choices=INT8_METHODS)
+    p.add_argument("--calib-samples", "--int8-samples", dest="int8_samples", type=_count,
+                   help="calibration images (default %(default)s)")
+    p.add_argument("--method", "--int8-method", dest="int8_method", choices=INT8_METHODS,
+                   help="ONNX Runtime calibration method (default %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     p.add_argument("--eval-data", help="labelled images: FP32 vs INT8 accuracy and CPU latency")
     p.add_argument("--eval-samples", type=_count, help="limit evaluation images (default all)")
     add_preprocess_args(p, "--calib-data and --eval-data")
+    defaults_from(p, ExportOptions)
     p.set_defaults(func=cmd_export_int8, seed=0)
 
     p = esub.add_parser("trt", help="TensorRT engine (needs TensorRT and an NVIDIA GPU; see the Dockerfile)")
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--precision", default="fp16", choices=PRECISIONS)
-    p.add_argument("--min-batch", type=_count, default=ED.MIN_BATCH)
-    p.add_argument("--opt-batch", type=_count, default=ED.OPT_BATCH)
-    p.add_argument("--max-batch", type=_count, default=ED.MAX_BATCH)
-    p.add_argument("--workspace", type=_count, help="workspace limit in MiB")
+    p.add_argument("--min-batch", type=_count, help="smallest batch of the optimisation profile (default %(default)s)")
+    p.add_argument("--opt-batch", type=_count, help="batch the engine is tuned for (default %(default)s)")
+    p.add_argument("--max-batch", type=_count, help="largest batch of the optimisation profile (default %(default)s)")
+    p.add_argument("--workspace", "--workspace-mib", dest="workspace_mib", type=_count,
+                   help="workspace limit in MiB (default: TensorRT's, the GPU's memory)")
     p.add_argument("--timing-cache", help="timing cache file, read and updated (kept across builds)")
     p.add_argument("--opt-level", type=int, help="builder optimization level 0-5")
     p.add_argument("--strongly-typed", action="store_true", help="TensorRT 10: build a strongly typed network")
+    defaults_from(p, ExportOptions)
     p.set_defaults(func=cmd_export_trt)
 
 

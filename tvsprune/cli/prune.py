@@ -7,21 +7,18 @@ from typing import Any
 
 from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _limited, _nonneg,  # noqa: F401
                      add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     loaded_model)
+                     defaults_from, loaded_model)
 
 log = logging.getLogger("tvsprune")
 
 
 def prune_options(args: argparse.Namespace):
     """The PruneOptions that ``tvsprune prune`` flags describe (defaults: PruneOptions' own)."""
-    from ..pruning import Guards, PruneOptions
+    from ..pruning import PruneOptions
 
-    return PruneOptions(method=args.method, target_params=args.target_params, target_flops=args.target_flops,
-                        threshold=args.threshold, allocation=args.allocation, cost_power=args.cost_power,
-                        guards=Guards(args.min_keep_frac, args.min_keep, args.round_to),
-                        pair_reduce=args.pair_reduce, seed=args.seed, tvs_saliency=args.tvs_saliency,
-                        **repair_options(args), repair_samples_per_class=args.repair_samples_per_class,
-                        max_acc_drop=args.max_acc_drop, step=args.step, device=args.device)
+    if args.no_repair:
+        return PruneOptions.from_args(args, compensation="none", bn_recalibrate=False)
+    return PruneOptions.from_args(args)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -33,8 +30,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.calib_data:
         calib = data_options_for(args, args.calib_data)
     if args.val_data:
-        val = data_options_for(argparse.Namespace(**{**vars(args), "samples_per_class": args.val_samples_per_class}),
-                               args.val_data)
+        val = data_options(args, args.val_data, samples_per_class=args.val_samples_per_class)
     report = prune(loaded_model(args), args.moments, args.out, opts, calib, val,
                    log_round=lambda r: print("round " + "  ".join(f"{k}={v}" for k, v in r.items())))
     print_table([{k: v for k, v in row.items() if k != "score_quantiles"} for row in report["layers"]],
@@ -61,23 +57,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def repair_options(args: argparse.Namespace) -> dict[str, Any]:
-    """--compensation / --bn-recalibrate / --no-repair / --ridge as PruneOptions keywords."""
-    if args.no_repair:
-        return {"compensation": "none", "bn_recalibrate": False, "ridge": args.ridge}
-    return {"compensation": args.compensation, "mean_compensation": args.mean_compensation,
-            "bn_recalibrate": args.bn_recalibrate, "ridge": args.ridge}
-
-
 def _register_prune(sub: Any) -> None:
-    from ..pruning.options import (COMPENSATIONS, DEFAULT_TARGET_PARAMS, TVS_SALIENCY, Guards, PruneOptions,
+    from ..pruning.options import (COMPENSATIONS, DEFAULT_TARGET_PARAMS, TVS_SALIENCY, PruneOptions,
                                    allocation_choices, methods)
 
-    P = PruneOptions
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p)
     p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
-    p.add_argument("--method", default=P.method, choices=methods())
+    p.add_argument("--method", choices=methods(), help="tvs (default), iter-tvs, or a baseline criterion")
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     b = p.add_argument_group("budget")
     b.add_argument("--target-params", type=_limited("target_params"),
@@ -85,7 +72,7 @@ def _register_prune(sub: Any) -> None:
                         "is given)")
     b.add_argument("--target-flops", type=_limited("target_flops"), help="fraction of MACs to remove")
     b.add_argument("--threshold", type=_limited("threshold"), help="remove filters whose score is below ETA (no budget)")
-    b.add_argument("--allocation", default=PruneOptions.allocation, choices=allocation_choices(),
+    b.add_argument("--allocation", choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "
                         "budget and keep the pruned network most faithful to the unpruned one on calibration "
                         "images the repairs did not use, see prune.json 'selection'; without images: cost for "
@@ -97,42 +84,52 @@ def _register_prune(sub: Any) -> None:
                         "group's measured KL when cut alone, one price per unit saved; needs calibration images), "
                         "alpha (the reference rule "
                         "t_j <= alpha * mean(t)), uniform, ldiff")
-    b.add_argument("--cost-power", type=_limited("cost_power"), default=P.cost_power, help="exponent of the saving in --allocation cost")
-    b.add_argument("--min-keep-frac", type=_limited("min_keep_frac"), default=Guards.min_keep_frac,
-                   help="keep at least this fraction per layer")
-    b.add_argument("--min-keep", type=_count, default=Guards.min_keep, help="keep at least this many channels per layer")
-    b.add_argument("--round-to", type=_count, default=Guards.round_to,
-                   help="round kept widths up to a multiple (8/16/32)")
-    p.add_argument("--pair-reduce", default=P.pair_reduce, choices=["min", "mean"],
-                   help="reduction over class pairs")
-    p.add_argument("--tvs-saliency", default=PruneOptions.tvs_saliency, choices=TVS_SALIENCY,
+    b.add_argument("--cost-power", type=_limited("cost_power"),
+                   help="exponent of the saving in --allocation cost (default %(default)s)")
+    b.add_argument("--min-keep-frac", type=_limited("min_keep_frac"),
+                   help="keep at least this fraction per layer (default %(default)s)")
+    b.add_argument("--min-keep", type=_count, help="keep at least this many channels per layer (default %(default)s)")
+    b.add_argument("--round-to", type=_count,
+                   help="round kept widths up to a multiple (8/16/32; default %(default)s: no rounding)")
+    p.add_argument("--pair-reduce", choices=["min", "mean"], help="reduction over class pairs (default %(default)s)")
+    p.add_argument("--tvs-saliency", choices=TVS_SALIENCY,
                    help="tvs: how the TV score is combined: auto (default: the most faithful of the others, "
                         "chosen with --allocation auto), none (the TV score alone), l2 (times the filter's L2 norm), "
                         "ls (times the least-squares saliency: what removing the channel costs once compensated); "
                         "iter-tvs uses the TV score alone")
-    p.add_argument("--seed", type=_nonneg, default=P.seed, help=f"seed of the random criterion (default {P.seed})")
+    p.add_argument("--seed", type=_nonneg, help="seed of the random criterion and of image sampling (default %(default)s)")
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")
-    r.add_argument("--compensation", default=PruneOptions.compensation, choices=COMPENSATIONS,
+    r.add_argument("--compensation", choices=COMPENSATIONS,
                    help="rebuild removed channels from kept ones at every consumer: auto (default: ls, and "
                         "ls-seq too when there are at most 5,000 repair images and the folder holds images "
                         "beyond them, keeping the more faithful), ls "
                         "(ridge regression on the moments file's input second moments, no images), ls-seq (re-fit "
                         "consumer by consumer on calibration images: slower, corrects upstream errors), mean, none")
-    r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=PruneOptions.bn_recalibrate,
-                   help="re-estimate BatchNorm statistics on calibration images after the fold")
+    r.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction,
+                   help="re-estimate BatchNorm statistics on calibration images after the fold (default: on)")
     r.add_argument("--no-repair", action="store_true", help="no compensation, no BatchNorm re-estimation (studies)")
-    r.add_argument("--ridge", type=_limited("ridge"), default=PruneOptions.ridge,
-                   help="ridge strength of the least-squares fits, relative to the mean input variance")
+    r.add_argument("--ridge", type=_limited("ridge"),
+                   help="ridge strength of the least-squares fits, relative to the mean input variance (default "
+                        "%(default)s)")
     r.add_argument("--mean-compensation", action="store_true", help=argparse.SUPPRESS)  # old spelling
     r.add_argument("--calib-data", help="images for the repairs (default: the moments file's data)")
-    r.add_argument("--repair-samples-per-class", type=_count, default=P.repair_samples_per_class)
+    r.add_argument("--repair-samples-per-class", type=_count,
+                   help="calibration images per class the repairs use; the rest are held out to choose among "
+                        "candidates (default %(default)s)")
     i = p.add_argument_group("iter-tvs / validation")
     i.add_argument("--val-data", help="held-out labelled images (accuracy before/after; required by iter-tvs)")
     i.add_argument("--val-samples-per-class", type=_count)
-    i.add_argument("--max-acc-drop", type=_limited("max_acc_drop"), default=P.max_acc_drop, help="accuracy points iter-tvs may lose")
-    i.add_argument("--step", type=_limited("step"), default=P.step, help="fraction removed per iter-tvs round")
+    i.add_argument("--max-acc-drop", type=_limited("max_acc_drop"),
+                   help="accuracy points iter-tvs may lose (default %(default)s)")
+    i.add_argument("--step", type=_limited("step"), help="fraction removed per iter-tvs round (default %(default)s)")
+    i.add_argument("--step-decrease", type=_limited("step_decrease"),
+                   help="how much iter-tvs shrinks its step after a rejected round (default %(default)s)")
+    i.add_argument("--max-rounds", type=_count, help="iter-tvs rounds at most (default %(default)s)")
+    i.add_argument("--compare-criteria", action=argparse.BooleanOptionalAction,
+                   help="iter-tvs: also try the baseline criteria each round and keep the best (default: on)")
     add_preprocess_args(p, "--calib-data and --val-data")
-    p.add_argument("--device", type=_device, default=P.device, help=f"device for scoring (default {P.device})")
+    p.add_argument("--device", type=_device, help="device for scoring (default %(default)s)")
+    defaults_from(p, PruneOptions)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model, redoing its repairs")

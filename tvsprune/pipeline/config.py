@@ -5,38 +5,27 @@ Relative paths are resolved against the config file's folder.
 """
 from __future__ import annotations
 
-import difflib
-import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..bench.stage import BenchOptions
-from ..calibration.stage import DEFAULT_RESOLUTION, DataOptions
-from ..data.sources import MAX_SIDE
+from ..calibration.options import CalibrateOptions
+from ..data.options import ReadOptions
 from ..errors import TvsError
-from ..exporters import defaults as export_defaults
-from ..pruning.options import DEFAULT_TARGET_PARAMS, LIMITS, Guards, PruneOptions
-from ..registry import unknown
+from ..exporters.options import ExportOptions
+from ..options import explain
+from ..pruning.options import DEFAULT_TARGET_PARAMS, PruneOptions
 
-# Every default below is read from the library's own options (DataOptions, PruneOptions,
-# Guards, BenchOptions, exporters.defaults): the CLI reads the same ones, and
-# tests/test_defaults.py checks that the three agree.
-_BENCH = BenchOptions()
+# The stage sections *are* the stages' options models (DataOptions' reading options,
+# CalibrateOptions, PruneOptions, ExportOptions, BenchOptions): a default is written once,
+# on its field, and the CLI and the Python API read the same ones (tests/test_options.py).
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def one_of(value: str, valid: list[str] | tuple[str, ...], what: str) -> str:
-    """``value`` if valid, else a ValueError naming the closest valid value."""
-    if value in valid:
-        return value
-    raise ValueError(unknown(what, value, tuple(valid)))
+    model_config = ConfigDict(extra="forbid")
 
 
 class ModelSection(Strict):
@@ -45,146 +34,25 @@ class ModelSection(Strict):
     kwargs: dict[str, Any] = {}
 
 
-class DataSection(Strict):
+class DataSection(ReadOptions):
+    """How images are read (ReadOptions), and the two folders they are read from."""
+
     calibration: str
     evaluation: str | None = None
-    samples_per_class: PositiveInt | None = DataOptions.samples_per_class
-    eval_samples: PositiveInt | None = None
-    split: Literal["train", "test"] = DataOptions.split
-    resize: Annotated[int, Field(ge=1, le=MAX_SIDE)] | None = None
-    crop: Annotated[int, Field(ge=1, le=MAX_SIDE)] | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    batch_size: PositiveInt = DataOptions.batch_size
-    workers: NonNegativeInt = DataOptions.workers
-    skip_bad: bool = DataOptions.skip_bad
 
 
-class CalibrateSection(Strict):
-    resolution: str = DEFAULT_RESOLUTION
-    layers: str | None = None
-    device: str = "cpu"
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution(cls, v: str) -> str:
-        from ..calibration.resolution import parse_resolution
-
-        try:
-            parse_resolution(v)
-        except TvsError:
-            if v.startswith("pool"):
-                raise ValueError(f"unknown resolution {v!r} (did you mean 'pool:4'? valid: global, pool:K "
-                                 "with K >= 1, full)") from None
-            one_of(v, ("global", "pool:4", "full"), "resolution")
-        return v
-
-
-
-
-class PruneSection(Strict):
-    method: str = PruneOptions.method
-    target_params: float | None = None  # DEFAULT_TARGET_PARAMS when no budget is given
-    target_flops: float | None = None
-    threshold: float | None = None
-    allocation: str = PruneOptions.allocation
-    cost_power: float = PruneOptions.cost_power
-    min_keep_frac: float = Guards.min_keep_frac
-    min_keep: PositiveInt = Guards.min_keep
-    round_to: PositiveInt = Guards.round_to
-    pair_reduce: Literal["min", "mean"] = PruneOptions.pair_reduce
-    tvs_saliency: Literal["auto", "none", "ls", "l2"] = PruneOptions.tvs_saliency
-    compensation: Literal["auto", "none", "mean", "ls", "ls-seq"] = PruneOptions.compensation
-    bn_recalibrate: bool = PruneOptions.bn_recalibrate
-    ridge: float = PruneOptions.ridge
-    mean_compensation: bool = False  # old spelling of compensation = "mean"
-    repair_samples_per_class: PositiveInt | None = PruneOptions.repair_samples_per_class
-    max_acc_drop: float = PruneOptions.max_acc_drop
-    step: float = PruneOptions.step
-    seed: NonNegativeInt = PruneOptions.seed
-
-    @model_validator(mode="after")
-    def _limits(self) -> "PruneSection":
-        """The same finite ranges as the flags (LIMITS), with the same words."""
-        for name, limit in LIMITS.items():
-            value = getattr(self, name, None)
-            if value is not None:
-                limit.check(name, value)
-        return self
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from ..pruning.options import methods
-
-        return one_of(v, methods(), "method")
-
-    @field_validator("allocation")
-    @classmethod
-    def _allocation(cls, v: str) -> str:
-        from ..pruning.options import allocation_choices
-
-        return one_of(v, allocation_choices(), "allocation")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> "PruneSection":
-        given = [k for k in ("target_params", "target_flops", "threshold") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one budget, not {' and '.join(given)}")
-        if not given:  # PruneOptions' default budget, shown in the resolved config
-            self.__dict__["target_params"] = DEFAULT_TARGET_PARAMS  # bypasses validate_assignment recursion
-        return self
-
-
-class ExportSection(Strict):
-    onnx: bool = True
-    opset: int | None = None
-    parity_samples: PositiveInt = export_defaults.PARITY_SAMPLES
-    tolerance: float = export_defaults.TOLERANCE
-    int8: bool = False
-    int8_method: Literal["minmax", "entropy", "percentile"] = export_defaults.INT8_METHOD
-    int8_samples: PositiveInt = export_defaults.INT8_SAMPLES
-    tensorrt: list[Literal["fp32", "fp16", "bf16", "int8"]] = []
-    min_batch: int = export_defaults.MIN_BATCH
-    opt_batch: int = export_defaults.OPT_BATCH
-    max_batch: int = export_defaults.MAX_BATCH
-    workspace_mib: int | None = None
-    opt_level: int | None = None
-
-
-class BenchSection(Strict):
+class BenchSection(BenchOptions):
     enabled: bool = True
-    backends: list[str] = []
-    batch_sizes: list[int] = _BENCH.batch_sizes
-    rounds: PositiveInt = _BENCH.latency.rounds
-    iters: PositiveInt = _BENCH.latency.iters
-    eval_samples: PositiveInt | None = _BENCH.eval_samples
-    threads: PositiveInt | None = None
-    trt_precision: Literal["fp32", "fp16", "bf16", "int8"] = _BENCH.trt_precision
-
-    @field_validator("backends")
-    @classmethod
-    def _backends(cls, v: list[str]) -> list[str]:
-        from ..backends import BACKENDS
-
-        return [one_of(b, BACKENDS.names(), "backend") for b in v]
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(b < 1 for b in v):
-            raise ValueError(f"batch sizes must be positive integers, got {v}")
-        return v
 
 
 class RunConfig(Strict):
     output_dir: str = "runs/tvsprune"
     model: ModelSection
     data: DataSection
-    calibrate: CalibrateSection = CalibrateSection()
-    prune: PruneSection = PruneSection()
-    export: ExportSection = ExportSection()
-    bench: BenchSection = BenchSection()
+    calibrate: CalibrateOptions = Field(default_factory=CalibrateOptions)
+    prune: PruneOptions = Field(default_factory=PruneOptions)
+    export: ExportOptions = Field(default_factory=ExportOptions)
+    bench: BenchSection = Field(default_factory=BenchSection)
 
     @field_validator("output_dir")
     @classmethod
@@ -192,35 +60,6 @@ class RunConfig(Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    cls: Any = model
-    for part in loc[:-1]:
-        field = cls.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return []
-        cls = field.annotation
-    return list(cls.model_fields)
-
-
-def _explain(e: ValidationError) -> str:
-    msgs = []
-    for err in e.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        dotted = ".".join(loc)
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc[-1], _known_keys(RunConfig, loc), n=1)
-            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
-            msgs.append(f"unknown key '{dotted}'{hint}")
-        elif err["type"] == "missing":
-            msgs.append(f"missing key '{dotted}'")
-        elif err["type"] == "literal_error":
-            valid = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
-            msgs.append(f"'{dotted}': {unknown('value', err.get('input'), tuple(valid))}")
-        else:
-            msgs.append(f"'{dotted}': {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(msgs)
 
 
 def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -263,7 +102,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise TvsError(f"{path or 'config'}: {_explain(e)}") from None
+        raise TvsError(f"{path or 'config'}: {explain(e, RunConfig)}") from None
     return cfg, (base_dir or Path.cwd())
 
 
@@ -290,3 +129,35 @@ def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         if p is not None and not Path(p).exists():
             raise TvsError(f"{label}: path not found: {p}")
     return cfg
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_reference() -> list[str]:
+    """The README's config reference table, one row per section: every key with its default
+    (none shown: no default, or None), read from the models themselves."""
+    rows = ["| section | keys (default) |", "|---|---|"]
+    top = [f"`{k}` ({_toml(f.default)})" for k, f in RunConfig.model_fields.items()
+           if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    rows.append(f"| top | {', '.join(top)} |")
+    for name, field in RunConfig.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        keys = []
+        for key, f in model.model_fields.items():
+            default = None if f.is_required() else f.get_default(call_default_factory=True)
+            if (name, key) == ("prune", "target_params"):
+                keys.append(f"`{key}` ({DEFAULT_TARGET_PARAMS:g} when no budget is given)")
+                continue
+            keys.append(f"`{key}`" + (f" ({_toml(default)})" if default not in (None, {}) else ""))
+        rows.append(f"| `[{name}]` | {', '.join(keys)} |")
+    return rows

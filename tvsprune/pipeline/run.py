@@ -13,19 +13,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..version import __version__
 from ..artifacts import TMP_SUFFIX, content_digest, output_lock, sha256_file, sha256_json, versions, write_json
 from ..models.sources.code import user_file
-from ..calibration.stage import DataOptions
 from ..console import step
-from ..errors import MissingDependencyError, TvsError
+from ..errors import TvsError
 from .config import RunConfig
-
-if TYPE_CHECKING:
-    from ..bench.stage import BenchOptions
-    from ..pruning.options import PruneOptions
 
 log = logging.getLogger(__name__)
 STAGES = ("calibrate", "prune", "export", "bench")
@@ -45,38 +40,6 @@ class StageResult:
     status: str           # passed | skipped | failed
     seconds: float
     detail: str = ""
-
-
-def _data(cfg: RunConfig, path: str | None, per_class: int | None) -> DataOptions:
-    d = cfg.data
-    return DataOptions(path=path or d.calibration, resize=d.resize, crop=d.crop, mean=d.mean, std=d.std,
-                       split=d.split, samples_per_class=per_class, batch_size=d.batch_size, workers=d.workers,
-                       skip_bad=d.skip_bad)
-
-
-def prune_options(cfg: RunConfig) -> PruneOptions:
-    """The PruneOptions that a config's [prune] section describes."""
-    from ..pruning import Guards, PruneOptions
-
-    p = cfg.prune
-    return PruneOptions(method=p.method, target_params=p.target_params, target_flops=p.target_flops,
-                        threshold=p.threshold, allocation=p.allocation, cost_power=p.cost_power,
-                        guards=Guards(p.min_keep_frac, p.min_keep, p.round_to), pair_reduce=p.pair_reduce,
-                        seed=p.seed, bn_recalibrate=p.bn_recalibrate, mean_compensation=p.mean_compensation,
-                        compensation=p.compensation, ridge=p.ridge, tvs_saliency=p.tvs_saliency,
-                        repair_samples_per_class=p.repair_samples_per_class, max_acc_drop=p.max_acc_drop,
-                        step=p.step)
-
-
-def bench_options(cfg: RunConfig) -> BenchOptions:
-    """The BenchOptions that a config's [bench] section describes."""
-    from ..compare.latency import LatencyConfig
-    from ..bench.stage import BenchOptions
-
-    b = cfg.bench
-    return BenchOptions(backends=b.backends or None, batch_sizes=b.batch_sizes,
-                        latency=LatencyConfig(rounds=b.rounds, iters=b.iters), eval_samples=b.eval_samples,
-                        threads=b.threads, trt_precision=b.trt_precision)
 
 
 class Pipeline:
@@ -138,8 +101,8 @@ class Pipeline:
         c = self.cfg
         model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
         out = self.out / "moments.safetensors"
-        calibrate(model, _data(c, c.data.calibration, c.data.samples_per_class), out, c.calibrate.resolution,
-                  c.calibrate.layers, c.calibrate.device)
+        calibrate(model, c.data.at(c.data.calibration), out, c.calibrate.resolution, c.calibrate.layers,
+                  c.calibrate.device)
         return [out]
 
     def stage_prune(self) -> list[Path]:
@@ -147,72 +110,45 @@ class Pipeline:
         from ..pruning import prune
 
         c = self.cfg
-        opts = prune_options(c)
         model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
-        val = _data(c, c.data.evaluation, None) if c.data.evaluation else None
+        val = c.data.at(c.data.evaluation, samples_per_class=None) if c.data.evaluation else None
         out = self.out / "pruned"
-        report = prune(model, self.out / "moments.safetensors", out, opts,
-                       _data(c, c.data.calibration, c.data.samples_per_class), val)
+        report = prune(model, self.out / "moments.safetensors", out, c.prune, c.data.at(c.data.calibration), val)
         self.summary_prune = report
         return [out / "plan.json", out / "pruned.safetensors", out / "prune.json"]
 
     def stage_export(self) -> list[Path]:
         from ..data import take_images
-        from ..exporters import export_onnx
+        from ..exporters.stage import export_model
         from ..models import ModelSpec, load_model
 
         c, e = self.cfg, self.cfg.export
-        outs: list[Path] = []
         exp = self.out / "export"
         base = load_model(c.model.spec, c.model.weights, c.model.kwargs)
         pruned = load_model(str(self.out / "pruned"), base=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
-        src = _data(c, c.data.evaluation or c.data.calibration, None).open(base)
-        parity, _ = take_images(src, e.parity_samples)
-        shape = list(parity.shape[1:])
-        for label, model in (("base", base), ("pruned", pruned)):
-            if e.onnx or e.int8 or e.tensorrt:
-                f = exp / f"{label}.onnx"
-                export_onnx(model, f, e.opset, "dynamic", shape, parity, e.tolerance)
-                outs += [f, f.with_suffix(".export.json")]
-        if e.int8:
-            from ..exporters.int8 import quantize_int8, write_report
+        parity, _ = take_images(c.data.at(c.data.evaluation or c.data.calibration, samples_per_class=None).open(base), e.parity_samples)
 
-            cal = _data(c, c.data.calibration, None).open(base)
-            x, _ = take_images(cal, e.int8_samples, seed=1)
-            batches = [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
-            f = exp / "pruned.int8.onnx"
-            rep = quantize_int8(exp / "pruned.onnx", batches, f, e.int8_method)
-            write_report(f, rep)
-            outs.append(f)
-        self.skipped_engines: dict[str, str] = {}
-        for precision in e.tensorrt:
-            from ..exporters.tensorrt import build_engine
+        def calib_batches() -> list:
+            x, _ = take_images(c.data.at(c.data.calibration, samples_per_class=None).open(base), e.int8_samples, seed=1)
+            return [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
 
-            src_onnx = exp / ("pruned.int8.onnx" if precision == "int8" else "pruned.onnx")
-            try:
-                f = exp / f"pruned.{precision}.engine"
-                build_engine(src_onnx, f, precision, e.min_batch, e.opt_batch, e.max_batch, e.workspace_mib,
-                             exp / "timing.cache", e.opt_level)
-                outs.append(f)
-            except MissingDependencyError as err:
-                self.skipped_engines[precision] = str(err)
-                self.echo(f"  TensorRT {precision} engine skipped: {err}")
-        return outs
+        outs, _ = export_model(base, exp, "base", e.model_copy(update={"int8": False, "tensorrt": []}), parity)
+        more, self.skipped_engines = export_model(pruned, exp, "pruned", e, parity, calib_batches, self.echo)
+        return outs + more
 
     def stage_bench(self) -> list[Path]:
         from ..bench.stage import bench
         from ..models import ModelSpec
 
         c = self.cfg
-        opts = bench_options(c)
         exp = self.out / "export"
         onnx = {i: exp / f"{label}.onnx" for i, label in enumerate(("base", "pruned"))
                 if (exp / f"{label}.onnx").is_file()}
-        data = _data(c, c.data.evaluation, None) if c.data.evaluation else None
+        data = c.data.at(c.data.evaluation, samples_per_class=None) if c.data.evaluation else None
         specs = [c.model.spec, str(self.out / "pruned")]
         if (exp / "pruned.int8.onnx").is_file():  # the INT8 model is measured too (ONNX Runtime backends)
             specs.append(str(exp / "pruned.int8.onnx"))
-        report = bench(specs, self.out / "report", data, c.model.weights, opts, onnx_paths=onnx,
+        report = bench(specs, self.out / "report", data, c.model.weights, c.bench, onnx_paths=onnx,
                        model_kwargs=c.model.kwargs, base_model=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
         self.bench_report = report
         r = self.out / "report"
@@ -231,9 +167,8 @@ class Pipeline:
         return out
 
     def enabled(self) -> list[str]:
-        e = self.cfg.export
         stages = ["calibrate", "prune"]
-        if e.onnx or e.int8 or e.tensorrt:
+        if self.cfg.export.any:
             stages.append("export")
         if self.cfg.bench.enabled:
             stages.append("bench")

@@ -101,7 +101,7 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
     ``sensitivity`` allocation reads (:func:`.stage.sensitivity_curves`).
     """
     if cost_power is None:  # one default, PruneOptions' (no second definition here)
-        cost_power = PruneOptions.cost_power
+        cost_power = PruneOptions.default("cost_power")
     guards = guards or Guards()
     channels = [g.block_size for g in graph.groups]  # what the allocation counts: block-local channels
     base_params, base_macs = cost.cost()

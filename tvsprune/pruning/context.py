@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..calibration.moments import Moments
-from ..calibration.stage import DataOptions
+from ..data.options import DataOptions
 from ..console import short_list
 from ..data import BatchStream, stratified_indices
 from ..models import LoadedModel
@@ -59,7 +59,7 @@ def calib_options_from(moments: Moments, override: DataOptions | None) -> DataOp
     src, pre = d.get("source"), d.get("preprocess") or {}
     if not src or not Path(src).exists():
         return None
-    return DataOptions(path=src, resize=pre.get("resize"), crop=pre.get("crop"), mean=pre.get("mean"),
+    return DataOptions.build(path=src, resize=pre.get("resize"), crop=pre.get("crop"), mean=pre.get("mean"),
                        std=pre.get("std"), samples_per_class=d.get("samples_per_class"), seed=d.get("seed", 0))
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..calibration.collector import collect_moments
 from ..calibration.moments import Moments
-from ..calibration.stage import DataOptions
+from ..data.options import DataOptions
 from ..data import BatchStream, stratified_indices
 from ..errors import TvsError
 from ..models import LoadedModel

@@ -7,15 +7,16 @@ except the registries, so every other module may read a default from here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from pydantic import NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from ..errors import TvsError
-from ..registry import unknown
+from ..options import Options, one_of
 from .allocations import ALLOCATIONS
 from .criteria import CRITERIA
 
-COMPENSATIONS = ("none", "mean", "ls", "ls-seq", "auto")  # auto: ls or ls-seq, the more faithful (prune stage)
 DEFAULT_RIDGE = 1e-3
 
 
@@ -57,16 +58,6 @@ LIMITS = {
 }
 
 
-def check_limits(values: dict[str, Any]) -> None:
-    """Every option of ``values`` that has a :data:`LIMITS` entry is finite and in range (a TvsError)."""
-    for name, limit in LIMITS.items():
-        if values.get(name) is not None:
-            try:
-                limit.check(name, values[name])
-            except ValueError as e:
-                raise TvsError(str(e)) from None
-
-
 @dataclass
 class Guards:
     """Limits that keep a pruned network usable."""
@@ -101,15 +92,15 @@ def allocation_choices() -> tuple[str, ...]:
 # how the TV score is combined before allocation: "none" (the TV score alone), "ls" (times the
 # least-squares saliency: least discriminative *and* most reconstructable), "l2" (times the
 # filter's L2 norm), "auto" (the most faithful of them, see select_plan)
-TVS_SALIENCY = ("auto", "ls", "l2", "none")
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
+BUDGETS = ("target_params", "target_flops", "threshold")
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
 
 
-@dataclass
-class PruneOptions:
-    method: str = "tvs"
+class PruneOptions(Options):
+    method: str = "tvs"  # tvs, iter-tvs or a registered criterion (methods())
+    # the budget: one of the three; DEFAULT_TARGET_PARAMS when none is given
     target_params: float | None = None
     target_flops: float | None = None
     threshold: float | None = None
@@ -119,43 +110,60 @@ class PruneOptions:
     # ResNet-20's fragile early layers under a MAC budget, where global does not)
     allocation: str = "auto"
     cost_power: float = 2.0
-    guards: Guards = field(default_factory=Guards)
-    pair_reduce: str = "min"
-    seed: int = 0
+    # guards: the per-layer limits a plan keeps (Guards)
+    min_keep_frac: float = 0.1
+    min_keep: PositiveInt = 1
+    round_to: PositiveInt = 1
+    pair_reduce: Literal["min", "mean"] = "min"
+    seed: NonNegativeInt = 0
     # repairs: the defaults are the best configuration the accuracy benchmark found
     # "auto": ls, and ls-seq too when the repair images are few enough (AUTO_SEQ_IMAGES) and
     # others are held out to compare on; the more faithful network is kept (ls-seq won on
     # ResNet-20 and tied on VGG-11)
-    compensation: str = "auto"
+    compensation: Literal["none", "mean", "ls", "ls-seq", "auto"] = "auto"
     bn_recalibrate: bool = True
     ridge: float = DEFAULT_RIDGE
     mean_compensation: bool = False  # deprecated spelling of compensation="mean"
-    repair_samples_per_class: int | None = 100
+    repair_samples_per_class: PositiveInt | None = 100
     # iterative
     max_acc_drop: float = 2.0     # points
     step: float = 0.05            # fraction of the original metric removed per round
     step_decrease: float = 0.025  # the reference code's step shrink on rejection
-    max_rounds: int = 50
+    max_rounds: PositiveInt = 50
     compare_criteria: bool = True
     # tvs: how the TV score is combined (TVS_SALIENCY); "auto" tries the combinations with the
     # allocations that suit the budget (AUTO_CANDIDATES) and keeps the most faithful pruned
     # network: no single one won on both ResNet-20 and VGG-11 in the accuracy benchmark
-    tvs_saliency: str = "auto"
+    tvs_saliency: Literal["auto", "ls", "l2", "none"] = "auto"
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        check_limits({**{k: getattr(self, k) for k in LIMITS if hasattr(self, k)},
-                      "min_keep_frac": self.guards.min_keep_frac})
-        if self.target_params is None and self.target_flops is None and self.threshold is None:
-            self.target_params = DEFAULT_TARGET_PARAMS  # one default budget for the CLI, the API and run
-        if self.tvs_saliency not in TVS_SALIENCY:
-            raise TvsError(f"unknown tvs saliency {self.tvs_saliency!r} (one of {', '.join(TVS_SALIENCY)})")
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return one_of(v, methods(), "method")
+
+    @field_validator("allocation")
+    @classmethod
+    def _allocation(cls, v: str) -> str:
+        return one_of(v, allocation_choices(), "allocation")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneOptions":
+        for name, limit in LIMITS.items():  # the same finite ranges and words as the flags
+            if getattr(self, name) is not None:
+                limit.check(name, getattr(self, name))
+        given = [k for k in BUDGETS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if not given:  # one default budget for the CLI, the API and run
+            self.target_params = DEFAULT_TARGET_PARAMS
         if self.mean_compensation:
             self.compensation, self.mean_compensation = "mean", False
-        if self.allocation not in allocation_choices():
-            raise TvsError(unknown("allocation", self.allocation, allocation_choices()))
-        if self.compensation not in COMPENSATIONS:
-            raise TvsError(f"unknown compensation {self.compensation!r} (one of {', '.join(COMPENSATIONS)})")
+        return self
+
+    @property
+    def guards(self) -> Guards:
+        return Guards(self.min_keep_frac, self.min_keep, self.round_to)
 
     @property
     def repairs(self) -> dict[str, Any]:
@@ -167,7 +175,7 @@ class PruneOptions:
 
     @classmethod
     def no_repair(cls, **kw: Any) -> "PruneOptions":
-        return cls(compensation="none", bn_recalibrate=False, **kw)
+        return cls.build(compensation="none", bn_recalibrate=False, **kw)
 
     def allocation_for(self, metric: str) -> str:
         """The allocation used for a budget in ``metric`` (params or macs) where no selection runs."""
@@ -185,8 +193,6 @@ class PruneOptions:
         return [(c, a) for c in (combos or ("none", "l2", "ls")) for a in allocs]
 
     def budget(self) -> tuple[float | None, str]:
-        if self.target_params is not None and self.target_flops is not None:
-            raise TvsError("give --target-params or --target-flops, not both")
         if self.target_flops is not None:
             return self.target_flops, "macs"
         return self.target_params, "params"
@@ -201,3 +207,6 @@ AUTO_CANDIDATES = {"params": (("none", "cost"), ("l2", "global"), ("ls", "magnit
                    "macs": (("none", "global"), ("l2", "global"), ("ls", "magnitude"), ("ls", "sensitivity"))}
 AUTO_ALLOCATIONS = {"params": ("cost", "global", "magnitude", "sensitivity"),
                     "macs": ("global", "magnitude", "sensitivity")}
+
+TVS_SALIENCY: tuple[str, ...] = get_args(PruneOptions.model_fields["tvs_saliency"].annotation)
+COMPENSATIONS: tuple[str, ...] = get_args(PruneOptions.model_fields["compensation"].annotation)  # auto: ls or ls-seq

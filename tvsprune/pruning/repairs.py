@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration.moments import Moments
-from ..calibration.stage import DataOptions
+from ..data.options import DataOptions
 from ..console import step
 from ..errors import TvsError
 from .compensation import fold_from_moments, refit_sequential, removed_inputs

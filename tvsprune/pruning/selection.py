@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..calibration.moments import Moments
-from ..calibration.stage import DataOptions
+from ..data.options import DataOptions
 from ..console import step
 from ..data import BatchStream, stratified_indices
 from ..errors import TvsError
@@ -90,7 +89,7 @@ def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "Prune
     fold = "none" if opts.compensation == "none" else "mean" if opts.compensation == "mean" else "ls"
     if fold != "none" and not (moments is not None and moments.inputs):
         fold = "none"  # a fold without second moments would read the calibration images per cut
-    quick = replace(opts, compensation=fold, bn_recalibrate=False)
+    quick = opts.model_copy(update={"compensation": fold, "bn_recalibrate": False})
     fractions = SENSITIVITY_FRACTIONS if points >= len(SENSITIVITY_FRACTIONS) else \
         tuple(np.linspace(SENSITIVITY_FRACTIONS[0], SENSITIVITY_FRACTIONS[-1], points))
     xs, base_logits = xs[:max(1, images)], base_logits[:max(1, images)]
@@ -151,7 +150,7 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
     xs = base = None
     auto_comp = opts.compensation == "auto"
     if auto_comp:
-        opts = replace(opts, compensation="ls")
+        opts = opts.model_copy(update={"compensation": "ls"})
         n_repair = 0
         if calib is not None:
             labels = calib.open(ctx.loaded).labels
@@ -215,7 +214,7 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
     if auto_comp:  # the chosen plan again, re-fitted consumer by consumer
         t0 = time.perf_counter()
         report = {}
-        model = build_pruned(ctx, best["plan"], replace(opts, compensation="ls-seq"), calib, moments, report)
+        model = build_pruned(ctx, best["plan"], opts.model_copy(update={"compensation": "ls-seq"}), calib, moments, report)
         trial = {**{k: best["trial"][k] for k in ("tvs_saliency", "allocation", "params_removed", "macs_removed",
                                                   "budget_met")},
                  "compensation": "ls-seq", **fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]),

@@ -13,7 +13,7 @@ import torch
 
 from ..artifacts import atomic_paths, sha256_file, write_json
 from ..calibration.moments import Moments
-from ..calibration.stage import DataOptions
+from ..data.options import DataOptions
 from ..console import step
 from ..data import BatchStream, stratified_indices
 from ..errors import TvsError
@@ -126,7 +126,7 @@ def _record(loaded: LoadedModel, ctx: Context, moments: Moments | None, moments_
     if calib is not None and (opts.compensation != "none" or opts.bn_recalibrate):
         # what `replay` needs to redo the repairs bit for bit (batch size included: BatchNorm
         # re-estimation averages per-batch statistics)
-        meta["repair_data"] = {**asdict(calib), "repair_samples_per_class": opts.repair_samples_per_class}
+        meta["repair_data"] = {**calib.model_dump(), "repair_samples_per_class": opts.repair_samples_per_class}
     return meta
 
 
@@ -285,8 +285,8 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
         repairs = {"compensation": "none", "bn_recalibrate": False, "ridge": repairs["ridge"]}
     else:
         recorded = dict(plan.meta.get("repair_data") or {})
-        per_class = recorded.pop("repair_samples_per_class", PruneOptions.repair_samples_per_class)
-        opts = PruneOptions(repair_samples_per_class=per_class, **repairs)
+        per_class = recorded.pop("repair_samples_per_class", PruneOptions.default("repair_samples_per_class"))
+        opts = PruneOptions.build(repair_samples_per_class=per_class, **repairs)
         moments = None
         if repairs["compensation"] in ("mean", "ls"):
             mpath = moments_path or plan.meta.get("moments_path")
@@ -297,7 +297,7 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
             if plan.meta.get("moments_sha256") and sha256_file(mpath) != plan.meta["moments_sha256"]:
                 raise TvsError(f"{mpath} is not the moments file {plan_path} was made with (sha256 differs)")
         if calib is None and recorded.get("path") and Path(recorded["path"]).exists():
-            calib = DataOptions(**recorded)
+            calib = DataOptions.build(**recorded)
         if calib is None and (opts.needs_images or (moments is not None and not moments.inputs)):
             where = recorded.get("path") or "not recorded"
             raise TvsError(f"{plan_path} was made with repairs that need its calibration images ({where}): "

@@ -1,0 +1,32 @@
+"""``CalibrateOptions``: how calibrate turns activations into moments."""
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from ..errors import TvsError
+from ..options import Options, one_of
+from .resolution import parse_resolution
+
+
+class CalibrateOptions(Options):
+    # pool:4 is what the accuracy benchmark measured; the collector's default is this one too
+    resolution: str = "pool:4"
+    layers: str | None = None  # comma-separated globs of layer names; None: every prunable layer
+    device: str = "cpu"
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: str) -> str:
+        try:
+            parse_resolution(v)
+        except TvsError as e:
+            if v.startswith("pool") and "at most" not in str(e):
+                raise ValueError(f"unknown resolution {v!r} (did you mean 'pool:4'? valid: global, pool:K "
+                                 "with K >= 1, full)") from None
+            if "at most" in str(e):
+                raise ValueError(str(e)) from None
+            one_of(v, ("global", "pool:4", "full"), "resolution")
+        return v
+
+
+DEFAULT_RESOLUTION: str = CalibrateOptions.default("resolution")

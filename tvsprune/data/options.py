@@ -1,0 +1,61 @@
+"""``DataOptions``: where images come from and how they are read and preprocessed."""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from ..errors import TvsError
+from ..options import Options
+from .sources import MAX_SIDE, Preprocess, Source, open_source
+
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+
+
+class ReadOptions(Options):
+    """Every data option but the folder: the config's ``[data]`` section adds its two
+    folders (``calibration``, ``evaluation``) to these."""
+
+    resize: Side | None = None
+    crop: Side | None = None
+    mean: list[float] | None = None  # None: the checkpoint's, if it records one
+    std: list[float] | None = None
+    split: Literal["train", "test"] = "test"  # for CIFAR batch folders
+    samples_per_class: PositiveInt | None = None  # None: every image
+    seed: NonNegativeInt = 0
+    batch_size: PositiveInt = 128
+    workers: NonNegativeInt = 0
+    skip_bad: bool = False
+
+    def at(self, path: str, **values: Any) -> "DataOptions":
+        """These options applied to the folder ``path`` (``values`` changed)."""
+        fields = {k: getattr(self, k) for k in ReadOptions.model_fields}
+        return DataOptions.build(path=path, **{**fields, **values})
+
+
+class DataOptions(ReadOptions):
+    """Where calibration / evaluation images come from and how they are preprocessed."""
+
+    path: str
+
+    def preprocess(self, model: Any = None) -> Preprocess:
+        """Normalisation: what the user gave, each of mean/std completed from the checkpoint
+        (``model``: a LoadedModel or None)."""
+        saved = (model.normalize if model is not None else None) or {}
+        mean = self.mean if self.mean is not None else saved.get("mean")
+        std = self.std if self.std is not None else saved.get("std")
+        if (mean is None) != (std is None):
+            given = "--mean" if mean is not None else "--std"
+            raise TvsError(f"{given} given without {'--std' if given == '--mean' else '--mean'} (and the checkpoint "
+                           "records no normalisation): give both")
+        if mean is not None:
+            for flag, values in (("--mean", mean), ("--std", std)):
+                if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+                    raise TvsError(f"{flag} {','.join(map(str, values))}: give 1 or 3 finite values (R,G,B)")
+            if any(v <= 0 for v in std):
+                raise TvsError(f"--std {','.join(map(str, std))}: every value must be positive")
+        return Preprocess(self.resize, self.crop, mean, std)
+
+    def open(self, model: Any = None) -> Source:
+        return open_source(self.path, self.preprocess(model), self.split)
