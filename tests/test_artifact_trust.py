@@ -1,6 +1,7 @@
 """A received pruned artifact never chooses code to run (tvsprune.models.trust)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,9 @@ def _with_base(src: Path, dst: Path, base: dict) -> Path:
     inner = json.loads(meta["tvsprune"])
     inner["base"] = base
     save_file(state, str(f), metadata={"tvsprune": json.dumps(inner)})
+    report = json.loads((dst / "prune.json").read_text())  # a consistent forgery: prune.json re-bound
+    report["artifacts"]["weights_sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    (dst / "prune.json").write_text(json.dumps(report))
     return dst
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_bn, run_cli
+from helpers import randomize_bn, run_cli, write_image_folder
 from tiny_models import TinyCNN
 
 
@@ -39,7 +39,8 @@ def test_nan_weights_are_refused(tiny_setup, tmp_path):
 def test_bad_normalisation_is_refused(tiny_setup, tmp_path, flags, needle):
     spec, weights, data = tiny_setup
     out = tmp_path / "m.safetensors"
-    _one_error(run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out, *flags), needle)
+    _one_error(run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", out, *flags), needle,
+               code=64)  # flag values: usage errors, checked before the model loads
     assert not out.exists()
 
 
@@ -325,3 +326,20 @@ def test_a_model_file_that_exits_on_import_is_one_error(tmp_path, image_folder):
     (tmp_path / "m.py").write_text("import sys\nsys.exit(0)\n")
     _one_error(run_cli("calibrate", f"{tmp_path / 'm.py'}:Net", "--data", image_folder, "--out", tmp_path / "o.st",
                        "--allow-random-weights"), "sys.exit(0)")
+
+
+def test_a_data_file_replaced_with_its_size_and_mtime_kept_changes_the_digest(tmp_path):
+    """run reuses a stage only when its data is the same by content, not by name, size and mtime."""
+    import os
+
+    from tvsprune.artifacts import content_digest
+
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=2)
+    f = sorted(root.rglob("*.png"))[0]
+    before, st = content_digest(root), f.stat()
+    data = bytearray(f.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert content_digest(root) != before

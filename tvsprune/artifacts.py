@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import json
 import os
 import platform
@@ -172,22 +173,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+CONTENT_HASH_BYTES = 4 << 30  # data up to this size is hashed by content; beyond, by name, size and mtime
+
+
 def content_digest(path: str | os.PathLike | None) -> str | None:
-    """What a data folder (or file) holds, cheaply: sha256 over every file's relative path, size and
-    modification time (a file replaced under the same name changes it); None when it does not exist."""
+    """What a data folder (or file) holds: sha256 over every file's relative path and bytes, so a
+    file replaced under the same name (even with its size and mtime kept) changes it. Beyond
+    CONTENT_HASH_BYTES of data, over paths, sizes and modification times instead (logged).
+    None when the path does not exist."""
     if path is None:
         return None
     root = Path(path)
     if root.is_file():
-        st = root.stat()
-        return sha256_json([root.name, st.st_size, st.st_mtime_ns])
-    if not root.is_dir():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    else:
         return None
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    stats = [(f.relative_to(root).as_posix() if f != root else f.name, f.stat()) for f in files]
+    if sum(st.st_size for _, st in stats) > CONTENT_HASH_BYTES:
+        logging.getLogger(__name__).info("%s holds over %d GiB: compared by file names, sizes and mtimes",
+                                         root, CONTENT_HASH_BYTES >> 30)
+        digest = "stat:" + sha256_json([[n, st.st_size, st.st_mtime_ns] for n, st in stats])
+    else:
+        h = hashlib.sha256()
+        for (name, _), f in zip(stats, files):
+            h.update(f"{name}\0".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\n")
+        digest = h.hexdigest()
+    return digest
 
 
 def sha256_json(obj: Any) -> str:
@@ -233,7 +250,12 @@ def read_safetensors(path: str | os.PathLike, what: str, expected_format: str | 
         raise TvsError(f"{path} is not a readable safetensors file: {e}") from None
     if raw is None:
         raise TvsError(f"{path} has no 'tvsprune' metadata: not a tvsprune {what}")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise TvsError(f"{path}: its 'tvsprune' metadata is not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise TvsError(f"{path}: its 'tvsprune' metadata is not a JSON object")
     accepted = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
     if meta.get("format") not in accepted:
         raise TvsError(f"{path}: not a tvsprune {what} (format {meta.get('format')!r}, expected "

@@ -261,7 +261,10 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if seen == 0:  # the model alone first, before any hook: an error there is the model's or the input's
-                run_forward(model, x)
+                out = run_forward(model, x)
+                if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                    raise TvsError("the model's outputs on the first calibration batch are not finite (NaN or Inf): "
+                                   "check the weights and the input normalisation")
                 hooked.enter_context(collector)
             collector.update(x, y)
             seen += len(y)

@@ -279,6 +279,13 @@ class Moments:
             raise TvsError("cannot merge moments collected from different weights (weights_sha256 differs)")
         if list(self.layers) != list(other.layers):
             raise TvsError("cannot merge moments of different layer sets")
+        pre = [(m.meta.get("data") or {}).get("preprocess") for m in (self, other)]
+        if pre[0] != pre[1]:
+            raise TvsError(f"cannot merge moments collected with different preprocessing: {pre[0]} vs {pre[1]}")
+        twice = set(self.meta.get("shards") or ()) & set(other.meta.get("shards") or ())
+        if twice:
+            raise TvsError(f"cannot merge: both files hold the samples of shard {sorted(twice)[0]} (the same "
+                           "images from the same folder); each shard may be merged once")
         layers = {n: self.layers[n].merge(other.layers[n]) for n in self.layers}
         inputs = {n: self.inputs[n].merge(other.inputs[n]) for n in self.inputs if n in other.inputs}
         meta = dict(self.meta)
@@ -287,6 +294,7 @@ class Moments:
             meta["class_counts"] = [int(c) for c in first.count.tolist()]
             meta["samples"] = int(first.count.sum())
         meta["skipped"] = int(self.meta.get("skipped", 0)) + int(other.meta.get("skipped", 0))
+        meta["shards"] = sorted(set(self.meta.get("shards") or ()) | set(other.meta.get("shards") or ()))
         return Moments(layers, meta, inputs)
 
     def save(self, path: str | Path) -> None:

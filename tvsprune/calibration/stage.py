@@ -78,6 +78,8 @@ def calibrate(model: str | LoadedModel, data: DataOptions, out: str | Path | Non
         "weights_sha256": loaded.weights_sha256,
         "input_shape": list(example.shape[1:]),
         "data": source.describe() | {"samples_per_class": data.samples_per_class, "seed": data.seed},
+        # which samples these moments hold: merge-moments refuses to count a shard twice
+        "shards": [_shard_id(source.describe().get("source"), indices)],
     }
     try:
         moments = collect_moments(loaded.module, probe, stream, source.classes, resolution, chosen,
@@ -93,6 +95,17 @@ def calibrate(model: str | LoadedModel, data: DataOptions, out: str | Path | Non
 
             dist.destroy_process_group()
     return moments
+
+
+def _shard_id(source: Any, indices: Any) -> str:
+    """The identity of a set of samples: the resolved data source and the sample indices."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(str(source).encode())
+    h.update(np.asarray(indices, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def merge_moment_files(paths: list[str | Path], out: str | Path) -> Moments:

@@ -152,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without importing torch
         print(f"tvsprune {__version__}")
         return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # Ctrl-C while the parser's registries (or torch) import: one line, no traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("tvsprune: error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         print("tvsprune: error: no command given", file=sys.stderr)

@@ -35,10 +35,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.weights and not args.allow_random_weights and not is_pruned_artifact(args.model):
         raise TvsError(f"no --weights given: {args.model} would be calibrated with its random initial weights; "
                        "give --weights, or --allow-random-weights if the model loads its own")
+    opts, data = CalibrateOptions.from_args(args), data_options(args)  # checked before the model loads
     model = loaded_model(args)
     with progress_bar("calibrate") as bar:
-        opts = CalibrateOptions.from_args(args)
-        moments = calibrate(model, data_options(args), args.out, opts.resolution, opts.layers, opts.device,
+        moments = calibrate(model, data, args.out, opts.resolution, opts.layers, opts.device,
                             progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
     import torch.distributed as dist
 

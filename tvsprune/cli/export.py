@@ -38,11 +38,12 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from ..exporters import export_onnx
 
     opts = _export_options(args)
+    data = data_options(args) if args.data else None
     model = loaded_model(args)
     shape = args.input_shape or (list(model.input_shape) if model.input_shape else None)
     inputs = None
-    if args.data:
-        src = data_options(args).open(model)
+    if data is not None:
+        src = data.open(model)
         inputs, _ = take_images(src, opts.parity_samples)
         shape = shape or list(inputs.shape[1:])
     batch = args.batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator
 
 from ..errors import TvsError
 from ..options import Options
@@ -28,6 +28,16 @@ class ReadOptions(Options):
     workers: NonNegativeInt = 0
     skip_bad: bool = False
 
+    @field_validator("mean", "std")
+    @classmethod
+    def _rgb(cls, v: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if v is not None:
+            if len(v) not in (1, 3) or not all(math.isfinite(x) for x in v):
+                raise ValueError(f"{_show(v)}: give 1 or 3 finite values (R,G,B)")
+            if info.field_name == "std" and any(x <= 0 for x in v):
+                raise ValueError(f"{_show(v)}: every value must be positive")
+        return v
+
     def at(self, path: str, **values: Any) -> "DataOptions":
         """These options applied to the folder ``path`` (``values`` changed)."""
         fields = {k: getattr(self, k) for k in ReadOptions.model_fields}
@@ -41,8 +51,14 @@ class DataOptions(ReadOptions):
 
     def preprocess(self, model: Any = None) -> Preprocess:
         """Normalisation: what the user gave, each of mean/std completed from the checkpoint
-        (``model``: a LoadedModel or None)."""
+        (``model``: a LoadedModel or None). A bad value is blamed on where it came from."""
         saved = (model.normalize if model is not None else None) or {}
+        if not isinstance(saved, dict):
+            saved = {"mean": saved, "std": saved}
+        where = {"mean": "--mean", "std": "--std"}
+        for key in ("mean", "std"):
+            if getattr(self, key) is None and saved.get(key) is not None:
+                where[key] = f"the checkpoint's normalize {key}"
         mean = self.mean if self.mean is not None else saved.get("mean")
         std = self.std if self.std is not None else saved.get("std")
         if (mean is None) != (std is None):
@@ -50,12 +66,19 @@ class DataOptions(ReadOptions):
             raise TvsError(f"{given} given without {'--std' if given == '--mean' else '--mean'} (and the checkpoint "
                            "records no normalisation): give both")
         if mean is not None:
-            for flag, values in (("--mean", mean), ("--std", std)):
-                if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
-                    raise TvsError(f"{flag} {','.join(map(str, values))}: give 1 or 3 finite values (R,G,B)")
+            for key, values in (("mean", mean), ("std", std)):
+                ok = isinstance(values, (list, tuple)) and len(values) in (1, 3) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                if not ok:
+                    raise TvsError(f"{where[key]} {_show(values)}: give 1 or 3 finite values (R,G,B)")
             if any(v <= 0 for v in std):
-                raise TvsError(f"--std {','.join(map(str, std))}: every value must be positive")
-        return Preprocess(self.resize, self.crop, mean, std)
+                raise TvsError(f"{where['std']} {_show(std)}: every value must be positive")
+        return Preprocess(self.resize, self.crop, [float(v) for v in mean] if mean else None,
+                          [float(v) for v in std] if std else None)
 
     def open(self, model: Any = None) -> Source:
         return open_source(self.path, self.preprocess(model), self.split)
+
+
+def _show(values: Any) -> str:
+    return ",".join(map(str, values)) if isinstance(values, (list, tuple)) else repr(values)[:60]

@@ -185,7 +185,12 @@ class ArraySource(Source):
         self.channels_last = array_layout(name, x) == "NHWC"
         self.scale = 255.0 if x.dtype == np.uint8 else 1.0
         self.x = x
-        self.labels = np.asarray(y, dtype=np.int64).reshape(-1)
+        y = np.asarray(y).reshape(-1)
+        if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all()
+                                                       and (y == np.round(y)).all())):
+            raise TvsError(f"{name}: labels y must be integers (class indices), got {y.dtype} values such as "
+                           f"{y[:3].tolist()}")
+        self.labels = y.astype(np.int64)
         if self.labels.min() < 0:
             raise TvsError(f"{name}: negative labels")
         n_classes = int(self.labels.max()) + 1
@@ -232,6 +237,26 @@ def read_cifar_batch(path: Path) -> dict[str, Any]:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
+def _cifar_arrays(f: Path, b: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(images NHWC uint8, labels) of one CIFAR batch, its entries checked."""
+    labels = b.get("labels", b.get("fine_labels"))
+    if "data" not in b:
+        raise TvsError(f"{f}: no 'data' entry (not a CIFAR python batch)")
+    if labels is None:
+        raise TvsError(f"{f}: no 'labels' or 'fine_labels' entry")
+    try:
+        data = np.asarray(b["data"])
+        y = np.asarray(labels)
+    except (TypeError, ValueError) as e:
+        raise TvsError(f"{f}: 'data' or 'labels' is not an array ({e})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise TvsError(f"{f}: 'data' must be uint8 rows of 3072 values (32 x 32 RGB), got {data.dtype} "
+                       f"{tuple(data.shape)}")
+    if y.ndim != 1 or len(y) != len(data) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        raise TvsError(f"{f}: {len(y)} labels for {len(data)} images, or labels that are not non-negative integers")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)
+
+
 def cifar_batches_source(path: Path, preprocess: Preprocess, split: str = "test") -> ArraySource:
     """CIFAR-10 (``data_batch_*``, ``test_batch``) or CIFAR-100 (``train``, ``test``) batches."""
     if path.is_file():
@@ -247,13 +272,9 @@ def cifar_batches_source(path: Path, preprocess: Preprocess, split: str = "test"
             raise TvsError(f"no CIFAR {split} batches in {path}")
     xs, ys = [], []
     for f in files:
-        b = read_cifar_batch(f)
-        data = np.asarray(b["data"], dtype=np.uint8)
-        labels = b.get("labels", b.get("fine_labels"))
-        if labels is None:
-            raise TvsError(f"{f}: no 'labels' or 'fine_labels' entry")
-        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(labels, dtype=np.int64))
+        xs_f, ys_f = _cifar_arrays(f, read_cifar_batch(f))
+        xs.append(xs_f)
+        ys.append(ys_f)
     classes = None
     for meta_name, key in (("batches.meta", "label_names"), ("meta", "fine_label_names")):
         if (meta_dir / meta_name).exists():

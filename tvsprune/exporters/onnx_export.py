@@ -133,8 +133,24 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise TvsError(f"{path} is not a readable ONNX model: {e}") from None
+        raise TvsError(f"{path} is not a readable ONNX model: {str(e)[:200]}") from None
+    _check_external_data(model, Path(path))
     return {p.key: p.value for p in model.metadata_props}
+
+
+def _check_external_data(model: Any, path: Path) -> None:
+    """Tensors stored beside the model must be files inside its folder (no absolute path, no
+    ``..``), and present: a received model never reads another file of this machine."""
+    folder = path.resolve().parent
+    for t in model.graph.initializer:
+        if t.data_location != 1:  # TensorProto.EXTERNAL
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise TvsError(f"{path}: tensor {t.name!r} is stored outside the model's folder ({location!r}): refused")
+        if not target.is_file():
+            raise TvsError(f"{path}: tensor {t.name!r} is stored in {location}, which is missing beside the model")
 
 
 MIN_OPSET = 11  # the oldest opset whose Conv/Gemm/Resize semantics the parity check relies on

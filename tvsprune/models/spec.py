@@ -63,9 +63,12 @@ def parse_kwargs(items: list[str] | str | None) -> dict[str, Any]:
         items = [items]
     if len(items) == 1 and items[0].lstrip().startswith("{"):
         try:
-            return dict(json.loads(items[0]))
-        except json.JSONDecodeError as e:
-            raise TvsError(f"--model-kwargs: not valid JSON: {e}") from None
+            value = json.loads(items[0])
+        except (ValueError, RecursionError) as e:
+            raise TvsError(f"--model-kwargs: not valid JSON: {str(e)[:100]}") from None
+        if not isinstance(value, dict):
+            raise TvsError(f"--model-kwargs: expected a JSON object, got {type(value).__name__}")
+        return value
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -73,7 +76,7 @@ def parse_kwargs(items: list[str] | str | None) -> dict[str, Any]:
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             out[k] = v
     return out
 
@@ -151,10 +154,14 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(sd, strict=True)
 
 
-def _normalize_from(extras: dict[str, Any]) -> dict[str, list[float]] | None:
+def _normalize_from(extras: dict[str, Any], weights: str = "the checkpoint") -> dict[str, list[float]] | None:
     norm = extras.get("normalize")
     if isinstance(norm, dict) and "mean" in norm and "std" in norm:
-        return {"mean": [float(x) for x in norm["mean"]], "std": [float(x) for x in norm["std"]]}
+        try:
+            return {"mean": [float(x) for x in norm["mean"]], "std": [float(x) for x in norm["std"]]}
+        except (TypeError, ValueError):
+            raise TvsError(f"{weights}: the checkpoint's normalize mean/std are not lists of numbers "
+                           f"({str(norm)[:80]})") from None
     return None
 
 
@@ -185,6 +192,6 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
             raise TvsError(f"{ms.weights}: tensor {bad!r} holds NaN or Inf values: refusing to use these weights")
         load_state_dict_strict(module, sd, ms.weights)
         loaded.weights_sha256 = sha256_file(ms.weights)
-        loaded.normalize = _normalize_from(extras) or loaded.normalize
+        loaded.normalize = _normalize_from(extras, str(weights)) or loaded.normalize
     module.eval()
     return loaded

@@ -93,8 +93,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise TvsError(f"config not found: {path}")
         try:
             raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise TvsError(f"{path}: invalid TOML: {e}") from None
+        except RecursionError:
+            raise TvsError(f"{path}: invalid TOML: nested too deeply") from None
+        except IsADirectoryError:
+            raise TvsError(f"{path} is a directory, not a config file") from None
         base_dir = path.parent.resolve()
     for item in overrides or []:
         k, v = parse_override(item)

@@ -48,6 +48,7 @@ class Pipeline:
         self.out = Path(cfg.output_dir)
         self.manifest_path = self.out / "manifest.json"
         self.manifest: dict[str, Any] = {}
+        self._digests: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ manifest
     def _load_manifest(self) -> None:
@@ -56,8 +57,11 @@ class Pipeline:
         if self.manifest_path.is_file():
             try:
                 self.manifest = json.loads(self.manifest_path.read_text())
-            except json.JSONDecodeError:
-                log.warning("manifest.json unreadable: running every stage")
+            except (ValueError, RecursionError):
+                self.manifest = None  # type: ignore[assignment]
+            if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("stages", {}), dict) \
+                    or not all(isinstance(v, dict) for v in self.manifest.get("stages", {}).values()):
+                log.warning("manifest.json unreadable or not a manifest: running every stage")
                 self.manifest = {}
         self.manifest.setdefault("stages", {})
         self.manifest.update({"tvsprune_version": __version__, "config": self.cfg.model_dump(),
@@ -73,14 +77,20 @@ class Pipeline:
         base = {"tvsprune": __version__, "model": c.model.model_dump(),
                 "weights_sha256": sha256_file(c.model.weights) if c.model.weights else None,
                 "model_source_sha256": sha256_file(source[0]) if source and source[0].is_file() else None}
-        calibration = {"calibration_files": content_digest(c.data.calibration)}
-        evaluation = {"evaluation_files": content_digest(c.data.evaluation)} if c.data.evaluation else {}
+        calibration = {"calibration_files": self._digest(c.data.calibration)}
+        evaluation = {"evaluation_files": self._digest(c.data.evaluation)} if c.data.evaluation else {}
         section = {"calibrate": {"data": c.data.model_dump(), "calibrate": c.calibrate.model_dump(), **calibration},
                    "prune": {"prune": c.prune.model_dump(), "evaluation": c.data.evaluation, **calibration,
                              **evaluation},
                    "export": {"export": c.export.model_dump(), "calibration": c.data.calibration, **calibration},
                    "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation, **evaluation}}[stage]
         return {**base, **section, "upstream": ups}
+
+    def _digest(self, path: str) -> str | None:
+        """content_digest of a data folder, read once per run."""
+        if path not in self._digests:
+            self._digests[path] = content_digest(path)
+        return self._digests[path]
 
     def _changed(self, stage: str, inputs: dict[str, Any]) -> list[str]:
         """Which of ``stage``'s inputs differ from those its last run recorded (for the re-run line)."""

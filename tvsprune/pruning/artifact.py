@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .plan import Plan
 FORMAT = "tvsprune.pruned/1"
 WEIGHTS_FILE = "pruned.safetensors"
 SOURCE_FILE = "model_source.py"
+MAX_INPUT_VALUES = 3 * 4096 * 4096  # values per sample an artifact may ask for (--resize / --crop's bound)
 log = logging.getLogger(__name__)
 
 
@@ -70,7 +72,17 @@ def save_pruned(path: str | Path, model: nn.Module, plan: Plan, base: LoadedMode
 def read_pruned_meta(path: str | Path) -> dict[str, Any]:
     from ..artifacts import read_safetensors
 
-    return read_safetensors(path, "pruned model", FORMAT, tensors=False)[0]
+    meta = read_safetensors(path, "pruned model", FORMAT, tensors=False)[0]
+    shape = meta.get("input_shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or \
+            not all(type(v) is int and v >= 1 for v in shape):  # noqa: E721
+        raise TvsError(f"{path}: metadata field 'input_shape' must be a list of positive integers, got {shape!r}")
+    if math.prod(shape) > MAX_INPUT_VALUES:
+        raise TvsError(f"{path}: metadata field 'input_shape' {shape} asks for {math.prod(shape):,} values per "
+                       f"sample, over the bound of {MAX_INPUT_VALUES:,}")
+    if not isinstance(meta.get("plan"), dict):
+        raise TvsError(f"{path}: metadata field 'plan' is missing or not an object")
+    return meta
 
 
 def _names_code(spec: str) -> bool | None:
@@ -143,6 +155,8 @@ def load_pruned(path: str | Path, base: ModelSpec | None = None) -> LoadedModel:
 
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() else path
+    if path.is_dir() and (path / "prune.json").is_file():
+        read_prune_report(path)  # the folder's files belong together (sha256), before anything is built
     meta = read_pruned_meta(file)
     spec = _trusted_base(meta, file, base)
     module = build_module(spec.spec, spec.kwargs).eval()
@@ -171,7 +185,7 @@ def read_prune_report(folder: str | Path) -> dict[str, Any]:
     path = folder / "prune.json"
     try:
         report = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise TvsError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(report, dict):
         raise TvsError(f"{path} holds {type(report).__name__}, not a prune report")

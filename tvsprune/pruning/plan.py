@@ -77,8 +77,10 @@ class Plan:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise TvsError(f"plan not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise TvsError(f"{path}: corrupt plan (invalid JSON: {e})") from None
+        except IsADirectoryError:
+            raise TvsError(f"{path} is a directory, not a plan.json") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+            raise TvsError(f"{path}: corrupt plan (invalid JSON: {str(e)[:100]})") from None
         return cls.from_dict(d, str(path))
 
 

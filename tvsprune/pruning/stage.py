@@ -66,6 +66,19 @@ def _inputs(model: str | LoadedModel, moments_path: str | Path | None, opts: Pru
     return loaded, moments, input_shape
 
 
+def _check_moments_fit(ctx: Context, moments: Moments, path: Any) -> None:
+    """Every layer of the moments file is one of the model's, with its number of channels."""
+    layers = {l.name: l for l in ctx.probe.layers}
+    for name, lm in moments.layers.items():
+        info = layers.get(name)
+        if info is None:
+            raise TvsError(f"{path}: layer {name!r} is not a prunable layer of {ctx.loaded.spec.spec}: moments of "
+                           "another model")
+        if lm.mean.shape[1] != info.channels:
+            raise TvsError(f"{path}: layer {name!r} has {lm.mean.shape[1]} channels in the moments, "
+                           f"{info.channels} in the model: moments of another model")
+
+
 def _scores(ctx: Context, moments: Moments | None, opts: PruneOptions, criterion: str
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """The TV bound (when there are moments), the criterion's scores, and LDIFF per layer."""
@@ -171,6 +184,8 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     loaded, moments, input_shape = _inputs(model, moments_path, opts)
     step("tracing the channel dependency graph")
     ctx = Context.build(loaded, input_shape)
+    if moments is not None:
+        _check_moments_fit(ctx, moments, moments_path)
     calib = calib_options_from(moments, calib) if moments is not None else calib
     target, metric = opts.budget()
     if target is None and opts.threshold is None:
