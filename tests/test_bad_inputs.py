@@ -630,6 +630,9 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
     ("bench-threads-zero", lambda f, t: bench(f, t, "--threads", "0"), "--threads", 64),
     ("bench-noise-not-numbers", lambda f, t: bench(f, t, "--noise", "a"), "--noise", 64),
     ("bench-pruned-missing", lambda f, t: bench(f, t)[:2] + [t / "nopruned"] + bench(f, t)[2:], "nopruned", 1),
+    ("bench-eval-data-other-classes", lambda f, t: bench(f, t, "--data", (lambda r: [
+        (r / f"class{k}").rename(r / f"c{2 - k}") for k in range(3)] and r)(write_image_folder(t / "ev", per_class=2)))[:2]
+     + [f.pruned] + bench(f, t)[2:] + ["--data", t / "ev"], "classes", 1),
     ("bench-trt-precision-unknown", lambda f, t: bench(f, t, "--trt-precision", "fp8"), "fp8", 64),
     # usage
     ("unknown-command", lambda f, t: ["prunee"], "prunee", 64),

@@ -12,7 +12,7 @@ from helpers import REPO
 
 import tvsprune
 from tvsprune import api
-from tvsprune.bench.stage import BenchOptions
+from tvsprune.bench.options import BenchOptions
 from tvsprune.calibration.options import CalibrateOptions
 from tvsprune.cli import build_parser
 from tvsprune.data.options import DataOptions, ReadOptions

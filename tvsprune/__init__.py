@@ -16,7 +16,7 @@ does not import torch.
 from .version import __version__
 
 _API = {"calibrate", "prune", "export", "export_onnx", "Pruned"}
-_OTHER = {"BenchOptions": ".bench.stage", "CalibrateOptions": ".calibration.options", "DataOptions": ".data.options",
+_OTHER = {"BenchOptions": ".bench.options", "CalibrateOptions": ".calibration.options", "DataOptions": ".data.options",
           "ExportOptions": ".exporters.options", "PruneOptions": ".pruning.options", "Moments": ".calibration.moments",
           "TvsError": ".errors"}
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .artifacts import read_safetensors
 from .calibration.moments import FORMATS, Moments
-from .bench.stage import BenchOptions
+from .bench.options import BenchOptions
 from .calibration.options import CalibrateOptions
 from .data.options import DataOptions, ReadOptions
 from .errors import TvsError

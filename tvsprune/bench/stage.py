@@ -9,9 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,36 +19,14 @@ from ..artifacts import removed_on_failure, versions, write_json
 from ..data.options import DataOptions
 from ..data import take_images
 from ..errors import MissingDependencyError, TvsError
-from ..options import Options, one_of
 from ..models import LoadedModel, load_model
 from ..pruning.artifact import read_prune_report
-from ..compare.latency import LatencyConfig, measure_interleaved
+from ..compare.latency import measure_interleaved
+from .options import BenchOptions
 from .memory import peak_rss
 from ..backends import BACKENDS, backend_availability, backend_kind, default_backends, make_runner
 
 log = logging.getLogger(__name__)
-
-
-class BenchOptions(Options):
-    backends: list[str] | None = None  # None: every backend present, in the registry's order
-    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
-    rounds: PositiveInt = LatencyConfig.rounds  # A B A B ... rounds
-    iters: PositiveInt = LatencyConfig.iters    # timed iterations per model per round
-    eval_samples: PositiveInt | None = 2000      # images for accuracy (stratified); None: all
-    noise: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2])
-    trt_precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
-    threads: PositiveInt | None = None
-    seed: NonNegativeInt = 0
-    input_shape: list[PositiveInt] | None = None  # C,H,W when neither the models nor the data tell it
-
-    @field_validator("backends")
-    @classmethod
-    def _backends(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else [one_of(b, BACKENDS.names(), "backend") for b in v]
-
-    @property
-    def latency(self) -> LatencyConfig:
-        return LatencyConfig(rounds=self.rounds, iters=self.iters)
 
 
 @dataclass
@@ -190,6 +166,12 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions,
 
     ref = entries[0]
     src = data.open(ref.loaded)
+    for e in entries:
+        known = (e.prune_report or {}).get("classes")
+        if known and list(known) != list(src.classes):
+            raise TvsError(f"{data.path}: its classes are not those {e.label} was pruned with (class folders named "
+                           f"or ordered differently: {list(src.classes)[:3]}... vs {list(known)[:3]}...): labels "
+                           "would be compared with the wrong logits")
     x, labels = evaluation
 
     def logits_of(e: Entry, inputs: torch.Tensor) -> np.ndarray:

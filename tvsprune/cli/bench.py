@@ -15,7 +15,7 @@ log = logging.getLogger("tvsprune")
 
 def bench_options(args: argparse.Namespace):
     """The BenchOptions that ``tvsprune bench`` flags describe (defaults: BenchOptions' own)."""
-    from ..bench.stage import BenchOptions
+    from ..bench.options import BenchOptions
 
     return BenchOptions.from_args(args)
 
@@ -41,7 +41,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _register_bench(sub: Any) -> None:
-    from ..bench.stage import BenchOptions
+    from ..bench.options import BenchOptions
 
     p = sub.add_parser("bench", help="latency, memory and accuracy of base vs pruned models on every backend")
     p.add_argument("base", metavar="BASE", help="the unpruned model (zoo name / spec / .onnx)")

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..bench.stage import BenchOptions
+from ..bench.options import BenchOptions
 from ..calibration.options import CalibrateOptions
 from ..data.options import ReadOptions
 from ..errors import TvsError

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -228,6 +227,8 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         report["rounds"] = [r for r in rounds if "stop" not in r]
         report["stop"] = rounds[-1]["stop"]
     report["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+    if moments is not None:  # what a logit means: bench refuses evaluation data of other classes
+        report["classes"] = list(moments.classes)
     _write(Path(out_dir), pruned, plan, loaded, input_shape, meta, report)
     return report, pruned, plan
 
