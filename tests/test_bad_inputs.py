@@ -3,7 +3,7 @@ exit code, no traceback, no new file, and no pickle executed.
 
 Cases run in-process through ``tvsprune.cli.main`` (fast); the faults that need a real
 process (disk full, Ctrl-C, SIGKILL then resume, two runs at once) run ``python -m tvsprune``.
-The README's reliability table lists the same cases.
+The README's reliability section states their number and result.
 """
 from __future__ import annotations
 

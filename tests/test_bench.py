@@ -140,6 +140,7 @@ def tiny_report(tmp_path_factory):
     r = run_cli("bench", spec, *outs, "--weights", weights, "--data", data, "--out", out, "--batch-sizes", "1,8",
                 "--rounds", "2", "--iters", "3", "--backend", "torch-cpu,ort-cpu")  # a named missing backend is an error (test_hardening)
     assert r.returncode == 0, r.stderr
+    (root / "bench-stdout.txt").write_text(r.stdout)
     return out
 
 
@@ -208,3 +209,47 @@ def test_warnings_name_a_model_slower_than_the_base_or_its_fp32_version():
     assert any("pruned is slower than base" in x and "p50" in x for x in w)  # median speedup > 1, p50 slower
     assert any("pruned.int8 is slower than its FP32 model" in x for x in w)
     assert not any(x.startswith("ort-cpu, batch 8: fast ") for x in w)
+
+
+def test_the_verdict_is_the_same_sentence_everywhere_and_gates_ci(tiny_report):
+    """report.json's summary, report.md's first line, report.html and bench's last line agree."""
+    from tvsprune.bench.verdict import check_gate, gate_failures, parse_gate
+
+    rep = json.loads((tiny_report / "report.json").read_text())
+    s = rep["summary"]
+    assert {"sentence", "batch", "backends", "best", "trustworthy", "macs_saved", "params_saved",
+            "weights_bytes_saved"} <= set(s)
+    assert s["batch"] == 8 and set(s["backends"]) == {"torch-cpu", "ort-cpu"}
+    best = s["best"]
+    assert best["speedup"] == max(b["speedup"] for b in s["backends"].values())
+    lo, hi = best["drop_ci95"]
+    assert lo <= best["drop_points"] <= hi and best["samples"] == rep["accuracy"]["samples"]
+    assert 0 < s["macs_saved"] < 1 and 0 < s["params_saved"] < 1
+    assert (tiny_report / "report.md").read_text().splitlines()[0] == f"**Verdict: {s['sentence']}**"
+    assert escape(s["sentence"]) in (tiny_report / "report.html").read_text()
+    stdout = (tiny_report.parent / "bench-stdout.txt").read_text()
+    assert stdout.rstrip().splitlines()[-1] == f"verdict: {s['sentence']}"
+    assert gate_failures(s, parse_gate(f"min_speedup={best['speedup'] + 1}"))
+    assert not gate_failures(s, parse_gate(f"min_speedup={best['speedup'] - 0.01},max_drop={best['drop_points'] + 0.01}"))
+    with pytest.raises(TvsError) as e:
+        check_gate(s, f"max_drop={best['drop_points'] - 1}")
+    assert e.value.exit_code == 4
+    with pytest.raises(ValueError, match="did you mean 'max_drop'"):
+        parse_gate("max_dorp=1")
+
+
+def test_the_end_table_fits_100_columns_without_cutting_a_value(tiny_report):
+    import io
+
+    from tvsprune.bench.report import end_table
+    from tvsprune.console import print_table
+
+    rows = end_table(json.loads((tiny_report / "report.json").read_text()))
+    assert {"pts lost", "ort-cpu x b8", "torch-cpu x b8"} <= set(rows[0])
+    buf = io.StringIO()
+    print_table(rows, title="tvsprune bench", width=100, file=buf)
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 100
+    for row in rows:  # every value is there whole, on one line
+        for value in row.values():
+            assert value in text, value

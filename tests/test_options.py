@@ -156,3 +156,23 @@ def test_preprocessing_flags_are_shown_in_help():
         for flag in ("--resize", "--crop", "--mean", "--std"):
             assert flag in text, (argv, flag)
         assert "--data-unused" not in text
+
+
+def test_one_budget_convention_keep_fractions_with_the_removed_spelling_as_alias():
+    from tvsprune.pruning.options import budget_words
+
+    assert PruneOptions.build(keep_macs=0.5).budget() == (0.5, "macs")
+    kept, alias = PruneOptions.build(keep_params=0.75).budget(), PruneOptions.build(target_params=0.25).budget()
+    assert kept == alias == (0.25, "params")
+    assert PruneOptions().budget() == (0.3, "params")  # the default: keep 70 % of the parameters
+    with pytest.raises(TvsError, match="give one budget, not keep_macs and target_flops"):
+        PruneOptions.build(keep_macs=0.5, target_flops=0.5)
+    with pytest.raises(TvsError, match="keep_macs must be in"):
+        PruneOptions.build(keep_macs=1.0)
+    assert budget_words("macs", 0.5) == "keep 50 % of MACs (2.00x fewer)"
+    assert budget_words("params", 0.3) == "keep 70 % of parameters (1.43x fewer)"
+    ns = build_parser().parse_args(["prune", "resnet20", "--out", "p", "--keep-macs", "0.6"])
+    from tvsprune.cli import prune_options
+
+    removed, metric = prune_options(ns).budget()
+    assert metric == "macs" and abs(removed - 0.4) < 1e-12

@@ -1,6 +1,8 @@
 """Accuracy of a model on an evaluation source: top-1, top-5, per class, agreement."""
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import numpy as np
@@ -34,6 +36,31 @@ def predict(model: LoadedModel, data, device: str = "cpu", progress: Callable[[i
     return logits, labels, source.classes
 
 
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def wilson_interval(correct: np.ndarray) -> list[float]:
+    """95 % Wilson score interval of a top-1 accuracy (fractions), from per-image correctness."""
+    n = len(correct)
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = float(np.mean(correct))
+    denom = 1 + Z95 ** 2 / n
+    centre = (p + Z95 ** 2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_drop(base_correct: np.ndarray, model_correct: np.ndarray) -> dict[str, Any]:
+    """Points of top-1 lost (base - model) and its paired 95 % interval: the same images go
+    through both models, so the interval is that of the mean per-image difference."""
+    d = base_correct.astype(np.float64) - model_correct.astype(np.float64)
+    n = len(d)
+    points = float(d.mean() * 100) if n else float("nan")
+    se = float(d.std(ddof=1) / math.sqrt(n) * 100) if n > 1 else float("nan")
+    return {"drop_points": points, "drop_ci95": [points - Z95 * se, points + Z95 * se], "samples": n}
+
+
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Top-1, top-5 and per-class accuracy (fractions)."""
     from ..errors import TvsError
@@ -48,7 +75,8 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, classes: list[s
         m = labels == c
         counts.append(int(m.sum()))
         per_class.append(float(top1[m].mean()) if m.any() else float("nan"))
-    return {"top1": float(top1.mean()), "top5": float(topk.mean()), "samples": int(len(labels)),
+    return {"top1": float(top1.mean()), "top1_ci95": wilson_interval(top1), "top5": float(topk.mean()),
+            "samples": int(len(labels)),
             "classes": list(classes), "class_counts": counts, "per_class": per_class}
 
 

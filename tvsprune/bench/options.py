@@ -22,6 +22,15 @@ class BenchOptions(Options):
     threads: PositiveInt | None = None
     seed: NonNegativeInt = 0
     input_shape: list[PositiveInt] | None = None  # C,H,W when neither the models nor the data tell it
+    fail_if: str | None = None  # a gate on the verdict, e.g. "max_drop=1.5,min_speedup=1.3" (exit 4 when missed)
+
+    @field_validator("fail_if")
+    @classmethod
+    def _gate(cls, v: str | None) -> str | None:
+        from .verdict import parse_gate
+
+        parse_gate(v)
+        return v
 
     @field_validator("backends")
     @classmethod

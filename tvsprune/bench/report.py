@@ -33,6 +33,11 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
         a = acc.get(m["label"])
         if a:
             row["top-1 %"] = _fmt(a["top1"] * 100)
+            ci = a.get("top1_ci95")
+            row["top-1 95 % CI"] = f"{ci[0] * 100:.1f}-{ci[1] * 100:.1f} (n={a['samples']})" if ci else "-"
+            d, dci = a.get("drop_points"), a.get("drop_ci95")
+            row["points lost [95 % CI]"] = "-" if m is base or d is None else \
+                f"{d:.2f} [{dci[0]:+.2f}, {dci[1]:+.2f}]"
             row["agree w/ base %"] = _fmt(a["agreement_with_base"] * 100)
         for backend, per_batch in report.get("latency", {}).items():
             bs = max(per_batch, key=int)
@@ -47,6 +52,28 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The terminal's end table: one row per model (the INT8 file too), its size, top-1 and
+    points lost, and its median speedup per backend at the verdict's batch; fits 100 columns."""
+    base = report["models"][0]["label"]
+    batch = str((report.get("summary") or {}).get("batch"))
+    acc = ((report.get("accuracy") or {}).get("models")) or {}
+    by_backend = report.get("accuracy_by_backend") or {}
+    rows = []
+    for m in report["models"]:
+        label = m["label"]
+        a = acc.get(label) or next((v[label] for v in by_backend.values() if label in v), None)
+        row = {"model": label, "params": _fmt(m.get("params")), "MACs": _fmt(m.get("macs")),
+               "top-1 %": _fmt(a["top1"] * 100) if a else "-",
+               "pts lost": _fmt(a.get("drop_points")) if a and label != base else "-"}
+        for backend, per_batch in report.get("latency", {}).items():
+            sp = (per_batch.get(batch) or {}).get(f"speedup_vs_{base}", {}).get(label)
+            row[f"{backend} x b{batch}"] = "1.00 (base)" if label == base else (
+                f"{sp['speedup_median']:.2f} ({sp['speedup_min']:.2f}-{sp['speedup_max']:.2f})" if sp else "-")
+        rows.append(row)
+    return rows
+
+
 def provenance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     """One row per model: where it came from (spec) and, for a pruned one, how it was pruned."""
     rows = []
@@ -57,7 +84,7 @@ def provenance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             b = p.get("budget") or {}
             r = p.get("repairs") or {}
             row["method"] = str(p.get("method"))
-            row["budget"] = (f"{b['target']:g} of {b['metric']}" if b.get("target") is not None
+            row["budget"] = b.get("in_words") or (f"{b['target']:g} of {b['metric']} removed" if b.get("target") is not None
                              else f"threshold {b.get('threshold')}") if b else "-"
             row["allocation"] = str(p.get("allocation") or "-")
             row["repairs"] = ", ".join(filter(None, [f"compensation {r.get('compensation', 'none')}",
@@ -164,7 +191,9 @@ def make_plots(report: dict[str, Any]) -> dict[str, bytes]:
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, rotation=45, fontsize=8)
         ax.set_ylabel("accuracy change (points)")
-        ax.set_title("per-class accuracy change vs base")
+        counts = report["accuracy"].get("models", {}).get(models[0]["label"], {}).get("class_counts") or []
+        n = f" (n = {min(counts)}-{max(counts)} images per class)" if counts else ""
+        ax.set_title(f"per-class accuracy change vs base{n}")
         ax.legend(fontsize=8)
         save(fig, "per_class_change")
     return plots
@@ -237,7 +266,8 @@ def render(report: dict[str, Any], out: str | Path) -> None:
     warnings = report.get("warnings") or []
     note = ("Speedups are medians of per-round ratios (base / model) from A/B-interleaved rounds, "
             "with their min-max in brackets; compare them with the MACs ratio.")
-    md = ["# tvsprune benchmark report", "", head, "", "## What was measured", "", _md_table(provenance), "",
+    verdict = (report.get("summary") or {}).get("sentence") or "no verdict"
+    md = [f"**Verdict: {verdict}**", "", "# tvsprune benchmark report", "", head, "", "## What was measured", "", _md_table(provenance), "",
           f"Accuracy data: {report.get('data') or 'none given'}", ""]
     if warnings:
         md += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
@@ -256,6 +286,7 @@ def render(report: dict[str, Any], out: str | Path) -> None:
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}}th{{background:#f3f3f3}}
 figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head><body>
+<p id="verdict"><strong>Verdict: {html.escape(verdict)}</strong></p>
 <h1>tvsprune benchmark report</h1><p>{html.escape(head)}</p>
 <h2>What was measured</h2>{_html_table(provenance)}<p>Accuracy data: {html.escape(str(report.get('data') or 'none given'))}</p>
 {warn_html}<h2>Summary</h2>{_html_table(summary)}<p>{html.escape(note)}</p>

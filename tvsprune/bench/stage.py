@@ -162,7 +162,7 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions,
                     evaluation: tuple[torch.Tensor, np.ndarray]) -> dict[str, Any]:
     """Accuracy, agreement with the base model, and functional similarity under input noise."""
     from ..compare.logits import chunks, collect_logits, forward_fn
-    from .accuracy import accuracy_from_logits
+    from .accuracy import accuracy_from_logits, paired_drop
 
     ref = entries[0]
     src = data.open(ref.loaded)
@@ -189,6 +189,7 @@ def _accuracy_block(entries: list[Entry], data: DataOptions, opts: BenchOptions,
         lg = base_logits if e is ref else logits_of(e, x)
         acc = accuracy_from_logits(lg, labels, src.classes)
         acc["agreement_with_base"] = float((lg.argmax(1) == base_logits.argmax(1)).mean())
+        acc.update(paired_drop(base_logits.argmax(1) == labels, lg.argmax(1) == labels))
         sim = []
         for s, nz in noises.items():
             ln = base_noisy[s] if e is ref else logits_of(e, x + nz)
@@ -259,6 +260,7 @@ def _measure_backend(b: str, kind: str, usable: list[Entry], shape: list[int], o
     """Latency per batch size, memory and (with ``evaluation``) top-1 and agreement with the base
     model, every model run through this backend's runner; runners are deactivated on every path."""
     from ..compare.logits import chunks, collect_logits, forward_fn
+    from .accuracy import paired_drop, wilson_interval
 
     runners: dict[str, Any] = {}
     memory: dict[str, Any] = {}
@@ -287,9 +289,12 @@ def _measure_backend(b: str, kind: str, usable: list[Entry], shape: list[int], o
                       for label, r in runners.items()}
             base = logits.get(usable[0].label)
             for label, lg in logits.items():
-                accuracy[label] = {"top1": float((lg.argmax(1) == labels).mean()), "samples": int(len(labels)),
-                                   "agreement_with_base": None if base is None else
+                correct = lg.argmax(1) == labels
+                accuracy[label] = {"top1": float(correct.mean()), "top1_ci95": wilson_interval(correct),
+                                   "samples": int(len(labels)), "agreement_with_base": None if base is None else
                                    float((lg.argmax(1) == base.argmax(1)).mean())}
+                if base is not None:
+                    accuracy[label].update(paired_drop(base.argmax(1) == labels, correct))
     finally:
         for label, r in runners.items():
             r.deactivate()
@@ -365,6 +370,9 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
         report["accuracy"] = _accuracy_block(entries, data, opts, evaluation)
     report["data"] = data.path if data is not None else None
     report["warnings"] = report_warnings(report)
+    from .verdict import summarize
+
+    report["summary"] = summarize(report)
     for w in report["warnings"]:
         log.warning(w)
     report["elapsed_s"] = round(time.perf_counter() - t0, 1)

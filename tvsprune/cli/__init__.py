@@ -1,11 +1,11 @@
-"""The ``tvsprune`` command line: parse, call the library, print, exit.
+"""tvsprune: prune a trained CNN without retraining, export it (ONNX, INT8, TensorRT) and measure it against the original.
 
 One module per command (calibrate, evaluate, prune, export, doctor, bench, run), each with a
 ``register(sub)`` that adds its parser; this module holds ``main`` and the global flags.
 
 Exit codes: 0 success, 1 user error (bad input, unwritable output), 2 missing optional
 dependency / hardware, 3 a check failed (e.g. parity outside tolerance with --strict),
-64 usage error (unknown flag, bad flag value; EX_USAGE), 70 internal error (a bug in tvsprune,
+4 the verdict missed bench's --fail-if gate, 64 usage error (unknown flag, bad flag value; EX_USAGE), 70 internal error (a bug in tvsprune,
 EX_SOFTWARE; its traceback goes to the log file), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 from __future__ import annotations
@@ -152,9 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without importing torch
         print(f"tvsprune {__version__}")
         return 0
-    try:  # Ctrl-C while the parser's registries (or torch) import: one line, no traceback
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C from the first moment (imports included), then is restored
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if hasattr(signal, "SIGTERM") else None
+    try:
+        return _main(argv)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:  # a signal while the parser's registries (or torch) import: one line, no traceback
         parser = build_parser()
         args = parser.parse_args(argv)
+    except Terminated:
+        print("tvsprune: error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tvsprune: error: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -164,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         print("FAILED | usage | tvsprune", file=sys.stderr)
         return EXIT_USAGE
     import contextlib
-    import signal
 
     from ..artifacts import output_lock
 
@@ -176,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED | {label} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         return code
 
-    old_term = signal.signal(signal.SIGTERM, _interrupt) if hasattr(signal, "SIGTERM") else None
     try:
         _setup_logging(args)
         _refuse_output_over_input(args)
@@ -202,9 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         return failed("interrupted; no partial output was kept", 130)
     except Exception as e:  # anything else is a bug in tvsprune: one line, the traceback to the log file
         return failed(_internal_error(e, args.log_file), EXIT_SOFTWARE)
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
     status = "PASSED" if code == 0 else "FAILED"
     print(f"{status} | {label} | {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return code

@@ -25,18 +25,21 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench.report import summary_rows
+    from ..bench.report import end_table
     from ..bench.stage import bench
+    from ..bench.verdict import check_gate
     from ..console import print_table
 
     opts = bench_options(args)
     data = data_options(args) if args.data else None
     report = bench([args.base, *args.pruned], args.out, data, args.weights, opts,
                    progress=lambda s: print(f"... {s}", file=sys.stderr), base_model=args.base_model)
-    print_table(summary_rows(report), title="tvsprune bench")
+    print_table(end_table(report), title="tvsprune bench")
     for b, why in report["skipped_backends"].items():
         print(f"skipped {b}: {why}")
     print(f"wrote {args.out}/report.json, report.md, report.html")
+    print(f"verdict: {report['summary']['sentence']}")
+    check_gate(report["summary"], opts.fail_if)
     return 0
 
 
@@ -60,6 +63,9 @@ def _register_bench(sub: Any) -> None:
                    help="precision of the engines built for the tensorrt backend; fp16 also turns on fp16 in "
                         "ONNX Runtime's TensorRT provider (ort-trt), whose engines are cached under OUT/models (default %(default)s)")
     p.add_argument("--input-shape", type=_ints, help="C,H,W when neither the models nor --data tell it")
+    p.add_argument("--fail-if", metavar="GATE",
+                   help="exit 4 when the verdict misses GATE, e.g. max_drop=1.5,min_speedup=1.3 (points of top-1 "
+                        "lost at most, median speedup at least; default: no gate)")
     p.add_argument("--noise", type=_floats,
                    help="input noise levels (std, relative to the input's) at which pruned and base outputs are "
                         "compared (default %(default)s)")

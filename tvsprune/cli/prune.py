@@ -67,10 +67,15 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--method", choices=methods(), help="tvs (default), iter-tvs, or a baseline criterion")
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     b = p.add_argument_group("budget")
+    b.add_argument("--keep-params", type=_limited("keep_params"),
+                   help="fraction of the parameters KEPT, e.g. 0.5: half of them, 2x fewer (default: "
+                        f"--target-params {DEFAULT_TARGET_PARAMS} when no budget is given)")
+    b.add_argument("--keep-macs", type=_limited("keep_macs"),
+                   help="fraction of the MACs KEPT, e.g. 0.5: half the multiply-adds, 2x fewer")
     b.add_argument("--target-params", type=_limited("target_params"),
-                   help=f"fraction of parameters to remove, e.g. 0.5 (default {DEFAULT_TARGET_PARAMS} when no budget "
-                        "is given)")
-    b.add_argument("--target-flops", type=_limited("target_flops"), help="fraction of MACs to remove")
+                   help="alias, as a fraction REMOVED: --target-params 0.3 is --keep-params 0.7")
+    b.add_argument("--target-flops", type=_limited("target_flops"),
+                   help="alias, as a fraction of MACs REMOVED: --target-flops 0.5 is --keep-macs 0.5")
     b.add_argument("--threshold", type=_limited("threshold"), help="remove filters whose score is below ETA (no budget)")
     b.add_argument("--allocation", choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "

@@ -28,30 +28,50 @@ def _run_pipeline(cfg_path: str | None, overrides: list[str], force: list[str], 
     return pipe
 
 
+def _the_result(pipe: Any, title: str) -> None:
+    """What a run ends with: the end table, where everything is, the verdict last; then the
+    config's ``[bench] fail_if`` gate (exit 4 when the verdict misses it)."""
+    import json
+
+    from ..bench.report import end_table
+    from ..bench.verdict import check_gate
+    from ..console import print_table
+
+    report_json = pipe.out / "report" / "report.json"
+    report = json.loads(report_json.read_text()) if report_json.is_file() else None
+    if report is not None:
+        print_table(end_table(report), title=title)
+        print(f"report: {report_json.parent / 'report.html'} (and report.md, report.json)")
+    print(f"pruned model: {pipe.out / 'pruned'}" + (f"; ONNX: {pipe.out / 'export'}" if (pipe.out / "export").is_dir()
+                                                     else "") + " (manifest.json lists every file with its hash)")
+    if report is not None:
+        from ..bench.verdict import summarize
+
+        summary = report.get("summary") or summarize(report)
+        print(f"verdict: {summary['sentence']}")
+        check_gate(summary, pipe.cfg.bench.fail_if)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f'output_dir="{args.out}"')
     pipe = _run_pipeline(args.config, overrides, args.force or [], args.dry_run)
     if pipe is not None:
-        print(f"artifacts in {pipe.out} (manifest.json lists them with their hashes)")
+        _the_result(pipe, "tvsprune run")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..console import print_table
-    from ..pipeline.demo import CONFIG, summary
+    from ..pipeline.demo import CONFIG
 
     out = Path(args.out).resolve()
     overrides = [f'output_dir="{out}"'] + list(args.set or [])
     pipe = _run_pipeline(str(CONFIG), overrides, args.force or [], args.dry_run)
-    if pipe is None:
-        return 0
-    print_table(summary(out), title="tvsprune demo: ResNet-20 / CIFAR-10, before and after pruning")
-    print(f"report: {out / 'report' / 'report.html'} (and report.md, report.json)")
-    print(f"pruned model: {out / 'pruned'}; ONNX: {out / 'export'}")
+    if pipe is not None:
+        _the_result(pipe, "tvsprune demo: ResNet-20 / CIFAR-10, base and pruned")
     return 0
 
 
@@ -67,7 +87,7 @@ def _register_run(sub: Any) -> None:
         else:
             p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set prune.target_params=0.4 (repeatable)")
+                       help="override a config value, e.g. --set prune.keep_macs=0.5 (repeatable)")
         p.add_argument("--force", action="append", choices=STAGES, help="redo this stage (repeatable)")
         p.add_argument("--dry-run", action="store_true", help="print which stages would run, run nothing")
         p.set_defaults(func=cmd_run if name == "run" else cmd_demo)

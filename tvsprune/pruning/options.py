@@ -45,7 +45,10 @@ class Limit:
 
 
 FRACTION = "a fraction: 50 % removed is 0.5"
+KEPT = "a fraction kept: half the network is 0.5"
 LIMITS = {
+    "keep_params": Limit(0.0, 1.0, low_open=True, high_open=True, hint=KEPT),
+    "keep_macs": Limit(0.0, 1.0, low_open=True, high_open=True, hint=KEPT),
     "target_params": Limit(0.0, 1.0, high_open=True, hint=FRACTION),
     "target_flops": Limit(0.0, 1.0, high_open=True, hint=FRACTION),
     "threshold": Limit(0.0),
@@ -93,14 +96,18 @@ def allocation_choices() -> tuple[str, ...]:
 # least-squares saliency: least discriminative *and* most reconstructable), "l2" (times the
 # filter's L2 norm), "auto" (the most faithful of them, see select_plan)
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
-BUDGETS = ("target_params", "target_flops", "threshold")
+BUDGETS = ("keep_params", "keep_macs", "target_params", "target_flops", "threshold")
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
 
 
 class PruneOptions(Options):
     method: str = "tvs"  # tvs, iter-tvs or a registered criterion (methods())
-    # the budget: one of the three; DEFAULT_TARGET_PARAMS when none is given
+    # the budget, one of: the fraction of parameters or MACs KEPT (keep_params=0.5: half the
+    # parameters, 2x fewer); the same as a fraction REMOVED (target_params, target_flops: the
+    # older spelling, kept as aliases); a score threshold. DEFAULT_TARGET_PARAMS when none is given
+    keep_params: float | None = None
+    keep_macs: float | None = None
     target_params: float | None = None
     target_flops: float | None = None
     threshold: float | None = None
@@ -193,9 +200,23 @@ class PruneOptions(Options):
         return [(c, a) for c in (combos or ("none", "l2", "ls")) for a in allocs]
 
     def budget(self) -> tuple[float | None, str]:
+        """(fraction removed, metric): the one internal form of every budget spelling."""
+        if self.keep_macs is not None:
+            return 1.0 - self.keep_macs, "macs"
+        if self.keep_params is not None:
+            return 1.0 - self.keep_params, "params"
         if self.target_flops is not None:
             return self.target_flops, "macs"
         return self.target_params, "params"
+
+
+def budget_words(metric: str, removed: float | None) -> str:
+    """A budget as a person reads it: 'keep 50 % of MACs (2.0x fewer)'."""
+    if removed is None:
+        return "a score threshold (no budget)"
+    what = {"macs": "MACs", "params": "parameters"}.get(metric, metric)
+    kept = 1.0 - removed
+    return f"keep {kept * 100:.0f} % of {what} ({1 / kept:.2f}x fewer)" if kept > 0 else f"remove every {what}"
 
 
 # what ``auto`` tries, by budget metric (benchmarks/accuracy_vs_sparsity.py): the TV score

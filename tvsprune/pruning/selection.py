@@ -12,7 +12,7 @@ import torch
 
 from ..calibration.moments import Moments
 from ..data.options import DataOptions
-from ..console import step
+from ..console import phase, step
 from ..data import BatchStream, stratified_indices
 from ..errors import TvsError
 from ..models import LoadedModel
@@ -176,45 +176,20 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
         log.info("allocation auto: no sensitivity candidate (this network needs more than %d single-group cuts "
                  "or %.0e MAC-images to measure)", SENSITIVITY_BUILDS, SENSITIVITY_WORK)
         cands = [c for c in cands if c[1] != "sensitivity"]
-    if len(cands) > 1 or auto_comp:
-        step(f"choosing among {len(cands) + auto_comp} candidate pruned networks on calibration images")
     best: dict[str, Any] | None = None
     trials = []
-    for combine, allocation in cands:
-        t0 = time.perf_counter()
-        sc = scores if combine is None else tvs_scores(ctx, moments, opts, tv, combine)
-        extra: dict[str, Any] = {}
-        curves = None
-        if allocation == "sensitivity":
-            step("measuring each group's sensitivity")
-            images = images or min(SENSITIVITY_MIN_IMAGES, len(xs))  # asked for by name: the least grid
-            curves, cuts = sensitivity_curves(ctx, sc, opts, calib, moments, xs, base, max(1, points), images)
-            extra = {"sensitivity": {"cuts": cuts, "images": int(min(images, len(xs))),
-                                     "seconds": round(time.perf_counter() - t0, 2)}}
-        plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, curves=curves, **plan_kw)
-        report: dict[str, Any] = {}
-        model = build_pruned(ctx, plan, opts, calib, moments, report)
-        trial = {"tvs_saliency": combine, "allocation": allocation,
-                 "params_removed": round(plan.meta["params"]["removed_frac"], 4),
-                 "macs_removed": round(plan.meta["macs"]["removed_frac"], 4),
-                 "budget_met": "unmet" not in plan.meta["budget"], **extra}
-        if xs is not None:
-            trial.update(fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]))
-        trial["seconds"] = round(time.perf_counter() - t0, 2)
-        trials.append(trial)
-        # a candidate that misses the budget (its rule cannot reach it) ranks after every one that
-        # meets it: removing less is always more faithful, and would otherwise win by not pruning
-        rank = (not trial["budget_met"], trial.get("kl", 0.0))
-        if best is None or rank < best["rank"]:
-            best = {"trial": trial, "plan": plan, "model": model, "report": report, "scores": sc,
-                    "combine": combine, "compensation": opts.compensation, "rank": rank}
-        else:
-            del model
+    total = len(cands) + auto_comp
+    for k, (combine, allocation) in enumerate(cands, 1):
+        with phase(f"candidate {k}/{total} ({combine or 'criterion'} scores, {allocation} allocation)"):
+            best = _try_candidate(ctx, moments, opts, tv, scores, calib, xs, base, plan_kw, combine, allocation,
+                                  points, images, trials, best)
     assert best is not None
     if auto_comp:  # the chosen plan again, re-fitted consumer by consumer
         t0 = time.perf_counter()
         report = {}
-        model = build_pruned(ctx, best["plan"], opts.model_copy(update={"compensation": "ls-seq"}), calib, moments, report)
+        with phase(f"candidate {total}/{total} (the chosen plan, re-fitted by ls-seq)"):
+            model = build_pruned(ctx, best["plan"], opts.model_copy(update={"compensation": "ls-seq"}), calib,
+                                 moments, report)
         trial = {**{k: best["trial"][k] for k in ("tvs_saliency", "allocation", "params_removed", "macs_removed",
                                                   "budget_met")},
                  "compensation": "ls-seq", **fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]),
@@ -231,4 +206,43 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
                                  "calibration images the repairs did not use" if held_out else
                                  "the repair images (the folder holds no others)"),
                              "images": int(len(xs)), "held_out": held_out, "candidates": trials}
+    return best
+
+
+def _try_candidate(ctx: Context, moments: Moments | None, opts: PruneOptions, tv: dict, scores: dict,
+                   calib: DataOptions | None, xs: Any, base: Any, plan_kw: dict[str, Any], combine: str | None,
+                   allocation: str, points: int, images: int, trials: list,
+                   best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Build one candidate pruned network, measure its fidelity, and keep it when it ranks first."""
+    from ..compare.logits import chunks, collect_logits, forward_fn
+
+    t0 = time.perf_counter()
+    sc = scores if combine is None else tvs_scores(ctx, moments, opts, tv, combine)
+    extra: dict[str, Any] = {}
+    curves = None
+    if allocation == "sensitivity":
+        step("measuring each group's sensitivity")
+        images = images or min(SENSITIVITY_MIN_IMAGES, len(xs))  # asked for by name: the least grid
+        curves, cuts = sensitivity_curves(ctx, sc, opts, calib, moments, xs, base, max(1, points), images)
+        extra = {"sensitivity": {"cuts": cuts, "images": int(min(images, len(xs))),
+                                 "seconds": round(time.perf_counter() - t0, 2)}}
+    plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, curves=curves, **plan_kw)
+    report: dict[str, Any] = {}
+    model = build_pruned(ctx, plan, opts, calib, moments, report)
+    trial = {"tvs_saliency": combine, "allocation": allocation,
+             "params_removed": round(plan.meta["params"]["removed_frac"], 4),
+             "macs_removed": round(plan.meta["macs"]["removed_frac"], 4),
+             "budget_met": "unmet" not in plan.meta["budget"], **extra}
+    if xs is not None:
+        trial.update(fidelity(base, collect_logits(forward_fn(model), chunks(xs))[0]))
+    trial["seconds"] = round(time.perf_counter() - t0, 2)
+    trials.append(trial)
+    # a candidate that misses the budget (its rule cannot reach it) ranks after every one that
+    # meets it: removing less is always more faithful, and would otherwise win by not pruning
+    rank = (not trial["budget_met"], trial.get("kl", 0.0))
+    if best is None or rank < best["rank"]:
+        best = {"trial": trial, "plan": plan, "model": model, "report": report, "scores": sc,
+                "combine": combine, "compensation": opts.compensation, "rank": rank}
+    else:
+        del model
     return best

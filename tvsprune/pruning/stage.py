@@ -23,7 +23,7 @@ from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, save_pruned
 from .context import Context, calib_options_from, repair_batches  # noqa: F401 (repair_batches re-exported)
 from .criteria import criteria_needing
 from .iterative import _accuracy, iterative
-from .options import NEEDS_IMAGES, PruneOptions, allocation_choices, methods  # noqa: F401 (re-exported)
+from .options import NEEDS_IMAGES, PruneOptions, allocation_choices, budget_words, methods  # noqa: F401 (re-exported)
 from .plan import Plan
 from .repairs import build_pruned, repairs_of
 from .scores import layer_scores, ldiff, spearman, tvs_scores
@@ -188,7 +188,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     calib = calib_options_from(moments, calib) if moments is not None else calib
     target, metric = opts.budget()
     if target is None and opts.threshold is None:
-        raise TvsError("give a budget (--target-params F or --target-flops F) or --threshold ETA")
+        raise TvsError("give a budget (--keep-params F or --keep-macs F) or --threshold ETA")
     criterion = "tvs" if opts.method == "iter-tvs" else opts.method
     tv, scores, ldiffs = _scores(ctx, moments, opts, criterion)
     val_batches, val_classes = _validation(val, calib, loaded, moments.classes if moments else None)
@@ -233,13 +233,20 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     return report, pruned, plan
 
 
+def _budget_record(budget: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan's budget with its words ('keep 70 % of parameters (1.43x fewer)')."""
+    if not budget:
+        return budget
+    return {**budget, "in_words": budget_words(budget.get("metric", "params"), budget.get("target"))}
+
+
 def _report(loaded: LoadedModel, ctx: Context, opts: PruneOptions, plan: Plan, meta: dict[str, Any],
             repair_report: dict[str, Any], selection: dict[str, Any] | None, scores: dict[str, np.ndarray],
             ldiffs: dict[str, float], tv: dict[str, np.ndarray]) -> dict[str, Any]:
     """prune.json's content before accuracy: budget, repairs, selection, per-layer widths and scores."""
     report: dict[str, Any] = {"tvsprune_version": __version__, "method": opts.method,
                               "model": loaded.spec.to_dict(), "params": plan.meta["params"],
-                              "macs": plan.meta["macs"], "budget": plan.meta.get("budget"),
+                              "macs": plan.meta["macs"], "budget": _budget_record(plan.meta.get("budget")),
                               "allocation": plan.meta.get("allocation"), "repairs": meta["repairs"],
                               "repair_steps": repair_report}
     if selection:

@@ -1,0 +1,149 @@
+"""The verdict: what the user gets, computed once into report.json's ``summary`` and printed
+the same everywhere (first line of report.md/html, last line of bench, run and demo), and
+the ``--fail-if`` gate CI scripts check it with.
+
+``summary`` fields (documented in the README, "Reading the report"):
+
+- ``sentence``: the verdict in words.
+- ``batch``: the batch size it is stated at (the largest one measured).
+- ``backends``: per backend, the fastest model at that batch (``model``), its median
+  speedup over the base with the min-max of the per-round ratios (``speedup``,
+  ``speedup_range``), whether the timings were stable (``stable``), and its points of
+  top-1 lost with their paired 95 % interval (``drop_points``, ``drop_ci95``, on
+  ``samples`` images; null without evaluation data).
+- ``best``: the backend entry with the highest speedup, with its ``backend`` name.
+- ``macs_saved``, ``params_saved``, ``weights_bytes_saved``: fractions saved by that
+  model (null when unknown, e.g. an .onnx file without its PyTorch model).
+- ``trustworthy``: every timing behind the verdict was stable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import TvsError
+
+GATES = {"max_drop": "points of top-1 lost at most", "min_speedup": "median speedup at least"}
+
+
+def _accuracy(report: dict[str, Any], backend: str, label: str) -> dict[str, Any] | None:
+    acc = (report.get("accuracy_by_backend") or {}).get(backend, {}).get(label)
+    if acc and acc.get("drop_points") is not None:
+        return acc
+    acc = ((report.get("accuracy") or {}).get("models") or {}).get(label)
+    return acc if acc and acc.get("drop_points") is not None else None
+
+
+def _saved(model: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
+    a, b = model.get(key), base.get(key)
+    return 1 - a / b if a and b else None
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """report.json's ``summary`` (see the module docstring)."""
+    models = {m["label"]: m for m in report["models"]}
+    base = report["models"][0]
+    batches = [int(b) for per in report.get("latency", {}).values() for b in per]
+    batch = max(batches) if batches else None
+    out: dict[str, Any] = {"batch": batch, "backends": {}, "best": None, "trustworthy": True}
+    for backend, per_batch in report.get("latency", {}).items():
+        lat = per_batch.get(str(batch))
+        if not lat:
+            continue
+        speedups = lat.get(f"speedup_vs_{base['label']}") or {}
+        if not speedups:
+            continue
+        label, sp = max(speedups.items(), key=lambda kv: kv[1]["speedup_median"])
+        unstable = [w for w in lat.get("warnings", []) if "unstable" in w]
+        entry = {"model": label, "speedup": sp["speedup_median"],
+                 "speedup_range": [sp["speedup_min"], sp["speedup_max"]], "stable": not unstable,
+                 "drop_points": None, "drop_ci95": None, "samples": None}
+        acc = _accuracy(report, backend, label)
+        if acc:
+            entry.update(drop_points=acc["drop_points"], drop_ci95=acc.get("drop_ci95"), samples=acc.get("samples"))
+        out["backends"][backend] = entry
+        out["trustworthy"] = out["trustworthy"] and entry["stable"]
+    if out["backends"]:
+        name, best = max(out["backends"].items(), key=lambda kv: kv[1]["speedup"])
+        out["best"] = {"backend": name, **best}
+        m = models.get(best["model"], {})
+        ref = models.get(best["model"].removesuffix(".int8"), m)  # an INT8 file: its FP32 model's structure
+        out["macs_saved"] = _saved(ref, base, "macs")
+        out["params_saved"] = _saved(ref, base, "params")
+        out["weights_bytes_saved"] = _saved({"b": sum((m.get("files_bytes") or {}).values())},
+                                            {"b": sum((base.get("files_bytes") or {}).values())}, "b")
+    out["sentence"] = sentence(out)
+    return out
+
+
+def _pct(x: float | None) -> str | None:
+    return None if x is None or not math.isfinite(x) else f"{x * 100:.0f} %"
+
+
+def sentence(s: dict[str, Any]) -> str:
+    best = s.get("best")
+    if not best:
+        return "no verdict: no pruned model was timed against the base"
+    speed = best["speedup"]
+    lo, hi = best["speedup_range"]
+    how = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x SLOWER"
+    parts = [f"{best['model']}: {how} than the base on {best['backend']} at batch {s['batch']} "
+             f"(per-round range {lo:.2f}-{hi:.2f})"]
+    if best.get("drop_points") is not None:
+        d, ci = best["drop_points"], best.get("drop_ci95") or [float("nan")] * 2
+        word = "lost" if d >= 0 else "gained"
+        parts.append(f"{abs(d):.2f} points top-1 {word} (95 % CI {ci[0]:+.2f} to {ci[1]:+.2f}, "
+                     f"n={best['samples']})")
+    else:
+        parts.append("accuracy not measured (give --data)")
+    saved = [f"{_pct(s.get(k))} fewer {w}" for k, w in (("macs_saved", "MACs"), ("params_saved", "parameters"))
+             if _pct(s.get(k))]
+    if saved:
+        parts.append(", ".join(saved))
+    parts.append("timings stable" if s.get("trustworthy") else
+                 "timings UNSTABLE on a busy machine: rerun with more --rounds before trusting the speedup")
+    return "; ".join(parts)
+
+
+def parse_gate(text: str | None) -> dict[str, float]:
+    """``max_drop=1.5,min_speedup=1.3`` -> {"max_drop": 1.5, "min_speedup": 1.3}."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in GATES:
+            from ..registry import unknown
+
+            raise ValueError(unknown("--fail-if condition", key, tuple(GATES)))
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--fail-if {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out[key]):
+            raise ValueError(f"--fail-if {key}: expected a finite number, got {value!r}")
+    return out
+
+
+def gate_failures(summary: dict[str, Any], gate: dict[str, float]) -> list[str]:
+    """What the verdict misses of the gate (empty: it passes)."""
+    best = summary.get("best")
+    if gate and not best:
+        return ["no pruned model was timed against the base"]
+    misses = []
+    if "min_speedup" in gate and best["speedup"] < gate["min_speedup"]:
+        misses.append(f"speedup {best['speedup']:.2f} < {gate['min_speedup']:g}")
+    if "max_drop" in gate:
+        if best.get("drop_points") is None:
+            misses.append("max_drop asked for, but accuracy was not measured (give --data)")
+        elif best["drop_points"] > gate["max_drop"]:
+            misses.append(f"{best['drop_points']:.2f} points lost > {gate['max_drop']:g}")
+    return misses
+
+
+def check_gate(summary: dict[str, Any], gate: str | None) -> None:
+    """Raise the gate's exit (4) when the verdict misses ``gate``."""
+    misses = gate_failures(summary, parse_gate(gate))
+    if misses:
+        raise TvsError(f"--fail-if {gate}: {'; '.join(misses)}", exit_code=4)
