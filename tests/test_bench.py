@@ -217,7 +217,7 @@ def test_the_verdict_is_the_same_sentence_everywhere_and_gates_ci(tiny_report):
 
     rep = json.loads((tiny_report / "report.json").read_text())
     s = rep["summary"]
-    assert {"sentence", "batch", "backends", "best", "trustworthy", "macs_saved", "params_saved",
+    assert {"sentence", "batch", "backends", "best", "trustworthy", "all_stable", "macs_saved", "params_saved",
             "weights_bytes_saved"} <= set(s)
     assert s["batch"] == 8 and set(s["backends"]) == {"torch-cpu", "ort-cpu"}
     best = s["best"]

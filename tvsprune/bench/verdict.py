@@ -14,7 +14,8 @@ the ``--fail-if`` gate CI scripts check it with.
 - ``best``: the backend entry with the highest speedup, with its ``backend`` name.
 - ``macs_saved``, ``params_saved``, ``weights_bytes_saved``: fractions saved by that
   model (null when unknown, e.g. an .onnx file without its PyTorch model).
-- ``trustworthy``: every timing behind the verdict was stable.
+- ``trustworthy``: the timings behind the verdict (the best entry's) were stable;
+  ``all_stable``: every backend's were.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     base = report["models"][0]
     batches = [int(b) for per in report.get("latency", {}).values() for b in per]
     batch = max(batches) if batches else None
-    out: dict[str, Any] = {"batch": batch, "backends": {}, "best": None, "trustworthy": True}
+    out: dict[str, Any] = {"batch": batch, "backends": {}, "best": None, "trustworthy": False, "all_stable": True}
     for backend, per_batch in report.get("latency", {}).items():
         lat = per_batch.get(str(batch))
         if not lat:
@@ -62,10 +63,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         if acc:
             entry.update(drop_points=acc["drop_points"], drop_ci95=acc.get("drop_ci95"), samples=acc.get("samples"))
         out["backends"][backend] = entry
-        out["trustworthy"] = out["trustworthy"] and entry["stable"]
+        out["all_stable"] = out["all_stable"] and entry["stable"]
     if out["backends"]:
         name, best = max(out["backends"].items(), key=lambda kv: kv[1]["speedup"])
         out["best"] = {"backend": name, **best}
+        out["trustworthy"] = best["stable"]
         m = models.get(best["model"], {})
         ref = models.get(best["model"].removesuffix(".int8"), m)  # an INT8 file: its FP32 model's structure
         out["macs_saved"] = _saved(ref, base, "macs")
@@ -101,7 +103,8 @@ def sentence(s: dict[str, Any]) -> str:
     if saved:
         parts.append(", ".join(saved))
     parts.append("timings stable" if s.get("trustworthy") else
-                 "timings UNSTABLE on a busy machine: rerun with more --rounds before trusting the speedup")
+                 f"timings UNSTABLE on {best['backend']} (a busy machine?): rerun with more --rounds before trusting "
+                 "the speedup")
     return "; ".join(parts)
 
 
