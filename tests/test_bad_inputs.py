@@ -435,6 +435,9 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
      "model-kwargs", 1),
     ("spec-kwargs-unknown-argument", lambda f, t: calibrate(f, t, "--model-kwargs", "depth=3"), "depth", 1),
     # data
+    ("data-one-level-too-high", lambda f, t: calibrate(f, t, data=(write_image_folder(t / "d" / "calib"), t / "d")[1]),
+     "did you mean", 1),
+    ("spec-zoo-name-with-dash", lambda f, t: calibrate(f, t, spec="resnet-20"), "did you mean 'resnet20'", 1),
     ("data-is-a-text-file", lambda f, t: calibrate(f, t, data=write(t / "d.txt", "hello")), "d.txt", 1),
     ("data-class-folders-empty", lambda f, t: calibrate(f, t, data=[(t / "e" / c).mkdir(parents=True)
                                                                     for c in "abc"] and t / "e"), "e", 1),

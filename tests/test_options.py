@@ -176,3 +176,35 @@ def test_one_budget_convention_keep_fractions_with_the_removed_spelling_as_alias
 
     removed, metric = prune_options(ns).budget()
     assert metric == "macs" and abs(removed - 0.4) < 1e-12
+
+
+def _all_parsers(p: argparse.ArgumentParser, path: tuple = ()):
+    yield path, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from _all_parsers(sub, path + (name,))
+
+
+def test_every_option_help_states_its_default():
+    missing = []
+    for path, p in _all_parsers(build_parser()):
+        formatter = p._get_formatter()
+        for a in p._actions:
+            if not a.option_strings or a.help == argparse.SUPPRESS or isinstance(
+                    a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            text = formatter._expand_help(a) if a.help else ""
+            if not re.search(r"default|required", text, re.I):
+                missing.append((" ".join(path), a.option_strings[0]))
+    assert not missing, missing
+
+
+def test_positionals_may_follow_options_and_misspelt_options_get_a_suggestion(capsys):
+    from tvsprune.cli import _parse
+
+    args = _parse(build_parser(), ["bench", "resnet20", "--weights", "w.pt", "p1", "p2", "--out", "b"])
+    assert args.base == "resnet20" and args.pruned == ["p1", "p2"] and args.weights == "w.pt"
+    with pytest.raises(SystemExit) as e:
+        _parse(build_parser(), ["prune", "resnet20", "--out", "p", "--traget-flops", "0.3"])
+    assert e.value.code == 64 and "did you mean --target-flops?" in capsys.readouterr().err

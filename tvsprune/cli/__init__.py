@@ -48,8 +48,30 @@ EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error, never the user'
 DIR_OUTPUTS = {"prune", "replay", "bench"}  # commands whose --out is a directory (run/demo lock in Pipeline)
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help says its default (or that it is required)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or text == argparse.SUPPRESS or "default" in text.lower() \
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        if action.required:
+            return f"{text} (required)".strip()
+        if isinstance(action, (argparse._StoreTrueAction, argparse._CountAction)) and not action.default:
+            return f"{text} (default: off)".strip()
+        if action.default is None:
+            return f"{text} (default: none)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on exit code 64 and the usual FAILED line."""
+    """argparse, with usage errors on exit code 64 and the usual FAILED line; every option's
+    help states its default; a misspelt option gets the closest one suggested."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -163,10 +185,40 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, old_term)
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The sub-parser that parsed ``args`` (``export onnx``'s, ``prune``'s, ...)."""
+    p = parser
+    for name in (getattr(args, "command", None), getattr(args, "target", None)):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not name or not subs or name not in subs[0].choices:
+            break
+        p = subs[0].choices[name]
+    return p
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but ``bench BASE --weights W PRUNED...`` works (positionals after options),
+    and a misspelt option is answered with the closest one of its command."""
+    import difflib
+
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    if getattr(args, "command", None) == "bench" and not any(e.startswith("-") for e in extra):
+        args.pruned = [*args.pruned, *extra]
+        return args
+    own = _command_parser(parser, args)
+    options = [o for a in own._actions for o in a.option_strings if o.startswith("--")]
+    hints = [f"{e} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(e.split("=")[0], options, n=1))
+             else e for e in extra if e.startswith("-")]
+    own.error(f"unrecognized arguments: {' '.join(hints or extra)}")
+    raise AssertionError  # error() exits
+
+
 def _main(argv: list[str] | None) -> int:
     try:  # a signal while the parser's registries (or torch) import: one line, no traceback
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
     except Terminated:
         print("tvsprune: error: terminated (SIGTERM); nothing was written", file=sys.stderr)
         return 143

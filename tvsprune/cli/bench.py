@@ -32,8 +32,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     opts = bench_options(args)
     data = data_options(args) if args.data else None
+    from ..models import parse_kwargs
+
     report = bench([args.base, *args.pruned], args.out, data, args.weights, opts,
-                   progress=lambda s: print(f"... {s}", file=sys.stderr), base_model=args.base_model)
+                   progress=lambda s: print(f"... {s}", file=sys.stderr), base_model=args.base_model,
+                   model_kwargs=parse_kwargs(args.model_kwargs))
     print_table(end_table(report), title="tvsprune bench")
     for b, why in report["skipped_backends"].items():
         print(f"skipped {b}: {why}")
@@ -50,6 +53,8 @@ def _register_bench(sub: Any) -> None:
     p.add_argument("base", metavar="BASE", help="the unpruned model (zoo name / spec / .onnx)")
     p.add_argument("pruned", nargs="*", metavar="PRUNED", help="pruned artifact directories or .onnx files")
     p.add_argument("--weights", help="checkpoint of BASE")
+    p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
+                   help="keyword arguments for BASE's constructor (key=value pairs or one JSON object)")
     add_base_model_arg(p)
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--backend", "--backends", dest="backends", type=_names, help="comma-separated: " + ", ".join(__import__("tvsprune.backends",

@@ -80,6 +80,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("merge-moments", help="merge moments files collected on disjoint shards")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+", help="moments files of disjoint shards (same model, data preprocessing)")
+    p.add_argument("--out", required=True, help="merged moments file to write")
     p.set_defaults(func=cmd_merge_moments)

@@ -114,7 +114,7 @@ def _register_export(sub: Any) -> None:
 
     p = esub.add_parser("onnx", help="ONNX with checker, graphsurgeon clean-up and ORT parity")
     add_model_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="ONNX file to write (an .export.json sidecar goes beside it)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, opset 18 with torch 2.x)")
     p.add_argument("--batch", type=_batch, default="dynamic", help="dynamic (default) or a fixed batch size")
     p.add_argument("--input-shape", type=_ints, help="C,H,W (default: the model's, or the data's)")
@@ -131,9 +131,9 @@ def _register_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export_onnx)
 
     p = esub.add_parser("int8", help="static INT8 quantization to a QDQ model (ONNX Runtime)")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--out", required=True)
-    p.add_argument("--calib-data", required=True)
+    p.add_argument("model", metavar="MODEL.onnx", help="the FP32 ONNX model (from export onnx)")
+    p.add_argument("--out", required=True, help="QDQ INT8 ONNX file to write")
+    p.add_argument("--calib-data", required=True, help="calibration images (one folder per class)")
     p.add_argument("--calib-samples", "--int8-samples", dest="int8_samples", type=_count,
                    help="calibration images (default %(default)s)")
     p.add_argument("--method", "--int8-method", dest="int8_method", choices=INT8_METHODS,
@@ -146,9 +146,9 @@ def _register_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export_int8, seed=0)
 
     p = esub.add_parser("trt", help="TensorRT engine (needs TensorRT and an NVIDIA GPU; see the Dockerfile)")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--out", required=True)
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (an INT8 QDQ one for --precision int8)")
+    p.add_argument("--out", required=True, help="engine file to write (built for this GPU and TensorRT version)")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="engine precision")
     p.add_argument("--min-batch", type=_count, help="smallest batch of the optimisation profile (default %(default)s)")
     p.add_argument("--opt-batch", type=_count, help="batch the engine is tuned for (default %(default)s)")
     p.add_argument("--max-batch", type=_count, help="largest batch of the optimisation profile (default %(default)s)")

@@ -123,7 +123,7 @@ def _register_prune(sub: Any) -> None:
                         "candidates (default %(default)s)")
     i = p.add_argument_group("iter-tvs / validation")
     i.add_argument("--val-data", help="held-out labelled images (accuracy before/after; required by iter-tvs)")
-    i.add_argument("--val-samples-per-class", type=_count)
+    i.add_argument("--val-samples-per-class", type=_count, help="images per class of --val-data (default: every image)")
     i.add_argument("--max-acc-drop", type=_limited("max_acc_drop"),
                    help="accuracy points iter-tvs may lose (default %(default)s)")
     i.add_argument("--step", type=_limited("step"), help="fraction removed per iter-tvs round (default %(default)s)")
@@ -139,7 +139,7 @@ def _register_prune(sub: Any) -> None:
 
     p = sub.add_parser("replay", help="apply a saved plan.json to a fresh model, redoing its repairs")
     add_model_args(p)
-    p.add_argument("--plan", required=True)
+    p.add_argument("--plan", required=True, help="plan.json written by prune")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-data", help="images for the plan's repairs (default: the folder recorded in the plan)")
     p.add_argument("--structure-only", action="store_true", help="remove the channels, skip the repairs")

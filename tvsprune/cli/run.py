@@ -82,7 +82,7 @@ def _register_run(sub: Any) -> None:
                            ("demo", "the whole pipeline on the bundled ResNet-20 and CIFAR-10 images")):
         p = sub.add_parser(name, help=helptext)
         if name == "run":
-            p.add_argument("config", metavar="CONFIG.toml")
+            p.add_argument("config", metavar="CONFIG.toml", help="the run's config (see the README's config reference)")
             p.add_argument("--out", help="output directory (overrides output_dir)")
         else:
             p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")

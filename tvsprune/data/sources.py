@@ -109,6 +109,11 @@ class ImageFolderSource(Source):
             files += found
             labels += [k] * len(found)
         if not files:
+            nested = [d for d in class_dirs if any(c.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS
+                                                                     for f in c.iterdir()) for c in d.iterdir())]
+            if nested:  # the folder one level too high: root/calib/<class>/<image>
+                raise TvsError(f"no images in {root}: {', '.join(d.name + '/' for d in nested[:3])} hold class "
+                               f"folders; did you mean {nested[0]}?")
             raise TvsError(f"no images in {root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
         if self.empty_classes:
             log.warning("classes with no images in %s: %s", root, ", ".join(self.empty_classes))

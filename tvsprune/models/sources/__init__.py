@@ -64,7 +64,12 @@ class _Sources(Registry[ModelSource]):
             if source.matches(spec):
                 return source
         forms = ", ".join(s.form for s in self.ordered() if s.form)
-        raise TvsError(f"unknown model {spec!r}: use {forms}")
+        from ..zoo import ZOO
+        from ...registry import closest
+
+        near = closest(spec.replace("-", "").lower(), list(ZOO)) or closest(spec, list(ZOO))
+        hint = f" (did you mean {near!r}?)" if near else ""
+        raise TvsError(f"unknown model {spec!r}{hint}: use {forms}")
 
 
 SOURCES = _Sources("model source", package=__name__, also=("tvsprune.pruning.artifact",))
