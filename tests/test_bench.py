@@ -204,11 +204,16 @@ def test_warnings_name_a_model_slower_than_the_base_or_its_fp32_version():
                                "pruned.int8": {"speedup_median": 0.5, "speedup_min": 0.4, "speedup_max": 0.6},
                                "fast": {"speedup_median": 2.0, "speedup_min": 1.9, "speedup_max": 2.1}},
            "warnings": ["unstable timings (cv > 0.15) for base after a repeat"]}
-    w = report_warnings({"models": [{"label": "base"}], "latency": {"ort-cpu": {"8": lat}}})
-    assert any("unstable" in x for x in w)
-    assert any("pruned is slower than base" in x and "p50" in x for x in w)  # median speedup > 1, p50 slower
-    assert any("pruned.int8 is slower than its FP32 model" in x for x in w)
-    assert not any(x.startswith("ort-cpu, batch 8: fast ") for x in w)
+    models = [{"label": "base", "macs": 100}, {"label": "pruned", "macs": 80}, {"label": "fast", "macs": 20},
+              {"label": "pruned.int8"}]
+    acc = {"models": {"fast": {"drop_points": 4.2, "drop_ci95": [2.0, 6.4]}, "pruned": {"drop_points": 1.0}}}
+    w = report_warnings({"models": models, "latency": {"ort-cpu": {"8": lat, "1": lat}}, "accuracy": acc})
+    assert sum("unstable" in x for x in w) == 1 and "at 2 of 2 points" in w[0]  # one line, not one per point
+    assert any(x.startswith("pruned is slower than base") and "p50" in x for x in w)  # median > 1, p50 slower
+    assert any(x.startswith("pruned.int8 is slower than its FP32 model") for x in w)
+    assert any(x.startswith("fast has 5.00x fewer MACs but runs only") and "--round-to" in x for x in w)
+    assert any(x.startswith("fast loses 4.2 points") and "--keep-macs" in x for x in w)
+    assert not any(x.startswith("pruned loses") for x in w)
 
 
 def test_the_verdict_is_the_same_sentence_everywhere_and_gates_ci(tiny_report):
@@ -253,3 +258,16 @@ def test_the_end_table_fits_100_columns_without_cutting_a_value(tiny_report):
     for row in rows:  # every value is there whole, on one line
         for value in row.values():
             assert value in text, value
+
+
+def test_plots_show_the_speedup_with_sentences_for_captions(tiny_report):
+    from tvsprune.bench.report import CAPTIONS, CHANNELS_CAPTION
+
+    assert (tiny_report / "plots" / "speedup_vs_batch.png").is_file()
+    md = (tiny_report / "report.md").read_text()
+    html_text = (tiny_report / "report.html").read_text()
+    assert f"*{CAPTIONS['speedup_vs_batch']}*" in md and escape(CAPTIONS["speedup_vs_batch"]) in html_text
+    assert "LDIFF, 1 minus the mean" in CHANNELS_CAPTION and escape(CHANNELS_CAPTION) in html_text
+    summary = md.split("## Summary", 1)[1]
+    assert "| :---|" in summary.replace("|:---|", "| :---|") and "---:|" in summary  # text left, numbers right
+    assert 'class="text"' in html_text and 'class="num"' in html_text

@@ -68,25 +68,25 @@ def test_run_skips_unchanged_and_resumes_after_kill_during_prune(tmp_path):
     # killed again at the end of prune: its files are on disk, but the manifest never recorded
     # them, so they are not trusted and prune runs again
     r = run_cli("run", cfg, env={"TVSPRUNE_FAULT_AT": "prune:end"})
-    assert r.returncode == 137 and "SKIPPED | calibrate" in r.stdout
+    assert r.returncode == 137 and "SKIPPED | calibrate" in r.stderr
     assert (out / "pruned" / "prune.json").is_file()
     assert json.loads((out / "manifest.json").read_text())["stages"]["prune"]["status"] == "running"
     r = run_cli("run", cfg, "--dry-run")
     assert r.returncode == 0 and "SKIP calibrate" in r.stdout and "RUN  prune" in r.stdout
     r = run_cli("run", cfg)
     assert r.returncode == 0, r.stderr
-    assert "SKIPPED | calibrate" in r.stdout and re.search(r"PASSED \| prune \| [\d.]+ s", r.stdout)
+    assert "SKIPPED | calibrate" in r.stderr and re.search(r"PASSED \| prune \| [\d.]+ s", r.stderr)
     assert moments.stat().st_mtime_ns == stamp  # the moments were not recomputed
     for f in ("pruned/plan.json", "pruned/pruned.safetensors", "export/pruned.onnx", "report/report.html"):
         assert (out / f).is_file(), f
     # nothing changed: everything is skipped; --force redoes one stage and what follows it
     r = run_cli("run", cfg)
-    assert r.stdout.count("SKIPPED") == 4
+    assert r.stderr.count("SKIPPED |") == 4
     r = run_cli("run", cfg, "--force", "bench")
-    assert "SKIPPED | export" in r.stdout and "PASSED | bench" in r.stdout
+    assert "SKIPPED | export" in r.stderr and "PASSED | bench" in r.stderr
     # a changed prune setting reruns prune and everything downstream, not calibrate
     r = run_cli("run", cfg, "--set", "prune.target_params=0.4")
-    assert "SKIPPED | calibrate" in r.stdout and "PASSED | prune" in r.stdout and "PASSED | bench" in r.stdout
+    assert "SKIPPED | calibrate" in r.stderr and "PASSED | prune" in r.stderr and "PASSED | bench" in r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["prune"]["target_params"] == 0.4
     assert all(len(h) == 64 for h in manifest["stages"]["export"]["outputs"].values())
@@ -164,20 +164,35 @@ def test_run_reruns_when_the_data_or_the_model_source_changes_and_says_why(tmp_p
     r = run_cli("run", cfg, *quick)
     assert r.returncode == 0, r.stderr
     r = run_cli("run", cfg, *quick)
-    assert "SKIPPED | calibrate" in r.stdout, r.stdout
+    assert "SKIPPED | calibrate" in r.stderr, r.stderr
     image = sorted((tmp_path / "calib" / "class0").iterdir())[0]
     st = image.stat()
     image.write_bytes(image.read_bytes())  # the same bytes written again: nothing to redo
     r = run_cli("run", cfg, *quick)
-    assert "SKIPPED | calibrate" in r.stdout, r.stdout
+    assert "SKIPPED | calibrate" in r.stderr, r.stderr
     other = sorted((tmp_path / "calib" / "class1").iterdir())[0].read_bytes()
     image.write_bytes(other)  # another image under the same name, its old mtime restored
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = run_cli("run", cfg, *quick)
     assert r.returncode == 0, r.stderr
-    assert "RERUN | calibrate | changed since its last run: calibration_files" in r.stdout, r.stdout
+    assert "RERUN | calibrate | changed since its last run: calibration_files" in r.stderr, r.stderr
     source = tmp_path / "tiny_models.py"
     source.write_text(source.read_text() + "\n# edited\n")
     r = run_cli("run", cfg, *quick)
     assert r.returncode == 0, r.stderr
-    assert "RERUN | calibrate" in r.stdout and "model_source_sha256" in r.stdout, r.stdout
+    assert "RERUN | calibrate" in r.stderr and "model_source_sha256" in r.stderr, r.stderr
+
+
+def test_dry_run_prints_the_resolved_settings_and_the_manifest_keeps_relative_paths(tmp_path):
+    cfg = _config(tmp_path)
+    r = run_cli("run", cfg, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "prune.target_params = 0.3" in r.stdout and "bench.rounds = 2" in r.stdout, r.stdout
+    assert "RUN  calibrate" in r.stdout
+    r = run_cli("run", cfg, "--set", "bench.enabled=false", "--set", "export.onnx=false")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    outputs = [p for s in manifest["stages"].values() for p in s["outputs"]]
+    assert outputs and all(not p.startswith("/") for p in outputs), outputs

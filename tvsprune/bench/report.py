@@ -95,11 +95,21 @@ def provenance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _numeric(rows: list[dict[str, str]], key: str) -> bool:
+    """Whether a column holds numbers (right-aligned) rather than text (left-aligned)."""
+    values = [str(r.get(key, "")).replace(",", "").split(" ")[0] for r in rows if r.get(key) not in (None, "", "-")]
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return bool(values)
+
+
 def _md_table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return ""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    out = ["| " + " | ".join(keys) + " |", "|" + "".join("---:|" if _numeric(rows, k) else ":---|" for k in keys)]
     out += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(out)
 
@@ -108,9 +118,56 @@ def _html_table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return ""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>" for k in keys) + "</tr>" for r in rows)
+    align = {k: "num" if _numeric(rows, k) else "text" for k in keys}
+    head = "".join(f'<th class="{align[k]}">{html.escape(k)}</th>' for k in keys)
+    body = "".join("<tr>" + "".join(f'<td class="{align[k]}">{html.escape(str(r.get(k, "")))}</td>' for k in keys)
+                   + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CAPTIONS = {
+    "speedup_vs_batch": "Speedup over the base model at each measured batch size, per backend: the median of the "
+                        "A/B-interleaved rounds' ratios, the bar from the slowest to the fastest round. Above the "
+                        "line at 1 the model is faster; the dotted line is its MACs ratio, the speedup fewer MACs "
+                        "would give if time followed them.",
+    "latency_vs_batch": "Latency of one batch (p50, shaded to p90) against batch size, per backend.",
+    "accuracy_vs_params": "Top-1 accuracy against the share of parameters removed, one point per model.",
+    "per_class_change": "Change in top-1 accuracy per class against the base model (points); each class has "
+                        "only the images named in the title, so a few points either way can be noise.",
+}
+CHANNELS_CAPTION = ("Channels per layer before (grey) and kept (green); the red line (right axis) is the layer's "
+                    "LDIFF, 1 minus the mean of its filters' TV scores normalised by the largest: near 0 every "
+                    "filter separates the classes alike, near 1 a few do and the rest can go.")
+
+
+def caption(name: str) -> str:
+    """The sentence under a plot."""
+    return CHANNELS_CAPTION if name.startswith("channels_") else CAPTIONS.get(name, name)
+
+
+def _speedup_plot(plt: Any, lat: dict[str, Any], models: list[dict[str, Any]], save: Any) -> None:
+    base = models[0]
+    fig, axes = plt.subplots(1, len(lat), figsize=(5 * len(lat), 3.6), squeeze=False)
+    for ax, (backend, per_batch) in zip(axes[0], lat.items()):
+        batches = sorted(per_batch, key=int)
+        pos = range(len(batches))
+        for m in models[1:]:
+            sp = [per_batch[b].get(f"speedup_vs_{base['label']}", {}).get(m["label"]) for b in batches]
+            if not any(sp):
+                continue
+            mid = [s["speedup_median"] if s else float("nan") for s in sp]
+            err = [[s["speedup_median"] - s["speedup_min"] if s else 0 for s in sp],
+                   [s["speedup_max"] - s["speedup_median"] if s else 0 for s in sp]]
+            line = ax.errorbar(list(pos), mid, yerr=err, marker="o", capsize=3, label=m["label"])
+            if m.get("macs") and base.get("macs"):
+                ax.axhline(base["macs"] / m["macs"], ls=":", color=line[0].get_color(), lw=1)
+        ax.axhline(1.0, color="k", lw=0.7)
+        ax.set_xticks(list(pos), batches)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"speedup over {base['label']} (x)")
+        ax.set_title(backend)
+        ax.legend(fontsize=8)
+    save(fig, "speedup_vs_batch")
 
 
 def make_plots(report: dict[str, Any]) -> dict[str, bytes]:
@@ -141,11 +198,14 @@ def make_plots(report: dict[str, Any]) -> dict[str, bytes]:
                 ax.plot([int(b) for b in batches], ys, marker="o", label=f"{label} (p50)")
                 ax.fill_between([int(b) for b in batches], ys, lo, alpha=0.15)
             ax.set_xscale("log", base=2)
+            ax.set_xticks([int(b) for b in batches], batches)  # ticks at the measured batches only
+            ax.minorticks_off()
             ax.set_xlabel("batch size")
             ax.set_ylabel("latency ms (p50, band to p90)")
             ax.set_title(backend)
             ax.legend(fontsize=8)
         save(fig, "latency_vs_batch")
+        _speedup_plot(plt, lat, report["models"], save)
     acc = (report.get("accuracy") or {}).get("models", {})
     models = report["models"]
     pruned = [m for m in models[1:] if m.get("params") and m["label"] in acc]
@@ -273,18 +333,18 @@ def render(report: dict[str, Any], out: str | Path) -> None:
         md += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     md += ["## Summary", "", _md_table(summary), "", note, ""]
     for name in plots:
-        md += [f"![{name}](plots/{name}.png)", ""]
+        md += [f"![{caption(name)}](plots/{name}.png)", "", f"*{caption(name)}*", ""]
     for title, rows in _details(report):
         md += [f"## {title}", "", _md_table(rows) or "(none)", ""]
     write_text(out / "report.md", "\n".join(md))
     imgs = "".join(f'<figure><img alt="{n}" data-plot="{n}" src="data:image/png;base64,'
-                   f'{base64.b64encode(p).decode()}"><figcaption>{n}</figcaption></figure>' for n, p in plots.items())
+                   f'{base64.b64encode(p).decode()}"><figcaption>{html.escape(caption(n))}</figcaption></figure>' for n, p in plots.items())
     details = "".join(f"<h2>{html.escape(t)}</h2>{_html_table(r) or '<p>(none)</p>'}" for t, r in _details(report))
     warn_html = ("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
                  + "</ul>") if warnings else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tvsprune report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}}th{{background:#f3f3f3}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}}.text{{text-align:left}}th{{background:#f3f3f3}}
 figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head><body>
 <p id="verdict"><strong>Verdict: {html.escape(verdict)}</strong></p>
 <h1>tvsprune benchmark report</h1><p>{html.escape(head)}</p>

@@ -22,6 +22,7 @@ from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
 from ..pruning.artifact import read_prune_report
 from ..compare.latency import measure_interleaved
+from .advice import report_warnings  # noqa: F401 (re-exported)
 from .options import BenchOptions
 from .memory import peak_rss
 from ..backends import BACKENDS, backend_availability, backend_kind, default_backends, make_runner
@@ -215,34 +216,6 @@ def bench(specs: list[str | LoadedModel], out_dir: str | Path, data: DataOptions
     with removed_on_failure(out_dir):  # a failed bench leaves no exported models or half a report
         return _bench(specs, Path(out_dir), data, weights, opts or BenchOptions(), progress, onnx_paths,
                       model_kwargs, prune_reports, base_model)
-
-
-def report_warnings(report: dict[str, Any]) -> list[str]:
-    """What a reader must not miss: unstable timings, and a model slower than the base (all ratios
-    are base / model, so below 1 is slower) at a batch size on a backend."""
-    out: list[str] = []
-    base = report["models"][0]["label"]
-    for backend, per_batch in report.get("latency", {}).items():
-        for bs in sorted(per_batch, key=int):
-            lat = per_batch[bs]
-            out += [f"{backend}, batch {bs}: {w}" for w in lat.get("warnings", [])]
-            stats = lat.get("stats", {})
-            for label, sp in lat.get(f"speedup_vs_{base}", {}).items():
-                p50, base_p50 = stats.get(label, {}).get("p50_ms"), stats.get(base, {}).get("p50_ms")
-                slower_p50 = p50 is not None and base_p50 is not None and p50 > base_p50
-                if label != base and (sp["speedup_median"] < 1.0 or slower_p50):
-                    out.append(f"{backend}, batch {bs}: {label} is slower than {base} (speedup "
-                               f"{sp['speedup_median']:.2f} [{sp['speedup_min']:.2f}-{sp['speedup_max']:.2f}], "
-                               f"p50 {p50:.3g} vs {base_p50:.3g} ms)" if slower_p50 else
-                               f"{backend}, batch {bs}: {label} is slower than {base} (speedup "
-                               f"{sp['speedup_median']:.2f} [{sp['speedup_min']:.2f}-{sp['speedup_max']:.2f}])")
-            for label, st in stats.items():  # an INT8 model against its own FP32 version
-                fp32 = stats.get(label.removesuffix(".int8")) if label.endswith(".int8") else None
-                if fp32 and st["p50_ms"] > fp32["p50_ms"]:
-                    out.append(f"{backend}, batch {bs}: {label} is slower than its FP32 model ({st['p50_ms']:.3g} vs "
-                               f"{fp32['p50_ms']:.3g} ms at p50): this backend lacks fast INT8 kernels for some "
-                               "layers; measure INT8 on the target (TensorRT)")
-    return out
 
 
 def _eval_images(entries: list[Entry], data: DataOptions, opts: BenchOptions) -> tuple[torch.Tensor, np.ndarray]:

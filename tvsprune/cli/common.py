@@ -82,10 +82,11 @@ def _limited(name: str) -> Callable[[str], float]:
     return parse
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
+def add_model_args(p: argparse.ArgumentParser, optional: str | None = None) -> None:
+    """MODEL, --weights, --model-kwargs, --base-model; ``optional``: why MODEL may be left out."""
+    p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
                    help="zoo name (resnet20, vgg11_bn, ...), file.py:Name, module:Name, "
-                        "torchvision:NAME, timm:NAME, or a pruned artifact directory")
+                        "torchvision:NAME, timm:NAME, or a pruned artifact directory" + (f"; {optional}" if optional else ""))
     p.add_argument("--weights", help="checkpoint (.pt/.pth via torch.load(weights_only=True), or .safetensors)")
     p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
                    help="keyword arguments for the model constructor (key=value pairs or one JSON object)")

@@ -26,6 +26,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..pruning import prune
 
     opts = prune_options(args)
+    _model_from_moments(args)
     calib = val = None
     if args.calib_data:
         calib = data_options_for(args, args.calib_data)
@@ -48,6 +49,39 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_from_moments(args: argparse.Namespace) -> None:
+    """MODEL left out: the spec, kwargs and weights the moments file records (said on stderr)."""
+    import sys
+
+    from ..errors import TvsError
+
+    if args.model is not None:
+        return
+    if not args.moments:
+        raise TvsError("give MODEL, or --moments whose file records the model it was collected from", 64)
+    from ..artifacts import read_safetensors
+    from ..calibration.moments import FORMATS
+
+    recorded = read_safetensors(args.moments, "moments file", FORMATS, tensors=False)[0].get("model") or {}
+    if not isinstance(recorded.get("spec"), str) or recorded["spec"].startswith("<"):
+        raise TvsError(f"{args.moments} records no model spec that can be rebuilt: give MODEL (and --weights)")
+    from ..models.sources import SOURCES
+
+    try:
+        names_code = SOURCES.find(recorded["spec"]).names_code
+    except TvsError:
+        names_code = True
+    if names_code:  # a file never chooses code to run: the user names it
+        raise TvsError(f"{args.moments} was collected from {recorded['spec']!r}, which is code: name it yourself "
+                       f"as MODEL (tvsprune prune {recorded['spec']} --moments ...)")
+    args.model = recorded["spec"]
+    args.model_kwargs = args.model_kwargs or ([__import__("json").dumps(recorded["kwargs"])]
+                                              if recorded.get("kwargs") else None)
+    args.weights = args.weights or recorded.get("weights")
+    print(f"model from {args.moments}: {args.model}" + (f" with weights {args.weights}" if args.weights else ""),
+          file=sys.stderr)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from ..pruning import replay
 
@@ -62,7 +96,7 @@ def _register_prune(sub: Any) -> None:
                                    allocation_choices, methods)
 
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
-    add_model_args(p)
+    add_model_args(p, optional="default: the model, kwargs and weights the --moments file was collected from")
     p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
     p.add_argument("--method", choices=methods(), help="tvs (default), iter-tvs, or a baseline criterion")
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")

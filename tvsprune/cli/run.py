@@ -20,6 +20,12 @@ def _run_pipeline(cfg_path: str | None, overrides: list[str], force: list[str], 
     cfg = resolve_paths(cfg, base)
     pipe = Pipeline(cfg)
     if dry_run:
+        import json
+
+        print("resolved settings (defaults filled in, paths made absolute):")
+        for section, values in cfg.model_dump().items():
+            for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+                print(f"  {section}{'.' + key if key else ''} = {json.dumps(value)}")
         for stage, will_run in pipe.plan(set(force)):
             print(f"{'RUN ' if will_run else 'SKIP'} {stage}")
         print(f"output directory: {cfg.output_dir}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -43,7 +44,10 @@ class StageResult:
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: RunConfig, echo: Callable[[str], None] | None = None) -> None:
+        # status lines (PASSED / SKIPPED / RERUN / FAILED) go with the logs and progress on stderr;
+        # results (tables, the verdict) go to stdout
+        echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.cfg, self.echo = cfg, echo
         self.out = Path(cfg.output_dir)
         self.manifest_path = self.out / "manifest.json"
@@ -86,6 +90,13 @@ class Pipeline:
                    "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation, **evaluation}}[stage]
         return {**base, **section, "upstream": ups}
 
+    def _relative(self, path: Path) -> str:
+        """An output's path relative to the output folder: the manifest survives a move."""
+        try:
+            return Path(path).resolve().relative_to(self.out.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
     def _digest(self, path: str) -> str | None:
         """content_digest of a data folder, read once per run."""
         if path not in self._digests:
@@ -101,7 +112,7 @@ class Pipeline:
         rec = self.manifest["stages"].get(stage)
         if not rec or rec.get("status") != "passed" or rec.get("inputs_sha256") != inputs_hash:
             return False
-        return all(Path(p).is_file() and sha256_file(p) == h for p, h in rec.get("outputs", {}).items())
+        return all((self.out / p).is_file() and sha256_file(self.out / p) == h for p, h in rec.get("outputs", {}).items())
 
     # ------------------------------------------------------------------ stages
     def stage_calibrate(self) -> list[Path]:
@@ -232,7 +243,7 @@ class Pipeline:
             secs = time.perf_counter() - t0
             self.manifest["stages"][stage] = {"status": "passed", "inputs_sha256": inputs_hash,
                                               "inputs": {k: sha256_json(v) for k, v in inputs.items()},
-                                              "outputs": {str(p): sha256_file(p) for p in outputs},
+                                              "outputs": {self._relative(p): sha256_file(p) for p in outputs},
                                               "seconds": round(secs, 2)}
             self._save_manifest()
             results.append(StageResult(stage, "passed", secs))

@@ -18,6 +18,7 @@ from .allocations import ALLOCATIONS
 from .criteria import CRITERIA
 
 DEFAULT_RIDGE = 1e-3
+LARGE_LOSS_POINTS = 3.0  # top-1 points lost beyond which prune and bench say what to try
 
 
 @dataclass(frozen=True)

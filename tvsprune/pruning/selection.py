@@ -58,7 +58,11 @@ def fidelity_images(calib: DataOptions, loaded: LoadedModel, opts: "PruneOptions
                      "compared on %d images only the moments used", len(idx))
     held_out = len(idx) > 0
     if not held_out:
-        log.info("no calibration images beyond the repair images: the candidates are compared on those")
+        counts = np.bincount(source.labels)
+        log.warning("every calibration image (%d per class at least) is a repair image: the candidate networks are "
+                    "compared on the images they were fitted on, and ls-seq is not tried; give a folder with more than "
+                    "%d images per class (--repair-samples-per-class, default 100), or lower "
+                    "--repair-samples-per-class", int(counts[counts > 0].min()), opts.repair_samples_per_class or 0)
         idx = np.random.default_rng(calib.seed).permutation(repair)[:cap]
     xs = torch.cat([x for x, _ in BatchStream(source, idx, calib.batch_size, calib.workers, calib.skip_bad)])
     return xs, held_out

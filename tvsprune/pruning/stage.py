@@ -23,7 +23,8 @@ from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, save_pruned
 from .context import Context, calib_options_from, repair_batches  # noqa: F401 (repair_batches re-exported)
 from .criteria import criteria_needing
 from .iterative import _accuracy, iterative
-from .options import NEEDS_IMAGES, PruneOptions, allocation_choices, budget_words, methods  # noqa: F401 (re-exported)
+from .options import (LARGE_LOSS_POINTS, NEEDS_IMAGES, PruneOptions, allocation_choices, budget_words,  # noqa: F401
+                      methods)
 from .plan import Plan
 from .repairs import build_pruned, repairs_of
 from .scores import layer_scores, ldiff, spearman, tvs_scores
@@ -223,6 +224,11 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                               "samples": sum(len(y) for _, y in val_batches)}
         report["per_class"] = [{"class": c, "before": b, "after": a, "change_points": (a - b) * 100}
                                for c, b, a in zip(source_classes or range(n_classes), base_per, per)]
+        lost = report["accuracy"]["drop_points"]
+        if lost > max(LARGE_LOSS_POINTS, opts.max_acc_drop if opts.method == "iter-tvs" else LARGE_LOSS_POINTS):
+            log.warning("the pruned network loses %.1f points of top-1 on %d held-out images: keep more (a larger "
+                        "--keep-macs / --keep-params), give calibrate more images per class, or compare "
+                        "--allocation sensitivity", lost, report["accuracy"]["samples"])
     if rounds:
         report["rounds"] = [r for r in rounds if "stop" not in r]
         report["stop"] = rounds[-1]["stop"]
