@@ -153,6 +153,9 @@ def test_report_json_lists_skipped_backends_and_measurements(tiny_report):
     assert {m["label"] for m in rep["models"]} == {"base", "pruned0.2", "pruned0.5"}
     assert rep["accuracy"]["models"]["base"]["agreement_with_base"] == 1.0
     assert rep["memory"]["ort-cpu"]["base"]["peak_rss_bytes"] > 0
+    for backend in ("ort-cpu", "torch-cpu"):  # each model's own, from a fresh process
+        fresh = rep["memory"][backend]["pruned0.5"]["fresh"]
+        assert fresh["weights_bytes"] > 0 and fresh["peak_bytes"]["8"] >= fresh["weights_bytes"], fresh
     assert rep["machine"]["cpu_count"] and rep["versions"]["torch"]
     md = (tiny_report / "report.md").read_text()
     assert "## Summary" in md and "plots/latency_vs_batch.png" in md and "Backends skipped" in md

@@ -20,6 +20,14 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def _mb(v: float | None) -> str:
+    """Megabytes with the digits a small figure needs (never a misleading 0.0); '-' for none."""
+    if not v:
+        return "-"
+    mb = v / 1e6
+    return f"{mb:.1f}" if mb >= 10 else f"{mb:.2f}" if mb >= 0.1 else f"{mb:.4f}"
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     """One row per model: size, accuracy, latency at the largest batch, speedups vs MACs ratio."""
     models = report["models"]
@@ -273,10 +281,12 @@ def _details(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
     mem_rows = []
     for backend, per in report.get("memory", {}).items():
         for label, m in per.items():
+            fresh = m.get("fresh") or {}
+            peaks = fresh.get("peak_bytes") or {}
             mem_rows.append({"backend": backend, "model": label,
-                             "model RSS MB": _fmt(m["model_rss_bytes"] / 1e6, 1)
-                             if m.get("model_rss_bytes") is not None else "-",
-                             "process peak RSS MB": _fmt((m.get("peak_rss_bytes") or 0) / 1e6, 1),
+                             "weights MB": _mb(fresh.get("weights_bytes")),
+                             **{f"peak MB b{bs}": _mb(v) for bs, v in peaks.items()},
+                             "process peak RSS MB (all models)": _fmt((m.get("peak_rss_bytes") or 0) / 1e6, 1),
                              "GPU peak alloc MB": _fmt((m.get("gpu_peak_allocated_bytes") or 0) / 1e6, 1)
                              if m.get("gpu_peak_allocated_bytes") else "-",
                              "GPU mem delta MB": _fmt(m["gpu_memory_delta_bytes"] / 1e6, 1)

@@ -218,6 +218,27 @@ def bench(specs: list[str | LoadedModel], out_dir: str | Path, data: DataOptions
                       model_kwargs, prune_reports, base_model)
 
 
+FRESH_MEMORY_BACKENDS = ("torch-cpu", "ort-cpu")  # GPU backends report their allocators' own figures
+
+
+def _fresh_memory(backend: str, kind: str, e: Entry, shape: list[int], opts: BenchOptions,
+                  base_model: Any) -> dict[str, Any] | None:
+    """The model's own memory on ``backend``, measured in a fresh process (:mod:`.memprobe`);
+    None for a model held only in memory (the Python API's nn.Module)."""
+    from .memprobe import measure
+
+    request: dict[str, Any] = {"backend": backend, "shape": shape, "batch_sizes": opts.batch_sizes}
+    if kind == "onnx" and e.onnx is not None:
+        request["onnx"] = str(e.onnx)
+    elif kind == "torch" and e.loaded is not None and not e.loaded.spec.spec.startswith("<"):
+        request.update(spec=e.loaded.spec.spec, weights=e.loaded.spec.weights, kwargs=dict(e.loaded.spec.kwargs))
+        if base_model is not None:
+            request["base"] = base_model.to_dict() if hasattr(base_model, "to_dict") else {"spec": str(base_model)}
+    else:
+        return None
+    return measure(request)
+
+
 def _eval_images(entries: list[Entry], data: DataOptions, opts: BenchOptions) -> tuple[torch.Tensor, np.ndarray]:
     """The evaluation images every backend's accuracy is measured on (the same ones for all)."""
     src = data.open(entries[0].loaded)
@@ -338,6 +359,11 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
             continue
         if accuracy:
             report.setdefault("accuracy_by_backend", {})[b] = accuracy
+        if b in FRESH_MEMORY_BACKENDS:
+            progress(f"{b}: memory, one fresh process per model")
+            for e in usable:
+                report["memory"][b].setdefault(e.label, {})["fresh"] = _fresh_memory(b, kind, e, shape, opts,
+                                                                                      base_model)
     if data is not None and entries[0].loaded is not None:
         progress("accuracy and functional similarity")
         report["accuracy"] = _accuracy_block(entries, data, opts, evaluation)
