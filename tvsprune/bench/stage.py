@@ -129,7 +129,8 @@ def _prepare(entries: list[Entry], shape: list[int], out: Path, needs_onnx: bool
         if e.loaded is not None and not e.loaded.input_shape:
             e.loaded.input_shape = tuple(shape)
         if needs_onnx and e.onnx is None:
-            progress(f"exporting {e.label} to ONNX")
+            progress(f"exporting {e.label} to ONNX for the ONNX Runtime backends (give an .onnx file to reuse an "
+                     "export of yours)")
             e.onnx = out / "models" / f"{e.label}.onnx"
             export_onnx(e.loaded, e.onnx, input_shape=shape)
         if e.onnx is not None:
@@ -322,6 +323,10 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
     if missing:  # only a backend asked for by name can be missing: an error, not a silent skip
         raise MissingDependencyError("; ".join(f"backend {b} is not available: {avail[b]}" for b in missing))
     kinds = {backend_kind(b) for b in run}
+    progress(f"measuring {len(specs)} models on {', '.join(run) or 'no backend'} at batches "
+             f"{','.join(map(str, opts.batch_sizes))}: {opts.rounds} A/B rounds x {opts.iters} iterations each, "
+             f"accuracy on {opts.eval_samples or 'every'} images (the demo's three ResNet-20 models take about 30 s "
+             "on 2 quiet CPU cores; --rounds, --iters, --batch-sizes and --eval-samples shorten it)")
     entries = _load_entries(specs, weights, onnx_paths, model_kwargs, prune_reports, base_model)
     shape = _input_shape(entries, data, opts.input_shape)
     _prepare(entries, shape, out, "onnx" in kinds, "engine" in kinds, opts.trt_precision, progress)

@@ -11,7 +11,8 @@ the ``--fail-if`` gate CI scripts check it with.
   ``speedup_range``), whether the timings were stable (``stable``), and its points of
   top-1 lost with their paired 95 % interval (``drop_points``, ``drop_ci95``, on
   ``samples`` images; null without evaluation data).
-- ``best``: the backend entry with the highest speedup, with its ``backend`` name.
+- ``best``: the backend entry with the highest speedup among those whose timings were
+  stable (among all when none was), with its ``backend`` name.
 - ``macs_saved``, ``params_saved``, ``weights_bytes_saved``: fractions saved by that
   model (null when unknown, e.g. an .onnx file without its PyTorch model).
 - ``trustworthy``: the timings behind the verdict (the best entry's) were stable;
@@ -65,7 +66,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         out["backends"][backend] = entry
         out["all_stable"] = out["all_stable"] and entry["stable"]
     if out["backends"]:
-        name, best = max(out["backends"].items(), key=lambda kv: kv[1]["speedup"])
+        stable = {k: v for k, v in out["backends"].items() if v["stable"]} or out["backends"]
+        name, best = max(stable.items(), key=lambda kv: kv[1]["speedup"])  # a stable timing before a faster one
         out["best"] = {"backend": name, **best}
         out["trustworthy"] = best["stable"]
         m = models.get(best["model"], {})

@@ -80,10 +80,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Log to whatever sys.stderr is when a record is written: under the terminal's spinner
+    that is rich's redirect, which prints the line above the spinner instead of onto it."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     """-q: errors only; default: warnings; -v: info; -vv: debug; --log-file: everything, to a file."""
     level = logging.ERROR if args.quiet else logging.WARNING - 10 * min(args.verbose, 2)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [_CurrentStderr()]
     handlers[0].setLevel(level)
     if args.log_file:
         try:
