@@ -15,12 +15,15 @@ def progress_bar(desc: str, unit: str = "img", total: int | None = None) -> Iter
     ``update(n)`` and ``total``. In a pipe the activity's heartbeat line carries the counts."""
     from tqdm import tqdm
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                disable=None, mininterval=0.5, leave=False)
     counted = _Counted(bar, unit)
     _state["count"] = counted
     try:
-        yield counted
+        with logging_redirect_tqdm():  # a log line prints above the bar, not onto it
+            yield counted
     finally:
         _state["count"] = None
         bar.close()

@@ -276,7 +276,9 @@ def _details(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
                 rows.append({"batch": bs, "model": label, **{k: _fmt(st[k], 3) for k in
                              ("mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")},
                              "cv": _fmt(st["cv"], 3), "images/s": _fmt(st["throughput_ips"], 1),
-                             "h2d ms": _fmt(st["h2d_ms"], 3), "d2h ms": _fmt(st["d2h_ms"], 3)})
+                             # transfers exist only where the model runs on a device: "-" on the CPU
+                             "h2d ms": _fmt(st["h2d_ms"], 3) if st.get("h2d_ms") else "-",
+                             "d2h ms": _fmt(st["d2h_ms"], 3) if st.get("d2h_ms") else "-"})
         sections.append((f"Latency: {backend}", rows))
     mem_rows = []
     for backend, per in report.get("memory", {}).items():
