@@ -133,6 +133,8 @@ def _prepare(entries: list[Entry], shape: list[int], out: Path, needs_onnx: bool
                      "export of yours)")
             e.onnx = out / "models" / f"{e.label}.onnx"
             export_onnx(e.loaded, e.onnx, input_shape=shape)
+        elif needs_onnx:
+            progress(f"{e.label}: using the ONNX file given, {e.onnx} (not exported again)")
         if e.onnx is not None:
             e.files["onnx"] = e.onnx.stat().st_size
         if needs_engine and e.onnx is not None:
