@@ -785,4 +785,4 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
 
     for stage in manifest["stages"].values():
         for path, digest in stage.get("outputs", {}).items():
-            assert sha256_file(path) == digest, path
+            assert sha256_file(out / path) == digest, path  # relative to the output folder
