@@ -150,6 +150,7 @@ def export(model: Any, out: str | Path, data: Any, *, label: str = "model", weig
     ``options``: :class:`ExportOptions` fields. Returns the files written.
     """
     from .data import take_images
+    from .exporters.int8 import calibration_batches
     from .exporters.stage import export_model
 
     opts = ExportOptions.build(**_split(options, ExportOptions, what="export")[0])
@@ -159,7 +160,7 @@ def export(model: Any, out: str | Path, data: Any, *, label: str = "model", weig
     def calib_batches() -> list:
         x, _ = take_images(_data(calib_data if calib_data is not None else data).open(loaded), opts.int8_samples,
                            seed=1)
-        return [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
+        return calibration_batches(x)
 
     Path(out).mkdir(parents=True, exist_ok=True)
     return export_model(loaded, out, label, opts, parity, calib_batches)[0]

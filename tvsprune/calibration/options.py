@@ -20,11 +20,11 @@ class CalibrateOptions(Options):
         try:
             parse_resolution(v)
         except TvsError as e:
-            if v.startswith("pool") and "at most" not in str(e):
+            if "at most" in str(e):  # pool:K with K too large: the bound, as parse_resolution says it
+                raise ValueError(str(e)) from None
+            if v.startswith("pool"):
                 raise ValueError(f"unknown resolution {v!r} (did you mean 'pool:4'? valid: global, pool:K "
                                  "with K >= 1, full)") from None
-            if "at most" in str(e):
-                raise ValueError(str(e)) from None
             one_of(v, ("global", "pool:4", "full"), "resolution")
         return v
 

@@ -6,9 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from .common import (_add_image_flags, add_base_model_arg, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
-                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     defaults_from, loaded_model)
+from .common import _count, _floats, _ints, add_base_model_arg, add_data_args, data_options, defaults_from
 
 log = logging.getLogger("tvsprune")
 

@@ -143,11 +143,6 @@ def data_options(args: argparse.Namespace, path: str | None = None, **values: An
     return DataOptions.from_args(args, path=path or args.data, **values)
 
 
-def data_options_for(args: argparse.Namespace, path: str):
-    """The same data flags, applied to another folder (--calib-data, --val-data)."""
-    return data_options(args, path)
-
-
 def add_preprocess_args(p: argparse.ArgumentParser, what: str) -> None:
     """Preprocessing flags for commands whose data comes from other folders (--calib-data, --val-data)."""
     g = p.add_argument_group(f"preprocessing of {what} (default: as recorded in the moments file / checkpoint)")

@@ -5,9 +5,6 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
-                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     loaded_model)
 
 log = logging.getLogger("tvsprune")
 

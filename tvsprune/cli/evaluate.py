@@ -5,9 +5,7 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
-                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     loaded_model)
+from .common import _device, add_data_args, add_model_args, data_options, loaded_model
 
 log = logging.getLogger("tvsprune")
 

@@ -5,9 +5,8 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _floats, _int_at_least, _ints, _nonneg,  # noqa: F401
-                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
-                     defaults_from, loaded_model)
+from .common import (_count, _ints, add_data_args, add_model_args, add_preprocess_args, data_options, defaults_from,
+                     loaded_model)
 
 log = logging.getLogger("tvsprune")
 
@@ -63,15 +62,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def cmd_export_int8(args: argparse.Namespace) -> int:
     from ..bench.ort_eval import compare_int8
     from ..data import take_images
-    from ..exporters.int8 import quantize_int8, write_report
+    from ..exporters.int8 import calibration_batches, quantize_int8, write_report
     from ..exporters.onnx_export import onnx_metadata
 
     opts = _export_options(args)
     meta = onnx_metadata(args.model)
     src = _onnx_data(args, args.calib_data, meta).open()
     x, _ = take_images(src, opts.int8_samples, seed=args.seed)
-    batches = [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
-    rep = quantize_int8(args.model, batches, args.out, opts.int8_method, per_channel=not args.per_tensor)
+    rep = quantize_int8(args.model, calibration_batches(x), args.out, opts.int8_method, per_channel=not args.per_tensor)
     if args.eval_data:
         esrc = _onnx_data(args, args.eval_data, meta).open()
         rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)

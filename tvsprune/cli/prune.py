@@ -5,8 +5,7 @@ import argparse
 import logging
 from typing import Any
 
-from .common import (_add_image_flags, _count, _device, _floats, _int_at_least, _ints, _limited, _nonneg,  # noqa: F401
-                     add_data_args, add_model_args, add_preprocess_args, data_options, data_options_for,
+from .common import (_count, _device, _limited, _nonneg, add_model_args, add_preprocess_args, data_options,
                      defaults_from, loaded_model)
 
 log = logging.getLogger("tvsprune")
@@ -29,7 +28,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _model_from_moments(args)
     calib = val = None
     if args.calib_data:
-        calib = data_options_for(args, args.calib_data)
+        calib = data_options(args, args.calib_data)
     if args.val_data:
         val = data_options(args, args.val_data, samples_per_class=args.val_samples_per_class)
     report = prune(loaded_model(args), args.moments, args.out, opts, calib, val,
@@ -85,7 +84,7 @@ def _model_from_moments(args: argparse.Namespace) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     from ..pruning import replay
 
-    calib = data_options_for(args, args.calib_data) if args.calib_data else None
+    calib = data_options(args, args.calib_data) if args.calib_data else None
     module = replay(loaded_model(args), args.plan, args.out, calib, args.structure_only, args.moments)
     print(f"plan applied: {sum(p.numel() for p in module.parameters()):,} parameters; wrote {args.out}")
     return 0

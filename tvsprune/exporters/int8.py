@@ -34,6 +34,11 @@ class _Reader:
         pass
 
 
+def calibration_batches(images: Any, size: int = 32) -> list[np.ndarray]:
+    """Preprocessed images [N, C, H, W] as the float32 batches ONNX Runtime's calibrator reads."""
+    return [images[i:i + size].numpy() for i in range(0, len(images), size)]
+
+
 def quantize_int8(onnx_path: str | Path, calib_batches: list[np.ndarray], out: str | Path, method: str = "minmax",
                   per_channel: bool = True) -> dict[str, Any]:
     """Write a QDQ INT8 model calibrated on ``calib_batches``; returns a report."""

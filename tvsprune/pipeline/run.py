@@ -140,6 +140,7 @@ class Pipeline:
 
     def stage_export(self) -> list[Path]:
         from ..data import take_images
+        from ..exporters.int8 import calibration_batches
         from ..exporters.stage import export_model
         from ..models import ModelSpec, load_model
 
@@ -151,7 +152,7 @@ class Pipeline:
 
         def calib_batches() -> list:
             x, _ = take_images(c.data.at(c.data.calibration, samples_per_class=None).open(base), e.int8_samples, seed=1)
-            return [x[i:i + 32].numpy() for i in range(0, len(x), 32)]
+            return calibration_batches(x)
 
         outs, _ = export_model(base, exp, "base", e.model_copy(update={"int8": False, "tensorrt": []}), parity)
         more, self.skipped_engines = export_model(pruned, exp, "pruned", e, parity, calib_batches, self.echo)

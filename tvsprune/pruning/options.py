@@ -12,7 +12,6 @@ from typing import Any, Literal, get_args
 
 from pydantic import NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from ..errors import TvsError
 from ..options import Options, one_of
 from .allocations import ALLOCATIONS
 from .criteria import CRITERIA
