@@ -42,10 +42,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
         a = report["accuracy"]
         print(f"accuracy {a['before'] * 100:.2f} % -> {a['after'] * 100:.2f} % "
               f"({a['drop_points']:.2f} points lost) on {a['samples']} held-out images")
+    lat = report.get("latency")
+    if lat:
+        lo, hi = lat["measured_range"]
+        print(f"latency on {lat['backend']} at batch {lat['batch']}: {lat['measured']:.3f} of the base measured "
+              f"({lat['speedup']:.2f}x faster, rounds {1 / hi:.2f}-{1 / lo:.2f}x), {lat['predicted']:.3f} predicted, "
+              f"{lat['target']:.3f} asked" + ("" if lat["hit"] else ": MISSED"))
     if (report.get("budget") or {}).get("unmet"):
         print(f"note: {report['budget']['unmet']}")
     print(f"wrote {args.out}/plan.json, pruned.safetensors, prune.json")
     return 0
+
+
+def _round_to(text: str) -> int | str:
+    return "auto" if text == "auto" else _count(text)
+
+
+def _backend_names() -> list[str]:
+    from ..backends import BACKENDS
+
+    return list(BACKENDS.names())
 
 
 def _model_from_moments(args: argparse.Namespace) -> None:
@@ -110,6 +126,20 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--target-flops", type=_limited("target_flops"),
                    help="alias, as a fraction of MACs REMOVED: --target-flops 0.5 is --keep-macs 0.5")
     b.add_argument("--threshold", type=_limited("threshold"), help="remove filters whose score is below ETA (no budget)")
+    b.add_argument("--target-latency", type=_limited("target_latency"),
+                   help="fraction of the unpruned network's latency KEPT on --latency-backend at --latency-batch, "
+                        "e.g. 0.5: twice as fast; per-layer latencies are measured there (cached), and the pruned "
+                        "network is measured against the base and re-planned if it misses")
+    b.add_argument("--latency-backend", choices=_backend_names(),
+                   help="the backend a latency budget is measured on (default %(default)s)")
+    b.add_argument("--latency-batch", type=_count, help="the batch size a latency budget is measured at "
+                                                        "(default %(default)s)")
+    b.add_argument("--latency-precision", choices=["fp32", "int8"],
+                   help="time FP32 or INT8 (QDQ) graphs for a latency budget: int8 when you deploy the INT8 "
+                        "model (default %(default)s)")
+    b.add_argument("--latency-model", choices=["network", "layer"],
+                   help="how the latency table is measured: network (the whole network with one coupled group "
+                        "narrowed at a time) or layer (each layer alone); default %(default)s")
     b.add_argument("--allocation", choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "
                         "budget and keep the pruned network most faithful to the unpruned one on calibration "
@@ -127,8 +157,10 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--min-keep-frac", type=_limited("min_keep_frac"),
                    help="keep at least this fraction per layer (default %(default)s)")
     b.add_argument("--min-keep", type=_count, help="keep at least this many channels per layer (default %(default)s)")
-    b.add_argument("--round-to", type=_count,
-                   help="round kept widths up to a multiple (8/16/32; default %(default)s: no rounding)")
+    b.add_argument("--round-to", type=_round_to,
+                   help="kept widths in multiples of N (8/16/32), or auto (default): the latency backend's channel "
+                        "block for --target-latency (16 on AVX-512 CPUs, 8 on AVX2, 8 for GPU FP16, 32 for INT8 on "
+                        "GPUs), 1 (no rounding) for a parameter or MAC budget")
     p.add_argument("--pair-reduce", choices=["min", "mean"], help="reduction over class pairs (default %(default)s)")
     p.add_argument("--tvs-saliency", choices=TVS_SALIENCY,
                    help="tvs: how the TV score is combined: auto (default: the most faithful of the others, "

@@ -55,6 +55,7 @@ class CostTable:
             tracked += sum(p.numel() for p in m.parameters(recurse=False))
         self.other_params = sum(p.numel() for p in model.parameters()) - tracked
         self.shapes = shapes
+        self.latency = None  # a measured latency table (tvsprune.pruning.latency), for the latency metric
 
     def widths(self) -> Widths:
         return {n: (c.out, c.inp) for n, c in self.layers.items()}

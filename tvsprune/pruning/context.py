@@ -3,7 +3,7 @@ where its calibration images come from."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class Context:
     probe: ModelProbe
     graph: ChannelGraph
     cost: CostModel
+    memo: dict = field(default_factory=dict)  # what a re-plan reuses (the sensitivity curves)
 
     @classmethod
     def build(cls, loaded: LoadedModel, input_shape: list[int]) -> "Context":

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch.nn as nn
 
+from ..errors import TvsError
 from ..models.costs import CostTable, Widths, count_params_macs, output_shapes  # noqa: F401 (re-exported)
 from ..registry import Registry
 from .graph import ChannelGraph
@@ -19,6 +20,18 @@ Cost = Callable[[CostTable, Widths], float]
 COSTS: Registry[Cost] = Registry("budget metric")
 COSTS.register("params", lambda table, widths: table.params_macs(widths)[0])
 COSTS.register("macs", lambda table, widths: table.params_macs(widths)[1])
+
+
+def _latency(table: CostTable, widths: Widths) -> float:
+    """Predicted milliseconds on the latency backend (:class:`.latency.LatencyTable`, set on the table)."""
+    measured = getattr(table, "latency", None)
+    if measured is None:
+        raise TvsError("the latency metric needs a latency table measured on the target backend "
+                       "(prune with --target-latency)")
+    return measured.predict(widths)
+
+
+COSTS.register("latency", _latency)
 
 
 class CostModel:
@@ -52,9 +65,9 @@ class CostModel:
                         inp[it.module] -= n
         return {n: (out[n], inp[n]) for n in out}
 
-    def metric(self, metric: str, removed: list[np.ndarray] | None = None) -> int:
+    def metric(self, metric: str, removed: list[np.ndarray] | None = None) -> float:
         """The budget metric ``metric`` (a ``COSTS`` name) of the model, or with ``removed`` channels gone."""
-        return int(COSTS.get(metric)(self.table, self.widths(removed)))
+        return float(COSTS.get(metric)(self.table, self.widths(removed)))
 
     def cost(self, removed: list[np.ndarray] | None = None) -> tuple[int, int]:
         """(params, MACs) when ``removed[g]`` root channels of group g are removed."""

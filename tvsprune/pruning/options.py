@@ -51,6 +51,8 @@ LIMITS = {
     "keep_macs": Limit(0.0, 1.0, low_open=True, high_open=True, hint=KEPT),
     "target_params": Limit(0.0, 1.0, high_open=True, hint=FRACTION),
     "target_flops": Limit(0.0, 1.0, high_open=True, hint=FRACTION),
+    "target_latency": Limit(0.0, 1.0, low_open=True, high_open=True,
+                            hint="a fraction of the unpruned latency kept: twice as fast is 0.5"),
     "threshold": Limit(0.0),
     "cost_power": Limit(0.0),
     "min_keep_frac": Limit(0.0, 1.0),
@@ -96,7 +98,7 @@ def allocation_choices() -> tuple[str, ...]:
 # least-squares saliency: least discriminative *and* most reconstructable), "l2" (times the
 # filter's L2 norm), "auto" (the most faithful of them, see select_plan)
 DEFAULT_TARGET_PARAMS = 0.3  # the budget when none is given (CLI, Python API and run alike)
-BUDGETS = ("keep_params", "keep_macs", "target_params", "target_flops", "threshold")
+BUDGETS = ("keep_params", "keep_macs", "target_latency", "target_params", "target_flops", "threshold")
 NEEDS_IMAGES = ("the repairs need calibration images (BatchNorm re-estimation, ls-seq, or mean compensation from an "
                 "old moments file): give --calib-data (the moments file's data folder was not found) or --no-repair")
 
@@ -111,6 +113,16 @@ class PruneOptions(Options):
     target_params: float | None = None
     target_flops: float | None = None
     threshold: float | None = None
+    # a latency budget: the fraction of the unpruned network's latency kept on latency_backend at
+    # latency_batch (0.5: twice as fast), from a table measured there (pruning/latency.py); the
+    # pruned network is then measured against the base and the plan re-made if it misses
+    target_latency: float | None = None
+    latency_backend: str = "ort-cpu"
+    latency_batch: PositiveInt = 32
+    latency_precision: Literal["fp32", "int8"] = "fp32"  # int8: the table and the check time INT8 (QDQ) graphs
+    # how the table is measured: "network" (the whole network with one group narrowed at a time)
+    # or "layer" (each layer alone); benchmarks/latency_budget.py prints both predictions' errors
+    latency_model: Literal["network", "layer"] = "network"
     # "auto": the candidates of AUTO_CANDIDATES / AUTO_ALLOCATIONS, chosen by fidelity (select_plan);
     # without calibration images cost for parameter budgets, global for MAC budgets (cost
     # keeps VGG-11 within 1 point at 60 % of parameters where global loses 4; it drains
@@ -120,7 +132,9 @@ class PruneOptions(Options):
     # guards: the per-layer limits a plan keeps (Guards)
     min_keep_frac: float = 0.1
     min_keep: PositiveInt = 1
-    round_to: PositiveInt = 1
+    # kept widths in multiples of this; "auto": the latency backend's channel block for a latency
+    # budget (pruning.latency.backend_block), none (1) for a parameter or MAC budget, which names no target
+    round_to: PositiveInt | Literal["auto"] = "auto"
     pair_reduce: Literal["min", "mean"] = "min"
     seed: NonNegativeInt = 0
     # repairs: the defaults are the best configuration the accuracy benchmark found
@@ -154,6 +168,13 @@ class PruneOptions(Options):
     def _allocation(cls, v: str) -> str:
         return one_of(v, allocation_choices(), "allocation")
 
+    @field_validator("latency_backend")
+    @classmethod
+    def _latency_backend(cls, v: str) -> str:
+        from ..backends import BACKENDS
+
+        return one_of(v, BACKENDS.names(), "latency_backend")
+
     @model_validator(mode="after")
     def _check(self) -> "PruneOptions":
         for name, limit in LIMITS.items():  # the same finite ranges and words as the flags
@@ -166,11 +187,25 @@ class PruneOptions(Options):
             self.target_params = DEFAULT_TARGET_PARAMS
         if self.mean_compensation:
             self.compensation, self.mean_compensation = "mean", False
+        if self.target_latency is not None and self.method == "iter-tvs":
+            raise ValueError("iter-tvs takes a parameter or MAC budget; a latency budget is one-shot (method tvs or "
+                             "a baseline)")
         return self
 
     @property
+    def block(self) -> int:
+        """round_to as a number: "auto" is the latency backend's channel block for a latency budget, 1 otherwise."""
+        if self.round_to != "auto":
+            return int(self.round_to)
+        if self.target_latency is None:
+            return 1
+        from .latency import backend_block
+
+        return backend_block(self.latency_backend, self.latency_precision)
+
+    @property
     def guards(self) -> Guards:
-        return Guards(self.min_keep_frac, self.min_keep, self.round_to)
+        return Guards(self.min_keep_frac, self.min_keep, self.block)
 
     @property
     def repairs(self) -> dict[str, Any]:
@@ -188,12 +223,13 @@ class PruneOptions(Options):
         """The allocation used for a budget in ``metric`` (params or macs) where no selection runs."""
         if self.allocation != "auto":
             return self.allocation
-        return "cost" if metric == "params" else "global"
+        return "cost" if metric == "params" else "global"  # macs and latency alike
 
     def candidates(self, metric: str, criterion: str) -> list[tuple[str | None, str]]:
         """(tvs combination or None, allocation) pairs that ``auto`` chooses among
         (select_plan leaves ``sensitivity`` out on networks with too many groups)."""
         combos = [None] if criterion != "tvs" else None if self.tvs_saliency == "auto" else [self.tvs_saliency]
+        metric = "macs" if metric == "latency" else metric  # a latency budget prices cuts like MACs, measured
         if self.allocation == "auto" and combos is None:
             return list(AUTO_CANDIDATES[metric])
         allocs = AUTO_ALLOCATIONS[metric] if self.allocation == "auto" else (self.allocation,)
@@ -203,6 +239,8 @@ class PruneOptions(Options):
         """(fraction removed, metric): the one internal form of every budget spelling."""
         if self.keep_macs is not None:
             return 1.0 - self.keep_macs, "macs"
+        if self.target_latency is not None:
+            return 1.0 - self.target_latency, "latency"
         if self.keep_params is not None:
             return 1.0 - self.keep_params, "params"
         if self.target_flops is not None:
@@ -216,6 +254,8 @@ def budget_words(metric: str, removed: float | None) -> str:
         return "a score threshold (no budget)"
     what = {"macs": "MACs", "params": "parameters"}.get(metric, metric)
     kept = 1.0 - removed
+    if metric == "latency":
+        return f"keep {kept * 100:.0f} % of the latency ({1 / kept:.2f}x faster)" if kept > 0 else "no latency"
     return f"keep {kept * 100:.0f} % of {what} ({1 / kept:.2f}x fewer)" if kept > 0 else f"remove every {what}"
 
 

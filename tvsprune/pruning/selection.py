@@ -227,7 +227,10 @@ def _try_candidate(ctx: Context, moments: Moments | None, opts: PruneOptions, tv
     if allocation == "sensitivity":
         step("measuring each group's sensitivity")
         images = images or min(SENSITIVITY_MIN_IMAGES, len(xs))  # asked for by name: the least grid
-        curves, cuts = sensitivity_curves(ctx, sc, opts, calib, moments, xs, base, max(1, points), images)
+        key = ("curves", combine, max(1, points), images, opts.compensation)
+        if key not in ctx.memo:  # a latency budget's re-plans cut the same groups again
+            ctx.memo[key] = sensitivity_curves(ctx, sc, opts, calib, moments, xs, base, max(1, points), images)
+        curves, cuts = ctx.memo[key]
         extra = {"sensitivity": {"cuts": cuts, "images": int(min(images, len(xs))),
                                  "seconds": round(time.perf_counter() - t0, 2)}}
     plan = make_plan(ctx.graph, ctx.cost, sc, allocation=allocation, curves=curves, **plan_kw)

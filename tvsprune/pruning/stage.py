@@ -175,6 +175,36 @@ def _chosen_plan(ctx: Context, moments: Moments | None, opts: PruneOptions, cali
                        threshold=opts.threshold, guards=opts.guards, ldiffs=ldiffs, cost_power=opts.cost_power))
 
 
+def _fit_latency(ctx: Context, moments: Moments | None, opts: PruneOptions, calib: DataOptions | None,
+                 criterion: str, tv: dict[str, np.ndarray], scores: dict[str, np.ndarray], ldiffs: dict[str, float],
+                 chosen: dict[str, Any], input_shape: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A latency budget: the chosen network measured against the base on the latency backend,
+    and re-planned (the chosen candidate only) until it lands on the target (:func:`.latency.fit`)."""
+    from ..compare.on_backend import measure_speedup
+    from .latency import fit
+
+    fixed = {"allocation": chosen["trial"]["allocation"], "compensation": chosen["compensation"]}
+    if criterion == "tvs":
+        fixed["tvs_saliency"] = chosen["combine"]
+    narrowed = opts.model_copy(update=fixed)
+
+    def build(removed: float) -> dict[str, Any]:
+        again = _chosen_plan(ctx, moments, narrowed, calib, criterion, tv, scores, ldiffs, removed, "latency")
+        return {**again, "selection": chosen.get("selection"), "combine": chosen["combine"]}
+
+    def measure(model: torch.nn.Module) -> dict[str, float]:
+        step(f"measuring the pruned network against the base on {opts.latency_backend} at batch "
+             f"{opts.latency_batch}")
+        return measure_speedup(opts.latency_backend, ctx.loaded.module, model, input_shape, opts.latency_batch,
+                               opts.latency_precision)
+
+    best, record = fit(chosen, build, measure, opts.target_latency)
+    table = ctx.cost.table.latency
+    record = {"backend": opts.latency_backend, "batch": opts.latency_batch, "precision": opts.latency_precision,
+              "round_to": opts.block, **record, "table": table.info}
+    return best, record
+
+
 def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_dir: str | Path,
                 opts: PruneOptions, calib: DataOptions | None = None, val: DataOptions | None = None,
                 log_round: Callable[[dict[str, Any]], None] | None = None
@@ -190,6 +220,12 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     target, metric = opts.budget()
     if target is None and opts.threshold is None:
         raise TvsError("give a budget (--keep-params F or --keep-macs F) or --threshold ETA")
+    if metric == "latency":
+        from .latency import measure_table
+
+        ctx.cost.table.latency = measure_table(loaded.module, ctx.cost.table, ctx.graph, input_shape,
+                                               opts.latency_backend, opts.latency_batch, opts.guards,
+                                               opts.latency_precision, opts.latency_model, ctx.probe.logits_layer)
     criterion = "tvs" if opts.method == "iter-tvs" else opts.method
     tv, scores, ldiffs = _scores(ctx, moments, opts, criterion)
     val_batches, val_classes = _validation(val, calib, loaded, moments.classes if moments else None)
@@ -205,6 +241,9 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         plan, rounds = _iterative_plan(ctx, moments, opts, calib, val_batches, base_acc, target, metric, log_round)
     else:
         chosen = _chosen_plan(ctx, moments, opts, calib, criterion, tv, scores, ldiffs, target, metric)
+        if metric == "latency":
+            chosen, latency_record = _fit_latency(ctx, moments, opts, calib, criterion, tv, scores, ldiffs, chosen,
+                                                  input_shape)
         plan, pruned, repair_report, scores = chosen["plan"], chosen["model"], chosen["report"], chosen["scores"]
         if criterion == "tvs":
             meta["criterion"]["tvs_saliency"] = chosen["combine"]
@@ -217,6 +256,9 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         repair_report = {}
         pruned = build_pruned(ctx, plan, opts, calib, moments, repair_report)
     report = _report(loaded, ctx, opts, plan, meta, repair_report, selection, scores, ldiffs, tv)
+    if metric == "latency":
+        report["latency"] = latency_record
+        report["budget"]["in_words"] += f" on {opts.latency_backend} at batch {opts.latency_batch}"
     if val_batches is not None:
         step("measuring accuracy")
         acc, per, _ = _accuracy(pruned, val_batches, n_classes)

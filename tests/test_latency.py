@@ -1,0 +1,205 @@
+"""Latency budgets: the metric, the measured table and its cache, the plan it gives, the refusals.
+
+A fake backend stands in for the target: its runner's time is a known function of the
+network's widths (1 ms plus 0.25 ms per output channel of the second convolution), so the
+table, the plan and the measured check are exact and nothing here depends on this machine's
+speed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import run_cli
+from tiny_models import TinyCNN
+from tvsprune.backends import BACKENDS, Runner, register
+from tvsprune.errors import MissingDependencyError, TvsError
+
+ACTIVATIONS = {"count": 0}
+
+
+class FakeTarget(Runner):
+    """Times nothing: 0.25 ms per output channel of each Conv2d that does not read the image,
+    plus 1 ms for a whole network (what a one-layer graph does not have)."""
+
+    name = "fake-target"
+
+    def _activate(self):
+        ACTIVATIONS["count"] += 1
+        mods = list(self.artifact.module.modules())
+        convs = [m for m in mods if isinstance(m, nn.Conv2d) and m.in_channels != 3]
+        linears = [m for m in mods if isinstance(m, nn.Linear)]
+        whole = bool(linears) and any(isinstance(m, nn.Conv2d) for m in mods)
+        self.ms = (1.0 if whole else 0.0) + 0.25 * sum(c.out_channels for c in convs)
+        self.out = linears[-1].out_features if linears else 1
+
+    def _infer(self, x):
+        return np.zeros((len(x), self.out), np.float32)
+
+    def _timed(self, x):
+        return {"h2d": 0.0, "compute": self.ms / 1e3, "d2h": 0.0}
+
+
+if "fake-target" not in BACKENDS:
+    register("fake-target", "torch", lambda a, **k: FakeTarget(a, **k))
+
+
+def _tiny():
+    from tvsprune.models import LoadedModel, ModelSpec
+
+    torch.manual_seed(0)
+    return LoadedModel(TinyCNN().eval(), ModelSpec(spec="<tiny>"), input_shape=(3, 16, 16))
+
+
+def _opts(**kw):
+    from tvsprune.pruning import PruneOptions
+
+    base = dict(method="l1", target_latency=0.61, latency_backend="fake-target", latency_batch=2, allocation="cost",
+                round_to=1, compensation="none", bn_recalibrate=False)
+    return PruneOptions.build(**{**base, **kw})
+
+
+def test_latency_is_a_registered_budget_metric_like_params_and_macs():
+    from tvsprune.pruning import PruneOptions
+    from tvsprune.pruning.costs import COSTS, CostModel, output_shapes
+
+    assert {"params", "macs", "latency"} <= set(COSTS.names())
+    assert PruneOptions.build(target_latency=0.5).budget() == (0.5, "latency")
+    model = TinyCNN().eval()
+    cost = CostModel(model, None, output_shapes(model, (3, 16, 16)))
+    with pytest.raises(TvsError, match="latency table"):
+        cost.metric("latency")  # nothing measured: one clear error, not a silent 0
+
+
+def test_round_to_auto_is_the_latency_backends_block():
+    from tvsprune.pruning import PruneOptions
+    from tvsprune.pruning.latency import backend_block, cpu_capability
+
+    cpu = 16 if "AVX512" in cpu_capability().upper() else 8
+    assert PruneOptions.build(target_latency=0.5).block == cpu  # ort-cpu, the default backend
+    assert PruneOptions.build(target_latency=0.5, latency_backend="tensorrt").block == 8
+    assert PruneOptions.build(target_latency=0.5, latency_backend="tensorrt", latency_precision="int8").block == 32
+    assert PruneOptions.build(keep_macs=0.5).block == 1  # a MAC budget names no target backend
+    assert PruneOptions.build(keep_macs=0.5, round_to=8).block == 8
+    assert backend_block("torch-cpu") == cpu
+
+
+def test_fake_backend_gives_the_exact_expected_plan(tmp_path):
+    """Only the second convolution costs time (0.25 ms a channel on 1 + 4 ms): 61 % of the
+    latency kept is 8 of its 16 channels gone, its 8 lowest-L1 filters, and nothing else."""
+    from tvsprune.pruning.stage import prune_model
+
+    loaded = _tiny()
+    l1 = loaded.module.features[4].weight.detach().abs().sum((1, 2, 3)).numpy()
+    report, pruned, plan = prune_model(loaded, None, tmp_path / "p", _opts())
+    kept = {g["root"]: g["kept"] for g in plan.groups}
+    assert kept["features.0"] == list(range(8))
+    assert kept["features.4"] == sorted(np.argsort(l1)[8:].tolist())
+    lat = report["latency"]
+    assert lat["predicted"] == pytest.approx(3.0 / 5.0) and lat["measured"] == pytest.approx(3.0 / 5.0)
+    assert lat["hit"] and len(lat["attempts"]) == 1 and lat["backend"] == "fake-target"
+    assert report["budget"]["metric"] == "latency" and "on fake-target at batch 2" in report["budget"]["in_words"]
+    assert pruned.features[4].out_channels == 8
+
+
+def test_a_measured_miss_is_re_planned(tmp_path):
+    """The layer model misses the whole network's fixed 1 ms: it predicts 8 kept channels at half
+    the latency, the network measures 0.6 of the base, and the re-plan asks the table for
+    0.5 x 0.5 / 0.6 = 0.417 predicted: 6 channels kept, measured (1 + 1.5) / 5 = 0.5, a hit."""
+    from tvsprune.pruning.stage import prune_model
+
+    report, _, plan = prune_model(_tiny(), None, tmp_path / "p", _opts(latency_model="layer", target_latency=0.5))
+    lat = report["latency"]
+    assert [a["measured"] for a in lat["attempts"]] == [pytest.approx(0.6), pytest.approx(0.5)]
+    assert lat["attempts"][1]["asked_predicted"] == pytest.approx(0.5 * 0.5 / 0.6, abs=1e-4)
+    assert {g["root"]: len(g["kept"]) for g in plan.groups} == {"features.0": 8, "features.4": 6, "classifier.0": 16}
+    assert lat["hit"] and lat["measured"] == pytest.approx(0.5) and lat["table"]["model"] == "layer"
+
+
+def test_the_table_is_cached_and_measured_again_for_another_version_or_machine(tmp_path, monkeypatch):
+    from tvsprune.pruning import latency
+    from tvsprune.pruning.context import Context
+
+    loaded = _tiny()
+    ctx = Context.build(loaded, [3, 16, 16])
+    guards = _opts().guards
+
+    def table():
+        before = ACTIVATIONS["count"]
+        t = latency.measure_table(loaded.module, ctx.cost.table, ctx.graph, [3, 16, 16], "fake-target", 2, guards,
+                                  cache_dir=tmp_path)
+        return t, ACTIVATIONS["count"] - before
+
+    first, runs = table()
+    assert runs > 0 and first.info["points_measured"] > 0
+    again, runs = table()
+    assert runs == 0 and again.info["points_measured"] == 0  # a second prune measures nothing
+    assert again.predict(ctx.cost.table.widths()) == pytest.approx(first.predict(ctx.cost.table.widths()))
+    versions = latency.backend_versions
+    monkeypatch.setattr(latency, "backend_versions", lambda b: {**versions(b), "torch": "0.0-other"})
+    _, runs = table()
+    assert runs > 0  # another library version: measured afresh
+    monkeypatch.setattr(latency, "machine", lambda b: {"cpu": "another CPU"})
+    _, runs = table()
+    assert runs > 0  # another machine too
+    assert len(list(tmp_path.glob("fake-target.fp32.b2.*.json"))) == 3
+
+
+def test_a_corrupt_cache_is_measured_again(tmp_path):
+    from tvsprune.pruning import latency
+    from tvsprune.pruning.context import Context
+
+    loaded = _tiny()
+    ctx = Context.build(loaded, [3, 16, 16])
+    args = (loaded.module, ctx.cost.table, ctx.graph, [3, 16, 16], "fake-target", 2, _opts().guards)
+    latency.measure_table(*args, cache_dir=tmp_path)
+    (f,) = tmp_path.glob("*.json")
+    f.write_text("{not json")
+    assert latency.measure_table(*args, cache_dir=tmp_path).info["points_measured"] > 0
+
+
+def test_layer_table_interpolates_bilinearly_and_grids_are_aligned():
+    from tvsprune.pruning.latency import LayerShape, LayerTable, width_grid
+    from tvsprune.pruning.options import Guards
+
+    assert width_grid(64, 16, Guards()) == [16, 32, 48, 64]
+    assert width_grid(512, 16, Guards()) == [64, 176, 288, 400, 512]  # at most 5 points, the ends kept
+    assert width_grid(24, 8, Guards(min_keep_frac=0.5)) == [16, 24]
+    assert all(w % 8 == 0 for w in width_grid(96, 8, Guards(), multiple=4))
+    t = LayerTable(LayerShape("conv"), [8, 16], [8, 16, 32])
+    t.ms = {(i, o): 0.5 + i * o / 64 for i in t.cin for o in t.cout}
+    assert t.at(12, 24) == pytest.approx(0.5 + 12 * 24 / 64)  # bilinear is exact on i * o
+    assert t.at(4, 64) == t.at(8, 32)  # clamped at the grid's ends
+
+
+def test_an_absent_latency_backend_is_one_error_line_and_exit_2(tmp_path, tiny_calibrated):
+    from tvsprune.backends import backend_availability
+
+    absent = next((b for b, why in backend_availability().items() if why), None)
+    if absent is None:
+        pytest.skip("every backend is available here")
+    spec, weights, images, moments = tiny_calibrated
+    out = tmp_path / "p"
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--target-latency", "0.5",
+                "--latency-backend", absent, "--out", out)
+    assert r.returncode == 2, r.stderr
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and absent in errors[0] and "not available" in errors[0]
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_the_check_refuses_a_backend_it_does_not_know():
+    from tvsprune.pruning.latency import check_backend
+
+    with pytest.raises(TvsError, match="unknown --latency-backend"):
+        check_backend("tpu-9000")
+    with pytest.raises(TvsError):  # the option itself is checked where it is given
+        _opts(latency_backend="tpu-9000")
+    assert issubclass(MissingDependencyError, TvsError)
+
+
+def test_iter_tvs_refuses_a_latency_budget():
+    with pytest.raises(TvsError, match="one-shot"):
+        _opts(method="iter-tvs")

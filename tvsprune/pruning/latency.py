@@ -1,0 +1,433 @@
+"""Latency as a budget metric: what each layer costs on the backend that will run the model,
+measured there, as a function of its kept widths.
+
+Every Conv2d / Linear is timed alone (one-layer graph: the layer and its ReLU, which the
+backends fuse, as an ONNX file for ONNX Runtime and TensorRT, a module for PyTorch) at the
+latency batch, on a grid of kept (input, output) widths aligned to ``round_to``, at most
+``GRID_POINTS`` per pruned dimension; between grid points the table interpolates
+bilinearly. A network's predicted latency is the sum over its layers, and the budget is a
+fraction of the unpruned network's sum, so a fixed cost outside the layers scales with them.
+``benchmarks/latency_budget.py`` prints how far that prediction is from measured networks.
+
+The points are cached per backend, precision, batch, library versions and machine (CPU model
+and instruction set, GPU name) under ``$TVSPRUNE_HOME/latency/`` and keyed by the layer's
+geometry, so a second prune on the same machine measures nothing, and a layer shape another
+network shares is measured once.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..artifacts import home, sha256_json, versions, write_json
+from ..backends import BACKENDS, backend_kind
+from ..compare.on_backend import measure_layer
+from ..console import step
+from ..errors import MissingDependencyError, TvsError
+from ..models.costs import CostTable, Widths
+from .graph import ChannelGraph
+from .options import Guards
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tvsprune.latency/1"
+GRID_POINTS = 5      # measured widths per pruned dimension of a layer, at most (its full width included)
+CPU_BACKENDS = ("ort-cpu", "torch-cpu")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what the cache is keyed by, with the instruction set)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str:
+    """The vector instruction set PyTorch dispatches to here (AVX512, AVX2, DEFAULT, ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # older builds
+        return "DEFAULT"
+
+
+def backend_block(backend: str, precision: str = "fp32") -> int:
+    """The channel block the backend's fast kernels want: ONNX Runtime's CPU convolutions take
+    the blocked NCHWc path for channel counts in multiples of 16 with AVX-512, 8 with AVX2
+    (MLAS; oneDNN under PyTorch blocks the same way); TensorRT stores FP16 tensors in multiples
+    of 8 and its INT8 tensor-core kernels want 32."""
+    if backend in CPU_BACKENDS:
+        return 16 if "AVX512" in cpu_capability().upper() else 8
+    return 32 if precision == "int8" else 8
+
+
+def machine(backend: str) -> dict[str, Any]:
+    """What a timing depends on besides the software: the CPU (and the GPU a GPU backend runs on)."""
+    out: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_capability(), "cores": os.cpu_count()}
+    if backend not in CPU_BACKENDS and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def backend_versions(backend: str) -> dict[str, str]:
+    v = versions()
+    return {k: v[k] for k in ("python", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt") if k in v}
+
+
+def identity(backend: str, precision: str, batch: int) -> dict[str, Any]:
+    """What the cached timings are valid for; another value of any of it measures afresh."""
+    return {"format": FORMAT, "backend": backend, "precision": precision, "batch": batch,
+            "threads": torch.get_num_threads() if backend_kind(backend) == "torch" else "backend default",
+            "versions": backend_versions(backend), "machine": machine(backend)}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A Conv2d / Linear's geometry apart from its widths (what a timing is keyed by)."""
+
+    kind: str                   # conv | linear
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1             # 0: depthwise (groups follow the channels)
+    size: tuple[int, ...] = ()  # input H, W (conv); rows per image (linear)
+    bias: bool = True
+
+    def key(self, cin: int, cout: int) -> str:
+        return (f"{self.kind} {cin}->{cout} k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
+                f"g{self.groups} in{self.size} bias{int(self.bias)}").replace(" ", "")
+
+    @property
+    def tied(self) -> bool:
+        return self.kind == "conv" and self.groups == 0
+
+
+def layer_shapes(model: nn.Module, table: CostTable, input_shape: list[int]) -> dict[str, LayerShape]:
+    """The geometry of every Conv2d / Linear of ``table``, its input size read by one forward."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, inp, out):
+        shape = tuple(inp[0].shape[1:])
+        sizes[names[m]] = shape[1:3] if isinstance(m, nn.Conv2d) else (int(np.prod(shape[:-1])),)
+
+    mods = [m for n, m in model.named_modules() if n in table.layers and isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    out = {}
+    for m in mods:
+        n = names[m]
+        c = table.layers[n]
+        if isinstance(m, nn.Conv2d):
+            pad = m.padding
+            if isinstance(pad, str):  # "same" / "valid"
+                pad = tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size)) if pad == "same" else (0, 0)
+            out[n] = LayerShape("conv", tuple(m.kernel_size), tuple(m.stride), tuple(pad), tuple(m.dilation),
+                                c.groups, tuple(int(s) for s in sizes.get(n, (1, 1))), m.bias is not None)
+        else:
+            out[n] = LayerShape("linear", size=sizes.get(n, (1,)), bias=m.bias is not None)
+    return out
+
+
+def width_grid(full: int, step: int, guards: Guards, multiple: int = 1) -> list[int]:
+    """Kept widths to measure for a dimension of ``full`` channels: multiples of ``step`` (and of
+    ``multiple``, a grouped convolution's group count) from the guards' least width up, and the
+    full width; at most GRID_POINTS, evenly spread, the ends kept."""
+    unit = step * multiple // math.gcd(step, multiple)
+    least = max(1, full - guards.max_removable(full))
+    vals = sorted({full} | {w for w in range(unit, full, unit) if w >= least})
+    if len(vals) > GRID_POINTS:
+        idx = np.unique(np.round(np.linspace(0, len(vals) - 1, GRID_POINTS)).astype(int))
+        vals = [vals[i] for i in idx]
+    return vals
+
+
+def _at(grid: list[int], v: float) -> tuple[int, int, float]:
+    """Bracketing indices of ``v`` in ``grid`` and the weight of the upper one (clamped at the ends)."""
+    if v <= grid[0]:
+        return 0, 0, 0.0
+    if v >= grid[-1]:
+        return len(grid) - 1, len(grid) - 1, 0.0
+    j = bisect.bisect_right(grid, v)
+    return j - 1, j, (v - grid[j - 1]) / (grid[j] - grid[j - 1])
+
+
+@dataclass
+class LayerTable:
+    shape: LayerShape
+    cin: list[int]
+    cout: list[int]
+    ms: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def points(self) -> list[tuple[int, int]]:
+        if self.shape.tied:
+            return [(w, w) for w in self.cout]
+        return [(i, o) for i in self.cin for o in self.cout]
+
+    def at(self, cin: int, cout: int) -> float:
+        """Milliseconds at these kept widths (bilinear between the grid's points)."""
+        if self.shape.tied:
+            i, j, t = _at(self.cout, cout)
+            return (1 - t) * self.ms[(self.cout[i], self.cout[i])] + t * self.ms[(self.cout[j], self.cout[j])]
+        a, b, u = _at(self.cin, cin)
+        c, d, t = _at(self.cout, cout)
+
+        def row(x: int) -> float:
+            return (1 - t) * self.ms[(self.cin[x], self.cout[c])] + t * self.ms[(self.cin[x], self.cout[d])]
+
+        return (1 - u) * row(a) + u * row(b)
+
+
+@dataclass
+class LatencyTable:
+    """Per layer, measured milliseconds on a grid of kept widths; ``predict`` sums them."""
+
+    backend: str
+    precision: str
+    batch: int
+    layers: dict[str, LayerTable]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, widths: Widths) -> float:
+        """Predicted milliseconds of the layers with these kept (output, input) widths."""
+        return float(sum(t.at(widths[n][1], widths[n][0]) for n, t in self.layers.items()))
+
+
+def cache_path(ident: dict[str, Any], folder: Path | None = None) -> Path:
+    folder = Path(folder) if folder else home() / "latency"
+    return folder / f"{ident['backend']}.{ident['precision']}.b{ident['batch']}.{sha256_json(ident)[:16]}.json"
+
+
+def _read_cache(path: Path, ident: dict[str, Any]) -> dict[str, float]:
+    """The cached points (key -> ms); nothing when absent, unreadable or for another identity."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict) or data.get("identity") != ident or not isinstance(data.get("points"), dict):
+        return {}
+    return {k: float(v) for k, v in data["points"].items()  # a saving may be 0, or below it within the noise
+            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def check_backend(backend: str) -> None:
+    """A backend that cannot run here is one error line (exit 2) before anything is measured."""
+    if backend not in BACKENDS:
+        raise TvsError(f"unknown --latency-backend {backend!r} (known: {', '.join(BACKENDS.names())})", 64)
+    why = BACKENDS.get(backend).unavailable()
+    if why:
+        raise MissingDependencyError(f"--latency-backend {backend} is not available here: {why}")
+
+
+def measure_table(model: nn.Module, table: CostTable, graph: ChannelGraph, input_shape: list[int], backend: str,
+                  batch: int, guards: Guards, precision: str = "fp32", how: str = "network",
+                  logits_layer: str | None = None, cache_dir: Path | None = None) -> "LatencyTable | NetworkTable":
+    """The latency table of ``model`` on ``backend`` (``how``: "network", one group narrowed at a
+    time, or "layer", each layer alone), from the cache where it has the points and measured
+    (then cached) where not."""
+    check_backend(backend)
+    t0 = time.perf_counter()
+    ident = identity(backend, precision, batch)
+    path = cache_path(ident, cache_dir)
+    cached = _read_cache(path, ident)
+
+    def save(points: dict[str, float]) -> None:  # kept as it grows: an interrupted run resumes
+        cached.update(points)
+        write_json(path, {"identity": ident, "points": cached})
+
+    if how == "layer":
+        result, measured, used = _layer_table(model, table, graph, input_shape, backend, batch, guards, precision,
+                                              cached, save)
+    else:
+        result, measured, used = _network_table(model, table, graph, input_shape, backend, batch, guards, precision,
+                                                cached, save, logits_layer)
+    result.info = {"model": how, "cache": str(path), "points_measured": measured, "points_reused": used - measured,
+                   "seconds": round(time.perf_counter() - t0, 2), "round_to": max(1, guards.round_to),
+                   "machine": ident["machine"]}
+    log.info("latency table (%s): %d points measured, %d from %s", how, measured, used - measured, path)
+    return result
+
+
+def _layer_table(model, table, graph, input_shape, backend, batch, guards, precision, cached, save
+                 ) -> tuple[LatencyTable, int, int]:
+    varying = {(it.module, it.dim) for g in graph.groups if g.root not in graph.rigid for it in g.items}
+    step_ = max(1, guards.round_to)
+    layers: dict[str, LayerTable] = {}
+    for n, s in layer_shapes(model, table, input_shape).items():
+        c = table.layers[n]
+        mult = c.groups if c.groups > 1 else 1
+        cin = width_grid(c.inp, step_, guards, mult) if (n, "in") in varying and not s.tied else [c.inp]
+        cout = width_grid(c.out, step_, guards, mult) if (n, "out") in varying else [c.out]
+        layers[n] = LayerTable(s, cin, cout)
+    todo: dict[str, tuple[LayerShape, list[tuple[int, int]]]] = {}
+    for lt in layers.values():
+        for p in lt.points():
+            if lt.shape.key(*p) not in cached:
+                todo.setdefault(lt.shape.key(0, 0), (lt.shape, []))[1].append(p)
+    measured = 0
+    if todo:
+        total = sum(len(set(ps)) for _, ps in todo.values())
+        step(f"measuring {total} layer latencies on {backend} at batch {batch} (cached for the next prune)")
+        for shape, ps in todo.values():
+            ps = sorted(set(ps))
+            save({shape.key(*p): ms for p, ms in measure_layer(backend, precision, shape, ps, batch).items()})
+            measured += len(ps)
+    for lt in layers.values():
+        lt.ms = {p: cached[lt.shape.key(*p)] for p in lt.points()}
+    return LatencyTable(backend, precision, batch, layers), measured, sum(len(lt.points()) for lt in layers.values())
+
+
+@dataclass
+class GroupCurve:
+    """What narrowing one coupled group alone saves: milliseconds at each kept width of its grid."""
+
+    layer: str          # the layer whose kept output width tells the group's
+    full: int           # that layer's full output width
+    local: int          # the group's block-local channels (what the grid counts)
+    grid: list[int]     # kept block-local widths, ascending, the full width last
+    saved: list[float]  # milliseconds saved at each (0 at the full width)
+
+    def at(self, widths: Widths) -> float:
+        kept = widths[self.layer][0] * self.local / self.full
+        return float(np.interp(kept, self.grid, self.saved))
+
+
+@dataclass
+class NetworkTable:
+    """The whole network measured with one group narrowed at a time; a network's predicted
+    latency is the base's less what each of its groups' widths saves alone."""
+
+    backend: str
+    precision: str
+    batch: int
+    base_ms: float
+    groups: dict[str, GroupCurve]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, widths: Widths) -> float:
+        return max(0.0, self.base_ms - sum(g.at(widths) for g in self.groups.values()))
+
+
+def structure_key(table: CostTable, input_shape: list[int]) -> str:
+    """What a network's timings depend on apart from the machine: its layers' geometry and input."""
+    return sha256_json({"input": list(input_shape), "layers": [[n, c.kind, c.out, c.inp, c.k, c.spatial, c.groups]
+                                                               for n, c in table.layers.items()]})[:16]
+
+
+def _network_table(model, table, graph, input_shape, backend, batch, guards, precision, cached, save,
+                   logits_layer) -> tuple[NetworkTable, int, int]:
+    import copy
+
+    from ..compare.on_backend import time_networks
+    from .plan import Plan, plan_groups
+    from .surgery import apply_plan
+
+    net = structure_key(table, input_shape)
+    step_ = max(1, guards.round_to)
+    curves: dict[str, GroupCurve] = {}
+    for g in graph.groups:
+        outs = [it for it in g.items if it.dim == "out" and it.module in table.layers]
+        if g.root in graph.rigid or not outs:
+            continue
+        layer = max(outs, key=lambda it: len(it.idxs)).module
+        grid = width_grid(g.block_size, step_, guards)
+        curves[g.root] = GroupCurve(layer, table.layers[layer].out, g.block_size, grid, [0.0] * len(grid))
+    keys = {r: [f"net:{net}:{r}@{w}" for w in c.grid[:-1]] for r, c in curves.items()}
+    missing = [r for r in curves if any(k not in cached for k in keys[r])]
+    measured = 0
+    if missing:
+        points = sum(len(keys[r]) for r in missing)
+        step(f"measuring {points} narrowed networks on {backend} at batch {batch} (cached for the next prune)")
+        none = np.empty(0, dtype=np.int64)
+        example = torch.zeros(1, *input_shape)
+        for r in missing:
+            gi = next(i for i, g in enumerate(graph.groups) if g.root == r)
+            g, c = graph.groups[gi], curves[r]
+            nets = {"base": model}
+            for w in c.grid[:-1]:
+                local = np.arange(w, g.block_size)
+                cut = [g.expand(local) if j == gi and g.blocks > 1 else local if j == gi else none
+                       for j in range(len(graph.groups))]
+                nets[str(w)] = apply_plan(copy.deepcopy(model), Plan(plan_groups(graph, cut), {}), example,
+                                          logits_layer)
+            times = time_networks(backend, precision, nets, input_shape, batch)
+            base = np.asarray(times["base"])
+            save({f"net:{net}:base": float(np.median(base)),
+                  **{k: float(np.median(base - np.asarray(times[str(w)]))) for k, w in zip(keys[r], c.grid[:-1])}})
+            measured += len(keys[r])
+    if f"net:{net}:base" not in cached:  # nothing prunable: the base alone
+        save({f"net:{net}:base": float(np.median(time_networks(backend, precision, {"base": model}, input_shape,
+                                                               batch)["base"]))})
+    for r, c in curves.items():  # a narrower width saves at least what a wider one does (the noise aside)
+        c.saved = np.maximum.accumulate(np.array([cached[k] for k in keys[r]] + [0.0])[::-1])[::-1].tolist()
+    used = sum(len(k) for k in keys.values())
+    return NetworkTable(backend, precision, batch, cached[f"net:{net}:base"], curves), measured, used
+
+
+TOLERANCE = 0.05  # a measured latency ratio this close to the target (relative) is a hit, whatever the noise
+CORRECTIONS = 2   # plans re-made at most, after the first, when the measured network misses the target
+
+
+def fit(first: dict[str, Any], build: Callable[[float], dict[str, Any]],
+        measure: Callable[[nn.Module], dict[str, float]], target_kept: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Measure the chosen network (``first``: a candidate of ``select_plan``) against the base;
+    when its latency ratio misses ``target_kept`` by more than the per-round range of the
+    measurement and TOLERANCE, ask the table for the predicted ratio that the error says
+    would land on the target (``build(fraction removed)``), at most CORRECTIONS times. Returns
+    the candidate closest to the target (a hit first) and the record of every attempt."""
+    attempts: list[dict[str, Any]] = []
+    chosen, best, best_rank = first, first, None
+    asked = target_kept
+    for k in range(CORRECTIONS + 1):
+        lat = chosen["plan"].meta["latency"]
+        predicted = lat["after"] / lat["before"]
+        m = measure(chosen["model"])
+        measured = 1.0 / m["speedup"]
+        band = (1.0 / m["speedup_max"], 1.0 / m["speedup_min"])
+        hit = band[0] <= target_kept <= band[1] or abs(measured / target_kept - 1.0) <= TOLERANCE
+        attempts.append({"asked_predicted": round(asked, 4), "predicted": round(predicted, 4),
+                         "measured": round(measured, 4), "measured_range": [round(b, 4) for b in band],
+                         "speedup": round(m["speedup"], 4), "base_ms": round(m["base_ms"], 4),
+                         "pruned_ms": round(m["pruned_ms"], 4), "hit": hit,
+                         "macs_removed": round(chosen["plan"].meta["macs"]["removed_frac"], 4)})
+        rank = (not hit, abs(measured / target_kept - 1.0))
+        if best_rank is None or rank < best_rank:
+            best, best_rank, best_k = chosen, rank, k
+        if hit or k == CORRECTIONS:
+            break
+        asked = float(min(0.999, max(0.01, predicted * target_kept / measured)))
+        step(f"measured {measured:.3f} of the base latency, asked {target_kept:.3f}: planning for a predicted "
+             f"{asked:.3f}")
+        chosen = build(1.0 - asked)
+    final = attempts[best_k]
+    record = {"target": target_kept, "predicted": final["predicted"], "measured": final["measured"],
+              "measured_range": final["measured_range"], "speedup": final["speedup"], "hit": final["hit"],
+              "prediction_error": round(final["predicted"] / final["measured"] - 1.0, 4), "attempts": attempts}
+    if not final["hit"]:
+        log.warning("the pruned network runs at %.3f of the base latency (asked %.3f) after %d attempts: "
+                    "the guards or the widths the backend likes do not allow closer", final["measured"], target_kept,
+                    len(attempts))
+    return best, record
