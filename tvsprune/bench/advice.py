@@ -66,7 +66,8 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
         ratio = macs[base] / macs[label]
         out.append(f"{label} has {ratio:.2f}x fewer MACs but runs only {short_list(where, 3)} faster: the backend "
                    "does not turn the removed MACs into time (kept widths off its kernels' channel blocks, "
-                   "memory-bound layers); prune with --round-to 8 (16 on AVX-512 CPUs, 32 for TensorRT INT8)")
+                   "memory-bound layers); prune to a latency instead (--target-latency: widths measured on the "
+                   "target), or --round-to 8 (32 for TensorRT INT8)")
     for label, where in int8.items():
         out.append(f"{label} is slower than its FP32 model ({short_list(where, 3)}): this backend lacks fast INT8 "
                    "kernels for some layers; deploy the FP32 model here, or measure INT8 on the target (TensorRT)")

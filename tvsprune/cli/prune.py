@@ -159,8 +159,8 @@ def _register_prune(sub: Any) -> None:
     b.add_argument("--min-keep", type=_count, help="keep at least this many channels per layer (default %(default)s)")
     b.add_argument("--round-to", type=_round_to,
                    help="kept widths in multiples of N (8/16/32), or auto (default): the latency backend's channel "
-                        "block for --target-latency (16 on AVX-512 CPUs, 8 on AVX2, 8 for GPU FP16, 32 for INT8 on "
-                        "GPUs), 1 (no rounding) for a parameter or MAC budget")
+                        "block for --target-latency (8 on CPUs, whose measured table prices widths that miss AVX-512's "
+                        "16; 8 for GPU FP16, 32 for INT8 on GPUs), 1 (no rounding) for a parameter or MAC budget")
     p.add_argument("--pair-reduce", choices=["min", "mean"], help="reduction over class pairs (default %(default)s)")
     p.add_argument("--tvs-saliency", choices=TVS_SALIENCY,
                    help="tvs: how the TV score is combined: auto (default: the most faithful of the others, "

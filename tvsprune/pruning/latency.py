@@ -66,19 +66,31 @@ def cpu_capability() -> str:
         return "DEFAULT"
 
 
+def isa_block() -> int:
+    """The channel block of ONNX Runtime's blocked (NCHWc) CPU convolutions: 16 with AVX-512, 8
+    with AVX2 (MLAS; oneDNN under PyTorch blocks the same way)."""
+    return 16 if "AVX512" in cpu_capability().upper() else 8
+
+
 def backend_block(backend: str, precision: str = "fp32") -> int:
-    """The channel block the backend's fast kernels want: ONNX Runtime's CPU convolutions take
-    the blocked NCHWc path for channel counts in multiples of 16 with AVX-512, 8 with AVX2
-    (MLAS; oneDNN under PyTorch blocks the same way); TensorRT stores FP16 tensors in multiples
-    of 8 and its INT8 tensor-core kernels want 32."""
+    """What ``round_to auto`` aligns kept widths to for a latency budget on ``backend``.
+
+    CPUs: 8, on AVX-512 too, where MLAS blocks by 16. The latency table prices every aligned
+    width as measured, so a width that misses the 16-block costs what it costs; 8 leaves
+    narrow networks choices that 16 takes away (ResNet-20's 16-channel stage cannot be cut at
+    16). Measured on this project's AVX-512 CPU (benchmarks/latency_budget.py): ResNet-20 at
+    0.8 of the latency lost far fewer points at 8 than at 16, VGG-11 at half the latency the
+    same at both. GPUs: TensorRT stores FP16 tensors in multiples of 8, and its INT8
+    tensor-core kernels want 32."""
     if backend in CPU_BACKENDS:
-        return 16 if "AVX512" in cpu_capability().upper() else 8
+        return 8
     return 32 if precision == "int8" else 8
 
 
 def machine(backend: str) -> dict[str, Any]:
     """What a timing depends on besides the software: the CPU (and the GPU a GPU backend runs on)."""
-    out: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_capability(), "cores": os.cpu_count()}
+    out: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_capability(), "isa_block": isa_block(),
+                           "cores": os.cpu_count()}
     if backend not in CPU_BACKENDS and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
@@ -318,7 +330,7 @@ class GroupCurve:
 @dataclass
 class NetworkTable:
     """The whole network measured with one group narrowed at a time; a network's predicted
-    latency is the base's less what each of its groups' widths saves alone."""
+    latency is the base's scaled by what each of its groups' widths keeps alone."""
 
     backend: str
     precision: str
@@ -328,7 +340,13 @@ class NetworkTable:
     info: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, widths: Widths) -> float:
-        return max(0.0, self.base_ms - sum(g.at(widths) for g in self.groups.values()))
+        """The base's milliseconds times, per group, the fraction its width keeps when narrowed alone.
+        The product, not the sum of the savings: two groups that meet in a layer (its input
+        and its output) each save a share of it, and the sum counts that layer's saving twice
+        (measured on the final plans of benchmarks/latency_budget.py: VGG-11 at half the latency
+        predicted 0.31 by the sum, 0.48 by the product, measured 0.51; ResNet-20 0.60 / 0.66 / 0.69)."""
+        kept = np.prod([max(0.0, 1.0 - g.at(widths) / self.base_ms) for g in self.groups.values()])
+        return float(self.base_ms * kept)
 
 
 def structure_key(table: CostTable, input_shape: list[int]) -> str:
@@ -363,7 +381,8 @@ def _network_table(model, table, graph, input_shape, backend, batch, guards, pre
         step(f"measuring {points} narrowed networks on {backend} at batch {batch} (cached for the next prune)")
         none = np.empty(0, dtype=np.int64)
         example = torch.zeros(1, *input_shape)
-        for r in missing:
+        for k, r in enumerate(missing, 1):
+            step(f"latency table: group {k}/{len(missing)} ({r}) at {len(keys[r])} narrower widths")
             gi = next(i for i, g in enumerate(graph.groups) if g.root == r)
             g, c = graph.groups[gi], curves[r]
             nets = {"base": model}
