@@ -47,7 +47,7 @@ from tvsprune.compare.on_backend import measure_speedup  # noqa: E402
 from tvsprune.models import load_model  # noqa: E402
 from tvsprune.pruning import PruneOptions, load_pruned, prune  # noqa: E402
 from tvsprune.pruning.context import Context, repair_batches  # noqa: E402
-from tvsprune.pruning.latency import backend_block, cpu_capability, measure_table  # noqa: E402
+from tvsprune.pruning.latency import backend_block, cpu_capability, isa_block, measure_table  # noqa: E402
 from tvsprune.pruning.repairs import recalibrate_batchnorm  # noqa: E402
 
 SHAPE = [3, 32, 32]
@@ -148,10 +148,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     root = cifar10()
     block = backend_block(BACKEND)
-    results = {"machine": machine(), "isa": cpu_capability(), "block": block, "torch": torch.__version__,
+    results = {"machine": machine(), "isa": cpu_capability(), "round_to_auto": block, "torch": torch.__version__,
                "args": vars(args), "models": {}}
-    print(f"# latency budgets on {BACKEND}, no fine-tuning; {results['machine']}; {cpu_capability()} "
-          f"(channel block {block}); torch {torch.__version__}")
+    print(f"# latency budgets on {BACKEND}, no fine-tuning; {results['machine']}; {cpu_capability()} (ONNX "
+          f"Runtime's channel block {isa_block()}, round_to auto {block}); torch {torch.__version__}")
     tmp = Path(tempfile.mkdtemp(prefix="tvsprune-lat-"))
     for name in args.models.split(","):
         t0 = time.time()
@@ -226,7 +226,7 @@ def main() -> None:
                                             0.8, goal, lm.module, 32, args.steps + 1, power=2.0)
                 emit(32, target, f"tp-l2 global r8 (ratio {1 - k:.3f})", model, m, t1)
         if 32 in batches:
-            for rt in sorted({1, 8, 16} - {block}):
+            for rt in sorted({1, 8, isa_block()} - {block}):
                 t1 = time.time()
                 out = tmp / f"{name}-lat-r{rt}"
                 rep = prune(lm, mpath, out, PruneOptions.build(target_latency=targets[0], latency_batch=32,

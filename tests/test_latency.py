@@ -204,3 +204,56 @@ def test_the_check_refuses_a_backend_it_does_not_know():
 def test_iter_tvs_refuses_a_latency_budget():
     with pytest.raises(TvsError, match="one-shot"):
         _opts(method="iter-tvs")
+
+
+def _latency_config(tmp_path, int8: bool, precision: str = ""):
+    from helpers import write_run_config
+
+    cfg = write_run_config(tmp_path, prune_extra=precision)
+    text = cfg.read_text().replace("target_params = 0.3", "target_latency = 0.8")
+    cfg.write_text(text.replace("int8 = false", f"int8 = {'true' if int8 else 'false'}"))
+    return cfg
+
+
+@pytest.mark.parametrize("int8, precision, expected", [(True, "", "int8"), (False, "", "fp32"),
+                                                        (True, 'latency_precision = "fp32"', "fp32")])
+def test_run_prunes_for_the_int8_latency_when_it_exports_int8(tmp_path, int8, precision, expected):
+    """Pruning and INT8 as one decision: a run that exports INT8 measures its latency budget on
+    INT8 graphs unless [prune] says otherwise; and the machine is one of prune's inputs."""
+    from tvsprune.pipeline import load_config
+    from tvsprune.pipeline.run import Pipeline
+
+    cfg, _ = load_config(_latency_config(tmp_path, int8, precision))
+    pipe = Pipeline(cfg)
+    assert pipe.prune_options().latency_precision == expected
+    ident = pipe._latency_identity()["latency_identity"]
+    assert ident["precision"] == expected and ident["machine"]["cpu"]
+
+
+def test_the_verdict_says_when_int8_is_slower_and_what_to_deploy():
+    from tvsprune.bench.verdict import summarize
+
+    sp = lambda m: {"speedup_median": m, "speedup_min": m - 0.05, "speedup_max": m + 0.05}  # noqa: E731
+    report = {"models": [{"label": "base", "macs": 100, "params": 10}, {"label": "pruned", "macs": 50, "params": 5},
+                         {"label": "base.int8"}, {"label": "pruned.int8"}],
+              "latency": {"ort-cpu": {"32": {"stats": {"base": {"p50_ms": 10.0}, "pruned": {"p50_ms": 6.0},
+                                                       "base.int8": {"p50_ms": 20.0}, "pruned.int8": {"p50_ms": 12.0}},
+                                             "speedup_vs_base": {"pruned": sp(1.6), "base.int8": sp(0.5),
+                                                                 "pruned.int8": sp(0.8)}}}}}
+    s = summarize(report)
+    assert s["recommended"] == "pruned" and s["int8"] == {"base.int8": 0.5, "pruned.int8": 0.5}
+    assert "INT8 is SLOWER than FP32 on ort-cpu (base.int8 0.50x of base): deploy pruned" in s["sentence"]
+    report["latency"]["ort-cpu"]["32"]["stats"]["pruned.int8"]["p50_ms"] = 3.0
+    report["latency"]["ort-cpu"]["32"]["stats"]["base.int8"]["p50_ms"] = 5.0
+    report["latency"]["ort-cpu"]["32"]["speedup_vs_base"].update({"pruned.int8": sp(3.3), "base.int8": sp(2.0)})
+    s = summarize(report)
+    assert s["recommended"] == "pruned.int8" and "SLOWER than FP32" not in s["sentence"]
+
+
+def test_the_next_ask_interpolates_between_attempts_on_either_side():
+    from tvsprune.pruning.latency import _next_ask
+
+    one = [{"asked_predicted": 0.5, "predicted": 0.5, "measured": 0.6}]
+    assert _next_ask(one, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)  # no bracket: the miss as a factor
+    two = one + [{"asked_predicted": 0.4, "predicted": 0.41, "measured": 0.45}]
+    assert _next_ask(two, 0.5) == pytest.approx(0.4 + (0.5 - 0.45) / (0.6 - 0.45) * 0.1)

@@ -73,7 +73,9 @@ def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
         a = acc.get(label) or next((v[label] for v in by_backend.values() if label in v), None)
         row = {"model": label, "params": _fmt(m.get("params")), "MACs": _fmt(m.get("macs")),
                "top-1 %": _fmt(a["top1"] * 100) if a else "-",
-               "pts lost": _fmt(a.get("drop_points")) if a and label != base else "-"}
+               "pts lost": _fmt(a.get("drop_points")) if a and label != base else "-",
+               "agree %": _fmt(a["agreement_with_base"] * 100) if a and label != base and
+               a.get("agreement_with_base") is not None else "-"}
         for backend, per_batch in report.get("latency", {}).items():
             sp = (per_batch.get(batch) or {}).get(f"speedup_vs_{base}", {}).get(label)
             row[f"{backend} x b{batch}"] = "1.00 (base)" if label == base else (

@@ -58,6 +58,9 @@ def _round_to(text: str) -> int | str:
     return "auto" if text == "auto" else _count(text)
 
 
+_round_to.__name__ = "round_to"  # argparse names the type in its message
+
+
 def _backend_names() -> list[str]:
     from ..backends import BACKENDS
 

@@ -51,6 +51,12 @@ def _the_result(pipe: Any, title: str) -> None:
         from ..bench.verdict import summarize
 
         summary = report.get("summary") or summarize(report)
+        rec, best = summary.get("recommended"), summary.get("best") or {}
+        if rec:  # the artifact the verdict is about, as its backend runs it
+            onnx = pipe.out / "export" / f"{rec}.onnx"
+            kind = "onnx" if onnx.is_file() and str(best.get("backend", "")).startswith("ort") else "model"
+            where = onnx if kind == "onnx" else pipe.out / "pruned" if rec == "pruned" else rec
+            print(f"deploy: {where} (the fastest on {best.get('backend')} at batch {summary.get('batch')})")
         print(f"verdict: {summary['sentence']}")
         check_gate(summary, pipe.cfg.bench.fail_if)
 

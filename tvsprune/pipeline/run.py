@@ -84,11 +84,28 @@ class Pipeline:
         calibration = {"calibration_files": self._digest(c.data.calibration)}
         evaluation = {"evaluation_files": self._digest(c.data.evaluation)} if c.data.evaluation else {}
         section = {"calibrate": {"data": c.data.model_dump(), "calibrate": c.calibrate.model_dump(), **calibration},
-                   "prune": {"prune": c.prune.model_dump(), "evaluation": c.data.evaluation, **calibration,
-                             **evaluation},
+                   "prune": {"prune": self.prune_options().model_dump(), "evaluation": c.data.evaluation,
+                             **calibration, **evaluation, **self._latency_identity()},
                    "export": {"export": c.export.model_dump(), "calibration": c.data.calibration, **calibration},
                    "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation, **evaluation}}[stage]
         return {**base, **section, "upstream": ups}
+
+    def prune_options(self):
+        """The [prune] section, with the latency measured on INT8 graphs when the run exports INT8 and
+        the section does not say (pruning and INT8 as one decision)."""
+        p = self.cfg.prune
+        if self.cfg.export.int8 and p.target_latency is not None and "latency_precision" not in p.model_fields_set:
+            return p.model_copy(update={"latency_precision": "int8"})
+        return p
+
+    def _latency_identity(self) -> dict[str, Any]:
+        """A latency budget's plan depends on the machine it was measured on: another machine re-runs prune."""
+        p = self.prune_options()
+        if p.target_latency is None:
+            return {}
+        from ..pruning.latency import identity
+
+        return {"latency_identity": identity(p.latency_backend, p.latency_precision, p.latency_batch)}
 
     def _relative(self, path: Path) -> str:
         """An output's path relative to the output folder: the manifest survives a move."""
@@ -134,7 +151,11 @@ class Pipeline:
         model = load_model(c.model.spec, c.model.weights, c.model.kwargs)
         val = c.data.at(c.data.evaluation, samples_per_class=None) if c.data.evaluation else None
         out = self.out / "pruned"
-        report = prune(model, self.out / "moments.safetensors", out, c.prune, c.data.at(c.data.calibration), val)
+        opts = self.prune_options()
+        if opts is not c.prune:
+            log.info("the run exports INT8: the latency budget is measured on INT8 graphs (set [prune] "
+                     "latency_precision to choose)")
+        report = prune(model, self.out / "moments.safetensors", out, opts, c.data.at(c.data.calibration), val)
         self.summary_prune = report
         return [out / "plan.json", out / "pruned.safetensors", out / "prune.json"]
 
@@ -154,7 +175,8 @@ class Pipeline:
             x, _ = take_images(c.data.at(c.data.calibration, samples_per_class=None).open(base), e.int8_samples, seed=1)
             return calibration_batches(x)
 
-        outs, _ = export_model(base, exp, "base", e.model_copy(update={"int8": False, "tensorrt": []}), parity)
+        # the base is exported INT8 too when INT8 is asked: the report compares all four (FP32 and INT8, base and pruned)
+        outs, _ = export_model(base, exp, "base", e.model_copy(update={"tensorrt": []}), parity, calib_batches)
         more, self.skipped_engines = export_model(pruned, exp, "pruned", e, parity, calib_batches, self.echo)
         return outs + more
 
@@ -168,8 +190,9 @@ class Pipeline:
                 if (exp / f"{label}.onnx").is_file()}
         data = c.data.at(c.data.evaluation, samples_per_class=None) if c.data.evaluation else None
         specs = [c.model.spec, str(self.out / "pruned")]
-        if (exp / "pruned.int8.onnx").is_file():  # the INT8 model is measured too (ONNX Runtime backends)
-            specs.append(str(exp / "pruned.int8.onnx"))
+        for label in ("base", "pruned"):  # the INT8 models are measured too (ONNX Runtime backends)
+            if (exp / f"{label}.int8.onnx").is_file():
+                specs.append(str(exp / f"{label}.int8.onnx"))
         report = bench(specs, self.out / "report", data, c.model.weights, c.bench, onnx_paths=onnx,
                        model_kwargs=c.model.kwargs, base_model=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
         self.bench_report = report

@@ -114,6 +114,7 @@ def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "Prune
             curve: list[tuple[int, float]] = []
             for f in fractions:
                 n = min(cap, max(1, int(round(f * len(t)))))
+                n = opts.guards.clamp(len(t), n)  # a cut the plan can make: the kept width aligned (round_to)
                 if n <= (curve[-1][0] if curve else 0):
                     continue
                 cut = [ctx.graph.groups[i].expand(np.sort(order[:n])) if j == i else none
