@@ -97,7 +97,7 @@ def main() -> None:
                 r.deactivate()
             print(f"\n## {name} {label}: FP32 {ms['fp32']:.2f} ms, INT8 {ms['int8']:.2f} ms per batch of {args.batch} "
                   f"(INT8 {ms['fp32'] / ms['int8']:.2f}x of FP32, A/B interleaved)")
-            (f_op, f_node), (i_op, i_node) = profile(fp32, x, args.runs), profile(int8, x, args.runs)
+            (f_op, _), (i_op, i_node) = profile(fp32, x, args.runs), profile(int8, x, args.runs)
             print("| operator (after ONNX Runtime's fusions) | FP32 ms | INT8 ms |\n|---|---|---|")
             for op in sorted(set(f_op) | set(i_op), key=lambda o: -(f_op.get(o, 0) + i_op.get(o, 0))):
                 print(f"| {op} | {f_op.get(op, 0):.2f} | {i_op.get(op, 0):.2f} |")

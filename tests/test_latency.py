@@ -162,7 +162,7 @@ def test_a_corrupt_cache_is_measured_again(tmp_path):
 
 
 def test_layer_table_interpolates_bilinearly_and_grids_are_aligned():
-    from tvsprune.pruning.latency import LayerShape, LayerTable, width_grid
+    from tvsprune.pruning.layer_latency import LayerShape, LayerTable, width_grid
     from tvsprune.pruning.options import Guards
 
     assert width_grid(64, 16, Guards()) == [16, 32, 48, 64]

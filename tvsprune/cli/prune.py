@@ -109,15 +109,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_prune(sub: Any) -> None:
-    from ..pruning.options import (COMPENSATIONS, DEFAULT_TARGET_PARAMS, TVS_SALIENCY, PruneOptions,
-                                   allocation_choices, methods)
+def _budget_args(p: Any) -> None:
+    """prune's budget group: the budget, the latency target's backend, the allocation and the guards."""
+    from ..pruning.options import DEFAULT_TARGET_PARAMS, allocation_choices
 
-    p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
-    add_model_args(p, optional="default: the model, kwargs and weights the --moments file was collected from")
-    p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
-    p.add_argument("--method", choices=methods(), help="tvs (default), iter-tvs, or a baseline criterion")
-    p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     b = p.add_argument_group("budget")
     b.add_argument("--keep-params", type=_limited("keep_params"),
                    help="fraction of the parameters KEPT, e.g. 0.5: half of them, 2x fewer (default: "
@@ -164,6 +159,17 @@ def _register_prune(sub: Any) -> None:
                    help="kept widths in multiples of N (8/16/32), or auto (default): the latency backend's channel "
                         "block for --target-latency (8 on CPUs, whose measured table prices widths that miss AVX-512's "
                         "16; 8 for GPU FP16, 32 for INT8 on GPUs), 1 (no rounding) for a parameter or MAC budget")
+
+
+def _register_prune(sub: Any) -> None:
+    from ..pruning.options import COMPENSATIONS, TVS_SALIENCY, PruneOptions, methods
+
+    p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
+    add_model_args(p, optional="default: the model, kwargs and weights the --moments file was collected from")
+    p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
+    p.add_argument("--method", choices=methods(), help="tvs (default), iter-tvs, or a baseline criterion")
+    p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
+    _budget_args(p)
     p.add_argument("--pair-reduce", choices=["min", "mean"], help="reduction over class pairs (default %(default)s)")
     p.add_argument("--tvs-saliency", choices=TVS_SALIENCY,
                    help="tvs: how the TV score is combined: auto (default: the most faithful of the others, "

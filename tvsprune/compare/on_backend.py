@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..backends import backend_kind, make_runner
 
 if TYPE_CHECKING:
-    from ..pruning.latency import LayerShape
+    from ..pruning.layer_latency import LayerShape
 
 MIN_TIME_S = 0.02    # each grid point is timed at least this long per round
 ROUNDS = 3           # rounds over a layer's grid points, in alternating order (drift cancels)

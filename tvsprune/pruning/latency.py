@@ -1,22 +1,21 @@
-"""Latency as a budget metric: what each layer costs on the backend that will run the model,
-measured there, as a function of its kept widths.
+"""Latency as a budget metric: what the network costs on the backend that will run it, measured
+there, as a function of its kept widths.
 
-Every Conv2d / Linear is timed alone (one-layer graph: the layer and its ReLU, which the
-backends fuse, as an ONNX file for ONNX Runtime and TensorRT, a module for PyTorch) at the
-latency batch, on a grid of kept (input, output) widths aligned to ``round_to``, at most
-``GRID_POINTS`` per pruned dimension; between grid points the table interpolates
-bilinearly. A network's predicted latency is the sum over its layers, and the budget is a
-fraction of the unpruned network's sum, so a fixed cost outside the layers scales with them.
-``benchmarks/latency_budget.py`` prints how far that prediction is from measured networks.
+The default table (``--latency-model network``) times the whole network with one coupled group
+narrowed at a time, on a grid of widths aligned to ``round_to`` (``layer_latency.width_grid``),
+A/B interleaved with the unpruned network; a network's predicted latency is the base's times
+what each group's width keeps alone. ``--latency-model layer`` times each layer alone instead
+(:mod:`.layer_latency`). ``benchmarks/latency_budget.py`` prints both predictions' errors
+against measured networks.
 
 The points are cached per backend, precision, batch, library versions and machine (CPU model
-and instruction set, GPU name) under ``$TVSPRUNE_HOME/latency/`` and keyed by the layer's
-geometry, so a second prune on the same machine measures nothing, and a layer shape another
-network shares is measured once.
+and instruction set, GPU name) under ``$TVSPRUNE_HOME/latency/``, keyed by the network's layer
+geometry (the layer model: each layer's), so a second prune on the same machine measures
+nothing. :func:`fit` then measures the pruned network against the base and re-plans until it
+lands on the target.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import math
@@ -33,18 +32,17 @@ import torch.nn as nn
 
 from ..artifacts import home, sha256_json, versions, write_json
 from ..backends import BACKENDS, backend_kind
-from ..compare.on_backend import measure_layer
+from ..backends.blocks import CPU_BACKENDS, backend_block, cpu_capability, isa_block  # noqa: F401 (re-exported)
 from ..console import step
 from ..errors import MissingDependencyError, TvsError
 from ..models.costs import CostTable, Widths
 from .graph import ChannelGraph
+from .layer_latency import LatencyTable, layer_table, width_grid
 from .options import Guards
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tvsprune.latency/1"
-GRID_POINTS = 5      # measured widths per pruned dimension of a layer, at most (its full width included)
-CPU_BACKENDS = ("ort-cpu", "torch-cpu")
 
 
 def cpu_name() -> str:
@@ -56,35 +54,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_capability() -> str:
-    """The vector instruction set PyTorch dispatches to here (AVX512, AVX2, DEFAULT, ...)."""
-    try:
-        return str(torch.backends.cpu.get_cpu_capability())
-    except Exception:  # older builds
-        return "DEFAULT"
-
-
-def isa_block() -> int:
-    """The channel block of ONNX Runtime's blocked (NCHWc) CPU convolutions: 16 with AVX-512, 8
-    with AVX2 (MLAS; oneDNN under PyTorch blocks the same way)."""
-    return 16 if "AVX512" in cpu_capability().upper() else 8
-
-
-def backend_block(backend: str, precision: str = "fp32") -> int:
-    """What ``round_to auto`` aligns kept widths to for a latency budget on ``backend``.
-
-    CPUs: 8, on AVX-512 too, where MLAS blocks by 16. The latency table prices every aligned
-    width as measured, so a width that misses the 16-block costs what it costs; 8 leaves
-    narrow networks choices that 16 takes away (ResNet-20's 16-channel stage cannot be cut at
-    16). Measured on this project's AVX-512 CPU (benchmarks/latency_budget.py): ResNet-20 at
-    0.8 of the latency lost far fewer points at 8 than at 16, VGG-11 at half the latency the
-    same at both. GPUs: TensorRT stores FP16 tensors in multiples of 8, and its INT8
-    tensor-core kernels want 32."""
-    if backend in CPU_BACKENDS:
-        return 8
-    return 32 if precision == "int8" else 8
 
 
 def machine(backend: str) -> dict[str, Any]:
@@ -106,126 +75,6 @@ def identity(backend: str, precision: str, batch: int) -> dict[str, Any]:
     return {"format": FORMAT, "backend": backend, "precision": precision, "batch": batch,
             "threads": torch.get_num_threads() if backend_kind(backend) == "torch" else "backend default",
             "versions": backend_versions(backend), "machine": machine(backend)}
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """A Conv2d / Linear's geometry apart from its widths (what a timing is keyed by)."""
-
-    kind: str                   # conv | linear
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1             # 0: depthwise (groups follow the channels)
-    size: tuple[int, ...] = ()  # input H, W (conv); rows per image (linear)
-    bias: bool = True
-
-    def key(self, cin: int, cout: int) -> str:
-        return (f"{self.kind} {cin}->{cout} k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
-                f"g{self.groups} in{self.size} bias{int(self.bias)}").replace(" ", "")
-
-    @property
-    def tied(self) -> bool:
-        return self.kind == "conv" and self.groups == 0
-
-
-def layer_shapes(model: nn.Module, table: CostTable, input_shape: list[int]) -> dict[str, LayerShape]:
-    """The geometry of every Conv2d / Linear of ``table``, its input size read by one forward."""
-    sizes: dict[str, tuple[int, ...]] = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(m, inp, out):
-        shape = tuple(inp[0].shape[1:])
-        sizes[names[m]] = shape[1:3] if isinstance(m, nn.Conv2d) else (int(np.prod(shape[:-1])),)
-
-    mods = [m for n, m in model.named_modules() if n in table.layers and isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in mods]
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    out = {}
-    for m in mods:
-        n = names[m]
-        c = table.layers[n]
-        if isinstance(m, nn.Conv2d):
-            pad = m.padding
-            if isinstance(pad, str):  # "same" / "valid"
-                pad = tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size)) if pad == "same" else (0, 0)
-            out[n] = LayerShape("conv", tuple(m.kernel_size), tuple(m.stride), tuple(pad), tuple(m.dilation),
-                                c.groups, tuple(int(s) for s in sizes.get(n, (1, 1))), m.bias is not None)
-        else:
-            out[n] = LayerShape("linear", size=sizes.get(n, (1,)), bias=m.bias is not None)
-    return out
-
-
-def width_grid(full: int, step: int, guards: Guards, multiple: int = 1) -> list[int]:
-    """Kept widths to measure for a dimension of ``full`` channels: multiples of ``step`` (and of
-    ``multiple``, a grouped convolution's group count) from the guards' least width up, and the
-    full width; at most GRID_POINTS, evenly spread, the ends kept."""
-    unit = step * multiple // math.gcd(step, multiple)
-    least = max(1, full - guards.max_removable(full))
-    vals = sorted({full} | {w for w in range(unit, full, unit) if w >= least})
-    if len(vals) > GRID_POINTS:
-        idx = np.unique(np.round(np.linspace(0, len(vals) - 1, GRID_POINTS)).astype(int))
-        vals = [vals[i] for i in idx]
-    return vals
-
-
-def _at(grid: list[int], v: float) -> tuple[int, int, float]:
-    """Bracketing indices of ``v`` in ``grid`` and the weight of the upper one (clamped at the ends)."""
-    if v <= grid[0]:
-        return 0, 0, 0.0
-    if v >= grid[-1]:
-        return len(grid) - 1, len(grid) - 1, 0.0
-    j = bisect.bisect_right(grid, v)
-    return j - 1, j, (v - grid[j - 1]) / (grid[j] - grid[j - 1])
-
-
-@dataclass
-class LayerTable:
-    shape: LayerShape
-    cin: list[int]
-    cout: list[int]
-    ms: dict[tuple[int, int], float] = field(default_factory=dict)
-
-    def points(self) -> list[tuple[int, int]]:
-        if self.shape.tied:
-            return [(w, w) for w in self.cout]
-        return [(i, o) for i in self.cin for o in self.cout]
-
-    def at(self, cin: int, cout: int) -> float:
-        """Milliseconds at these kept widths (bilinear between the grid's points)."""
-        if self.shape.tied:
-            i, j, t = _at(self.cout, cout)
-            return (1 - t) * self.ms[(self.cout[i], self.cout[i])] + t * self.ms[(self.cout[j], self.cout[j])]
-        a, b, u = _at(self.cin, cin)
-        c, d, t = _at(self.cout, cout)
-
-        def row(x: int) -> float:
-            return (1 - t) * self.ms[(self.cin[x], self.cout[c])] + t * self.ms[(self.cin[x], self.cout[d])]
-
-        return (1 - u) * row(a) + u * row(b)
-
-
-@dataclass
-class LatencyTable:
-    """Per layer, measured milliseconds on a grid of kept widths; ``predict`` sums them."""
-
-    backend: str
-    precision: str
-    batch: int
-    layers: dict[str, LayerTable]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def predict(self, widths: Widths) -> float:
-        """Predicted milliseconds of the layers with these kept (output, input) widths."""
-        return float(sum(t.at(widths[n][1], widths[n][0]) for n, t in self.layers.items()))
 
 
 def cache_path(ident: dict[str, Any], folder: Path | None = None) -> Path:
@@ -271,7 +120,7 @@ def measure_table(model: nn.Module, table: CostTable, graph: ChannelGraph, input
         write_json(path, {"identity": ident, "points": cached})
 
     if how == "layer":
-        result, measured, used = _layer_table(model, table, graph, input_shape, backend, batch, guards, precision,
+        result, measured, used = layer_table(model, table, graph, input_shape, backend, batch, guards, precision,
                                               cached, save)
     else:
         result, measured, used = _network_table(model, table, graph, input_shape, backend, batch, guards, precision,
@@ -281,35 +130,6 @@ def measure_table(model: nn.Module, table: CostTable, graph: ChannelGraph, input
                    "machine": ident["machine"]}
     log.info("latency table (%s): %d points measured, %d from %s", how, measured, used - measured, path)
     return result
-
-
-def _layer_table(model, table, graph, input_shape, backend, batch, guards, precision, cached, save
-                 ) -> tuple[LatencyTable, int, int]:
-    varying = {(it.module, it.dim) for g in graph.groups if g.root not in graph.rigid for it in g.items}
-    step_ = max(1, guards.round_to)
-    layers: dict[str, LayerTable] = {}
-    for n, s in layer_shapes(model, table, input_shape).items():
-        c = table.layers[n]
-        mult = c.groups if c.groups > 1 else 1
-        cin = width_grid(c.inp, step_, guards, mult) if (n, "in") in varying and not s.tied else [c.inp]
-        cout = width_grid(c.out, step_, guards, mult) if (n, "out") in varying else [c.out]
-        layers[n] = LayerTable(s, cin, cout)
-    todo: dict[str, tuple[LayerShape, list[tuple[int, int]]]] = {}
-    for lt in layers.values():
-        for p in lt.points():
-            if lt.shape.key(*p) not in cached:
-                todo.setdefault(lt.shape.key(0, 0), (lt.shape, []))[1].append(p)
-    measured = 0
-    if todo:
-        total = sum(len(set(ps)) for _, ps in todo.values())
-        step(f"measuring {total} layer latencies on {backend} at batch {batch} (cached for the next prune)")
-        for shape, ps in todo.values():
-            ps = sorted(set(ps))
-            save({shape.key(*p): ms for p, ms in measure_layer(backend, precision, shape, ps, batch).items()})
-            measured += len(ps)
-    for lt in layers.values():
-        lt.ms = {p: cached[lt.shape.key(*p)] for p in lt.points()}
-    return LatencyTable(backend, precision, batch, layers), measured, sum(len(lt.points()) for lt in layers.values())
 
 
 @dataclass

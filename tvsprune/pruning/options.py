@@ -199,7 +199,7 @@ class PruneOptions(Options):
             return int(self.round_to)
         if self.target_latency is None:
             return 1
-        from .latency import backend_block
+        from ..backends.blocks import backend_block
 
         return backend_block(self.latency_backend, self.latency_precision)
 

@@ -1,0 +1,36 @@
+"""The channel blocks backends' fast kernels want: what ``round_to auto`` aligns kept widths to
+for a latency budget (read by PruneOptions and the latency table; imports nothing of pruning)."""
+from __future__ import annotations
+
+import torch
+
+CPU_BACKENDS = ("ort-cpu", "torch-cpu")
+
+
+def cpu_capability() -> str:
+    """The vector instruction set PyTorch dispatches to here (AVX512, AVX2, DEFAULT, ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # older builds
+        return "DEFAULT"
+
+
+def isa_block() -> int:
+    """The channel block of ONNX Runtime's blocked (NCHWc) CPU convolutions: 16 with AVX-512, 8
+    with AVX2 (MLAS; oneDNN under PyTorch blocks the same way)."""
+    return 16 if "AVX512" in cpu_capability().upper() else 8
+
+
+def backend_block(backend: str, precision: str = "fp32") -> int:
+    """What ``round_to auto`` aligns kept widths to for a latency budget on ``backend``.
+
+    CPUs: 8, on AVX-512 too, where MLAS blocks by 16. The latency table prices every aligned
+    width as measured, so a width that misses the 16-block costs what it costs; 8 leaves
+    narrow networks choices that 16 takes away (ResNet-20's 16-channel stage cannot be cut at
+    16). Measured on this project's AVX-512 CPU (benchmarks/latency_budget.py): ResNet-20 at
+    0.8 of the latency lost far fewer points at 8 than at 16, VGG-11 at half the latency the
+    same at both. GPUs: TensorRT stores FP16 tensors in multiples of 8, and its INT8
+    tensor-core kernels want 32."""
+    if backend in CPU_BACKENDS:
+        return 8
+    return 32 if precision == "int8" else 8
