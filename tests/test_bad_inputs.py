@@ -528,6 +528,20 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
     ("step-zero", lambda f, t: prune(f, t, "--step", "0"), "--step", 64),
     ("step-above-one", lambda f, t: prune(f, t, "--step", "2"), "--step", 64),
     ("step-decrease-zero", lambda f, t: prune(f, t, "--step-decrease", "0"), "--step-decrease", 64),
+    # latency budgets
+    ("target-latency-zero", lambda f, t: prune(f, t, "--target-latency", "0"), "--target-latency", 64),
+    ("target-latency-one", lambda f, t: prune(f, t, "--target-latency", "1"), "--target-latency", 64),
+    ("target-latency-nan", lambda f, t: prune(f, t, "--target-latency", "nan"), "--target-latency", 64),
+    ("target-latency-and-macs", lambda f, t: prune(f, t, "--target-latency", "0.5", "--keep-macs", "0.5"),
+     "give one budget", 64),
+    ("latency-backend-unknown", lambda f, t: prune(f, t, "--target-latency", "0.5", "--latency-backend", "tpu"),
+     "--latency-backend", 64),
+    ("latency-backend-absent", lambda f, t: prune(f, t, "--target-latency", "0.5", "--latency-backend", "tensorrt"),
+     "not available", 2),
+    ("latency-batch-zero", lambda f, t: prune(f, t, "--target-latency", "0.5", "--latency-batch", "0"),
+     "--latency-batch", 64),
+    ("round-to-word", lambda f, t: prune(f, t, "--round-to", "fast"), "--round-to", 64),
+    ("iter-tvs-latency", lambda f, t: prune(f, t, "--method", "iter-tvs", "--target-latency", "0.5"), "one-shot", 64),
     ("max-rounds-zero", lambda f, t: prune(f, t, "--max-rounds", "0"), "--max-rounds", 64),
     ("max-acc-drop-nan", lambda f, t: prune(f, t, "--max-acc-drop", "nan"), "--max-acc-drop", 64),
     ("allocation-misspelt", lambda f, t: prune(f, t, "--allocation", "globl"), "globl", 64),
@@ -647,7 +661,7 @@ CASES += MORE_CASES
 
 @pytest.mark.parametrize("case_id,build,needle,code", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(fx, tmp_path, monkeypatch, case_id, build, needle, code):
-    if case_id == "tensorrt-missing":
+    if case_id in ("tensorrt-missing", "latency-backend-absent"):
         import importlib.util
 
         if importlib.util.find_spec("tensorrt") is not None:

@@ -211,6 +211,10 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                 ) -> tuple[dict[str, Any], torch.nn.Module, Plan]:
     """:func:`prune`, also returning the pruned module and its plan."""
     t_start = time.perf_counter()
+    if opts.target_latency is not None:  # a backend that cannot run here: said before anything loads
+        from .latency import check_backend
+
+        check_backend(opts.latency_backend)
     loaded, moments, input_shape = _inputs(model, moments_path, opts)
     step("tracing the channel dependency graph")
     ctx = Context.build(loaded, input_shape)
