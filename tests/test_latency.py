@@ -57,7 +57,7 @@ def _opts(**kw):
     from tvsprune.pruning import PruneOptions
 
     base = dict(method="l1", target_latency=0.61, latency_backend="fake-target", latency_batch=2, allocation="cost",
-                round_to=1, compensation="none", bn_recalibrate=False)
+                round_to=1, compensation="none", bn_recalibrate=False, latency_model="network")
     return PruneOptions.build(**{**base, **kw})
 
 
@@ -130,7 +130,7 @@ def test_the_table_is_cached_and_measured_again_for_another_version_or_machine(t
     def table():
         before = ACTIVATIONS["count"]
         t = latency.measure_table(loaded.module, ctx.cost.table, ctx.graph, [3, 16, 16], "fake-target", 2, guards,
-                                  cache_dir=tmp_path)
+                                  how="network", cache_dir=tmp_path)
         return t, ACTIVATIONS["count"] - before
 
     first, runs = table()
@@ -155,10 +155,12 @@ def test_a_corrupt_cache_is_measured_again(tmp_path):
     loaded = _tiny()
     ctx = Context.build(loaded, [3, 16, 16])
     args = (loaded.module, ctx.cost.table, ctx.graph, [3, 16, 16], "fake-target", 2, _opts().guards)
-    latency.measure_table(*args, cache_dir=tmp_path)
-    (f,) = tmp_path.glob("*.json")
-    f.write_text("{not json")
-    assert latency.measure_table(*args, cache_dir=tmp_path).info["points_measured"] > 0
+    for how in ("network", "layer"):
+        latency.measure_table(*args, how=how, cache_dir=tmp_path)
+        (f,) = tmp_path.glob("*.json")
+        f.write_text("{not json")
+        assert latency.measure_table(*args, how=how, cache_dir=tmp_path).info["points_measured"] > 0
+        f.unlink()
 
 
 def test_layer_table_interpolates_bilinearly_and_grids_are_aligned():

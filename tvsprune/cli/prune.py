@@ -136,8 +136,8 @@ def _budget_args(p: Any) -> None:
                    help="time FP32 or INT8 (QDQ) graphs for a latency budget: int8 when you deploy the INT8 "
                         "model (default %(default)s)")
     b.add_argument("--latency-model", choices=["network", "layer"],
-                   help="how the latency table is measured: network (the whole network with one coupled group "
-                        "narrowed at a time) or layer (each layer alone); default %(default)s")
+                   help="how the latency table is measured: layer (each layer alone, summed) or network (the "
+                        "whole network with one coupled group narrowed at a time); default %(default)s")
     b.add_argument("--allocation", choices=allocation_choices(),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "
                         "budget and keep the pruned network most faithful to the unpruned one on calibration "
