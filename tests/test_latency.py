@@ -243,7 +243,7 @@ def test_the_verdict_says_when_int8_is_slower_and_what_to_deploy():
                                              "speedup_vs_base": {"pruned": sp(1.6), "base.int8": sp(0.5),
                                                                  "pruned.int8": sp(0.8)}}}}}
     s = summarize(report)
-    assert s["recommended"] == "pruned" and s["int8"] == {"base.int8": 0.5, "pruned.int8": 0.5}
+    assert s["recommended"] == "pruned" and s["int8"] == {"ort-cpu": {"base.int8": 0.5, "pruned.int8": 0.5}}
     assert "INT8 is SLOWER than FP32 on ort-cpu (base.int8 0.50x of base): deploy pruned" in s["sentence"]
     report["latency"]["ort-cpu"]["32"]["stats"]["pruned.int8"]["p50_ms"] = 3.0
     report["latency"]["ort-cpu"]["32"]["stats"]["base.int8"]["p50_ms"] = 5.0

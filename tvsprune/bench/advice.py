@@ -40,8 +40,8 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
                 (unstable if "unstable" in w else other).append(where if "unstable" in w else f"{where}: {w}")
             stats = lat.get("stats", {})
             for label, sp in lat.get(f"speedup_vs_{base}", {}).items():
-                if label == base:
-                    continue
+                if label == base or (label.endswith(".int8") and label.removesuffix(".int8") in stats):
+                    continue  # an INT8 model is compared with its own FP32 model (below)
                 p50, base_p50 = stats.get(label, {}).get("p50_ms"), stats.get(base, {}).get("p50_ms")
                 x = sp["speedup_median"]
                 if x < 1.0 or (p50 is not None and base_p50 is not None and p50 > base_p50):
@@ -76,6 +76,6 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
         if acc and acc["drop_points"] > LARGE_LOSS_POINTS:
             ci = acc.get("drop_ci95") or [float("nan")] * 2
             out.append(f"{m['label']} loses {acc['drop_points']:.1f} points of top-1 (95 % CI {ci[0]:.1f} to "
-                       f"{ci[1]:.1f}): keep more (a larger --keep-macs / --keep-params), give calibrate more images "
+                       f"{ci[1]:.1f}): keep more (a larger --keep-macs / --keep-params / --target-latency), give calibrate more images "
                        "per class, or let prune hold some out (--repair-samples-per-class below the images per class)")
     return out

@@ -17,7 +17,7 @@ the ``--fail-if`` gate CI scripts check it with.
   model (null when unknown, e.g. an .onnx file without its PyTorch model).
 - ``trustworthy``: the timings behind the verdict (the best entry's) were stable;
   ``all_stable``: every backend's were.
-- ``int8``: on the best entry's backend at that batch, each INT8 model's speedup over its
+- ``int8``: per backend that ran INT8 models, at that batch, each one's speedup over its
   own FP32 model (``<label>.int8`` over ``<label>``); below 1 the sentence says INT8 is slower
   there. ``recommended``: the model to deploy on that backend (the best entry's).
 """
@@ -80,19 +80,20 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         out["weights_bytes_saved"] = _saved({"b": sum((m.get("files_bytes") or {}).values())},
                                             {"b": sum((base.get("files_bytes") or {}).values())}, "b")
         out["recommended"] = best["model"]
-        out["int8"] = _int8_vs_fp32(report, name, batch)
+        out["int8"] = _int8_vs_fp32(report, batch)
     out["sentence"] = sentence(out)
     return out
 
 
-def _int8_vs_fp32(report: dict[str, Any], backend: str, batch: int | None) -> dict[str, float]:
-    """Each INT8 model's median speedup over its FP32 model on ``backend`` at ``batch`` (p50 ratio)."""
-    stats = ((report.get("latency") or {}).get(backend, {}).get(str(batch)) or {}).get("stats") or {}
-    out = {}
-    for label, st in stats.items():
-        fp32 = stats.get(label.removesuffix(".int8")) if label.endswith(".int8") else None
-        if fp32 and st.get("p50_ms"):
-            out[label] = fp32["p50_ms"] / st["p50_ms"]
+def _int8_vs_fp32(report: dict[str, Any], batch: int | None) -> dict[str, dict[str, float]]:
+    """Per backend that ran INT8 models, each one's speedup over its FP32 model at ``batch`` (p50 ratio)."""
+    out: dict[str, dict[str, float]] = {}
+    for backend, per_batch in (report.get("latency") or {}).items():
+        stats = (per_batch.get(str(batch)) or {}).get("stats") or {}
+        for label, st in stats.items():
+            fp32 = stats.get(label.removesuffix(".int8")) if label.endswith(".int8") else None
+            if fp32 and st.get("p50_ms"):
+                out.setdefault(backend, {})[label] = fp32["p50_ms"] / st["p50_ms"]
     return out
 
 
@@ -120,10 +121,10 @@ def sentence(s: dict[str, Any]) -> str:
              if _pct(s.get(k))]
     if saved:
         parts.append(", ".join(saved))
-    slower = {k: v for k, v in (s.get("int8") or {}).items() if v < 1}
+    slower = [(v, b, k) for b, per in (s.get("int8") or {}).items() for k, v in per.items() if v < 1]
     if slower:
-        label, v = min(slower.items(), key=lambda kv: kv[1])
-        parts.append(f"INT8 is SLOWER than FP32 on {best['backend']} ({label} {v:.2f}x of "
+        v, backend, label = min(slower)
+        parts.append(f"INT8 is SLOWER than FP32 on {backend} ({label} {v:.2f}x of "
                      f"{label.removesuffix('.int8')}): deploy {best['model']}")
     parts.append("timings stable" if s.get("trustworthy") else
                  f"timings UNSTABLE on {best['backend']} (a busy machine?): rerun with more --rounds before trusting "

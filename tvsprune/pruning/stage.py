@@ -273,7 +273,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         lost = report["accuracy"]["drop_points"]
         if lost > max(LARGE_LOSS_POINTS, opts.max_acc_drop if opts.method == "iter-tvs" else LARGE_LOSS_POINTS):
             log.warning("the pruned network loses %.1f points of top-1 on %d held-out images: keep more (a larger "
-                        "--keep-macs / --keep-params), give calibrate more images per class, or compare "
+                        "--keep-macs / --keep-params / --target-latency), give calibrate more images per class, or compare "
                         "--allocation sensitivity", lost, report["accuracy"]["samples"])
     if rounds:
         report["rounds"] = [r for r in rounds if "stop" not in r]
