@@ -259,3 +259,17 @@ def test_the_next_ask_interpolates_between_attempts_on_either_side():
     assert _next_ask(one, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)  # no bracket: the miss as a factor
     two = one + [{"asked_predicted": 0.4, "predicted": 0.41, "measured": 0.45}]
     assert _next_ask(two, 0.5) == pytest.approx(0.4 + (0.5 - 0.45) / (0.6 - 0.45) * 0.1)
+
+
+def test_an_int8_latency_budget_times_quantized_graphs_on_onnx_runtime(tmp_path):
+    """The real path, small: TinyCNN's layers quantized (QDQ) and timed on ort-cpu, the pruned
+    network exported, quantized and measured against the base. What it measures depends on the
+    machine; that it ran, on INT8 graphs, and recorded it, does not."""
+    from tvsprune.pruning.stage import prune_model
+
+    opts = _opts(latency_backend="ort-cpu", latency_precision="int8", latency_model="layer", target_latency=0.9)
+    report, pruned, _ = prune_model(_tiny(), None, tmp_path / "p", opts)
+    lat = report["latency"]
+    assert lat["backend"] == "ort-cpu" and lat["precision"] == "int8" and lat["table"]["model"] == "layer"
+    assert lat["table"]["points_measured"] + lat["table"]["points_reused"] > 0 and lat["attempts"]
+    assert all(0 < a["measured"] < 5 for a in lat["attempts"])

@@ -60,9 +60,21 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _short(n: int | None) -> str:
+    """A count in a few characters: 272k, 40.8M, 1.2G."""
+    if not n:
+        return "-"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            v = n / div
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return str(int(n))
+
+
 def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
-    """The terminal's end table: one row per model (the INT8 file too), its size, top-1 and
-    points lost, and its median speedup per backend at the verdict's batch; fits 100 columns."""
+    """The terminal's end table: one row per model (the INT8 files too), its size, top-1 (%),
+    points lost, agreement with the base (%), and its median speedup per backend at the
+    verdict's batch; fits 100 columns."""
     base = report["models"][0]["label"]
     batch = str((report.get("summary") or {}).get("batch"))
     acc = ((report.get("accuracy") or {}).get("models")) or {}
@@ -71,10 +83,10 @@ def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
     for m in report["models"]:
         label = m["label"]
         a = acc.get(label) or next((v[label] for v in by_backend.values() if label in v), None)
-        row = {"model": label, "params": _fmt(m.get("params")), "MACs": _fmt(m.get("macs")),
-               "top-1 %": _fmt(a["top1"] * 100) if a else "-",
+        row = {"model": label, "params": _short(m.get("params")), "MACs": _short(m.get("macs")),
+               "top-1": _fmt(a["top1"] * 100) if a else "-",
                "pts lost": _fmt(a.get("drop_points")) if a and label != base else "-",
-               "agree %": _fmt(a["agreement_with_base"] * 100) if a and label != base and
+               "agree": _fmt(a["agreement_with_base"] * 100) if a and label != base and
                a.get("agreement_with_base") is not None else "-"}
         for backend, per_batch in report.get("latency", {}).items():
             sp = (per_batch.get(batch) or {}).get(f"speedup_vs_{base}", {}).get(label)
