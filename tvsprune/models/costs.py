@@ -74,15 +74,11 @@ class CostTable:
         return int(params), int(macs)
 
 
-def output_shapes(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> dict[str, list[int]]:
-    """Output shape (without the batch dimension) of every Conv2d / Linear for one image."""
-    shapes: dict[str, list[int]] = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(m, inp, out):
-        shapes[names[m]] = list(out.shape[1:])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+def hooked_forward(model: nn.Module, input_shape: list[int] | tuple[int, ...], modules: list[nn.Module],
+                   hook) -> None:
+    """One eval-mode forward of a zero image with ``hook`` on ``modules``; the hooks and the
+    model's mode restored after."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -91,6 +87,17 @@ def output_shapes(model: nn.Module, input_shape: list[int] | tuple[int, ...]) ->
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def output_shapes(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> dict[str, list[int]]:
+    """Output shape (without the batch dimension) of every Conv2d / Linear for one image."""
+    shapes: dict[str, list[int]] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, inp, out):
+        shapes[names[m]] = list(out.shape[1:])
+
+    hooked_forward(model, input_shape, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))], hook)
     return shapes
 
 

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from ..compare.on_backend import measure_layer
 from ..console import step
-from ..models.costs import CostTable, Widths
+from ..models.costs import CostTable, Widths, hooked_forward
 from .options import Guards
 
 GRID_POINTS = 5      # measured widths per pruned dimension of a layer, at most (its full width included)
@@ -53,15 +52,7 @@ def layer_shapes(model: nn.Module, table: CostTable, input_shape: list[int]) -> 
         sizes[names[m]] = shape[1:3] if isinstance(m, nn.Conv2d) else (int(np.prod(shape[:-1])),)
 
     mods = [m for n, m in model.named_modules() if n in table.layers and isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in mods]
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    hooked_forward(model, input_shape, mods, hook)
     out = {}
     for m in mods:
         n = names[m]
