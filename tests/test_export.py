@@ -61,7 +61,13 @@ def test_parity_shape_mismatch_is_fatal_and_leaves_no_file(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_qdq_is_symmetric(tmp_path, image_folder):
+def _zero_points(path: Path) -> list[np.ndarray]:
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+
+def test_int8_qdq_activations_uint8_by_default_int8_symmetric_on_request(tmp_path, image_folder):
     src = tmp_path / "tiny_models.py"
     shutil.copy(TINY, src)
     weights = tmp_path / "w.pt"
@@ -74,13 +80,64 @@ def test_int8_qdq_is_symmetric(tmp_path, image_folder):
     r = run_cli("export", "int8", fp32, "--calib-data", image_folder, "--out", out, "--eval-data", image_folder,
                 "--calib-samples", "12")
     assert r.returncode == 0, r.stderr
-    model = onnx.load(str(out))
-    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
-    assert zero_points and all(np.all(z == 0) for z in zero_points)
+    zps = _zero_points(out)
+    assert zps and all(z.dtype == np.uint8 for z in zps)  # ONNX Runtime CPU's scheme (U8S8)
     rep = json.loads((tmp_path / "m.int8.json").read_text())
+    assert rep["activations"] == "uint8 asymmetric"
     assert "evaluation" in rep and 0.0 <= rep["evaluation"]["int8_top1"] <= 1.0
+    sym = tmp_path / "s.int8.onnx"
+    r = run_cli("export", "int8", fp32, "--calib-data", image_folder, "--out", sym, "--calib-samples", "12",
+                "--activations", "int8")
+    assert r.returncode == 0, r.stderr
+    zps = _zero_points(sym)
+    assert zps and all(z.dtype == np.int8 and np.all(z == 0) for z in zps)  # what TensorRT requires
+    # a TensorRT INT8 engine from the uint8 model is refused before TensorRT is looked for
+    r = run_cli("export", "trt", out, "--out", tmp_path / "m.engine", "--precision", "int8")
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert r.returncode != 0 and len(errors) == 1 and "--activations int8" in errors[0], r.stderr
+    assert not (tmp_path / "m.engine").exists()
+
+
+class _Residual(torch.nn.Module):
+    """Two residual blocks, the shape that ONNX Runtime left half float with int8 activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = 16
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU())
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(
+            torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+            torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)) for _ in range(2))
+        self.fc = torch.nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = torch.relu(b(x) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_int8_uint8_activations_fuse_every_conv_on_ort_cpu(tmp_path, activations):
+    import onnxruntime as ort
+
+    from tvsprune.exporters.int8 import quantize_int8
+
+    torch.manual_seed(0)
+    model = randomize_bn(_Residual()).eval()
+    fp32 = tmp_path / "r.onnx"
+    export_onnx(LoadedModel(model, ModelSpec(spec="<residual>"), input_shape=(3, 16, 16)), fp32,
+                input_shape=[3, 16, 16])
+    q = tmp_path / "r.int8.onnx"
+    quantize_int8(fp32, [np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)], q,
+                  activations=activations)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") + ops.count("Conv") == 5
+    if activations == "uint8":  # every convolution runs as INT8 (int8 activations left float ones: RESULTS.md)
+        assert ops.count("Conv") == 0, ops
 
 
 def test_tensorrt_absent_fails_cleanly_with_exit_code_2(tmp_path):

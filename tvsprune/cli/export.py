@@ -69,7 +69,8 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     meta = onnx_metadata(args.model)
     src = _onnx_data(args, args.calib_data, meta).open()
     x, _ = take_images(src, opts.int8_samples, seed=args.seed)
-    rep = quantize_int8(args.model, calibration_batches(x), args.out, opts.int8_method, per_channel=not args.per_tensor)
+    rep = quantize_int8(args.model, calibration_batches(x), args.out, opts.int8_method, per_channel=not args.per_tensor,
+                        activations=opts.activations)
     if args.eval_data:
         esrc = _onnx_data(args, args.eval_data, meta).open()
         rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)
@@ -137,6 +138,9 @@ def _register_export(sub: Any) -> None:
     p.add_argument("--method", "--int8-method", dest="int8_method", choices=INT8_METHODS,
                    help="ONNX Runtime calibration method (default %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    p.add_argument("--activations", "--int8-activations", dest="int8_activations", choices=("auto", "uint8", "int8"),
+                   help="activation scheme: uint8 (asymmetric, fast on ONNX Runtime CPU), int8 (symmetric, for "
+                        "TensorRT); auto: uint8 here (default %(default)s)")
     p.add_argument("--eval-data", help="labelled images: FP32 vs INT8 accuracy and CPU latency")
     p.add_argument("--eval-samples", type=_count, help="limit evaluation images (default all)")
     add_preprocess_args(p, "--calib-data and --eval-data")

@@ -73,18 +73,19 @@ def _layer_artifact(backend: str, precision: str, shape: "LayerShape", cin: int,
         return SimpleNamespace(module=module.eval(), input_shape=dims)
     path = folder / f"{label}.onnx"
     _onnx_layer(shape, cin, cout, batch, path)
-    return _finish_onnx(path, precision, kind, batch, _layer_input(shape, cin, batch))
+    return _finish_onnx(path, precision, backend, batch, _layer_input(shape, cin, batch))
 
 
-def _finish_onnx(path: Path, precision: str, kind: str, batch: int, sample: np.ndarray) -> Any:
-    """The ONNX file as the backend runs it: quantized (INT8), or built into an engine."""
+def _finish_onnx(path: Path, precision: str, backend: str, batch: int, sample: np.ndarray) -> Any:
+    """The ONNX file as the backend runs it: quantized (INT8, in the backend's scheme), or built
+    into an engine."""
     if precision == "int8":
-        from ..exporters.int8 import quantize_int8
+        from ..exporters.int8 import activations_for, quantize_int8
 
         q = path.with_suffix(".int8.onnx")
-        quantize_int8(path, [sample], q)
+        quantize_int8(path, [sample], q, activations=activations_for(backend))
         path = q
-    if kind == "engine":
+    if backend_kind(backend) == "engine":
         from ..exporters.tensorrt import build_engine
 
         engine = path.with_suffix(".engine")
@@ -145,7 +146,7 @@ def network_artifact(backend: str, module: nn.Module, input_shape: list[int], ba
                 input_shape=list(input_shape), exporter=exporter,
                 parity_inputs=torch.randn(4, *input_shape))  # checked on a few inputs: it is only timed
     sample = np.random.default_rng(1).standard_normal((batch, *input_shape)).astype(np.float32)
-    return _finish_onnx(path, precision, kind, batch, sample)
+    return _finish_onnx(path, precision, backend, batch, sample)
 
 
 def measure_speedup(backend: str, base: nn.Module, pruned: nn.Module, input_shape: list[int], batch: int,

@@ -1,7 +1,10 @@
 """INT8 by explicit quantization: ONNX Runtime static quantization to a QDQ model.
 
-Symmetric activations and weights (zero point 0, as TensorRT requires), per-channel
-weights; the QDQ model is also what TensorRT consumes for INT8.
+Weights are int8, symmetric, per channel. Activations are one of two schemes:
+- ``uint8``: asymmetric (ONNX Runtime's U8S8). ONNX Runtime's CPU provider fuses every
+  Conv of a ResNet into a QLinearConv with it; with int8 activations it left half of them
+  float between Q/DQ pairs and ran slower than FP32 (benchmarks/int8_profile.py).
+- ``int8``: symmetric, zero point 0, what TensorRT requires of a QDQ model.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ..errors import TvsError
 
 log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("uint8", "int8")  # the activation schemes (module docstring)
 
 
 class _Reader:
@@ -34,18 +38,29 @@ class _Reader:
         pass
 
 
+def activations_for(backend: str) -> str:
+    """The activation scheme a backend runs fastest or at all: uint8 on ONNX Runtime's CPU
+    provider, symmetric int8 on the GPU ones and TensorRT (which requires it)."""
+    return "uint8" if backend == "ort-cpu" else "int8"
+
+
 def calibration_batches(images: Any, size: int = 32) -> list[np.ndarray]:
     """Preprocessed images [N, C, H, W] as the float32 batches ONNX Runtime's calibrator reads."""
     return [images[i:i + size].numpy() for i in range(0, len(images), size)]
 
 
 def quantize_int8(onnx_path: str | Path, calib_batches: list[np.ndarray], out: str | Path, method: str = "minmax",
-                  per_channel: bool = True) -> dict[str, Any]:
-    """Write a QDQ INT8 model calibrated on ``calib_batches``; returns a report."""
+                  per_channel: bool = True, activations: str = "uint8") -> dict[str, Any]:
+    """Write a QDQ INT8 model calibrated on ``calib_batches``; returns a report.
+    ``activations``: "uint8" (asymmetric, for ONNX Runtime CPU) or "int8" (symmetric, for
+    TensorRT)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
         raise TvsError(f"unknown calibration method {method!r} (one of {', '.join(METHODS)})")
+    if activations not in ACTIVATIONS:
+        raise TvsError(f"unknown INT8 activation scheme {activations!r} (one of {', '.join(ACTIVATIONS)})")
+    symmetric = activations == "int8"
     onnx_path, out = Path(onnx_path), Path(out)
     if not onnx_path.is_file():
         raise TvsError(f"ONNX model not found: {onnx_path}")
@@ -67,12 +82,13 @@ def quantize_int8(onnx_path: str | Path, calib_batches: list[np.ndarray], out: s
             src = onnx_path
         with atomic_path(out) as tmp:
             quantize_static(str(src), str(tmp), _Reader(name, calib_batches), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=calib,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                            per_channel=per_channel, weight_type=QuantType.QInt8, calibrate_method=calib,
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
             onnx.checker.check_model(str(tmp))
     report = {"file": str(out), "source": str(onnx_path), "source_sha256": sha256_file(onnx_path),
-              "format": "QDQ", "activations": "int8 symmetric", "weights": "int8 symmetric" +
+              "format": "QDQ",
+              "activations": "int8 symmetric" if symmetric else "uint8 asymmetric", "weights": "int8 symmetric" +
               (" per-channel" if per_channel else ""), "calibration_method": method,
               "calibration_images": int(sum(len(b) for b in calib_batches)),
               "size_bytes": out.stat().st_size, "sha256": sha256_file(out),

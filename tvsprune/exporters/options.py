@@ -25,6 +25,10 @@ class ExportOptions(Options):
     # INT8 (ONNX Runtime static quantization, QDQ)
     int8_method: Literal["minmax", "entropy", "percentile"] = D.INT8_METHOD
     int8_samples: PositiveInt = D.INT8_SAMPLES
+    # activations: "uint8" (asymmetric; ONNX Runtime CPU fuses every Conv with it), "int8"
+    # (symmetric, zero point 0: what TensorRT requires); "auto": int8 when a TensorRT INT8
+    # engine is built from the QDQ model, else uint8
+    int8_activations: Literal["auto", "uint8", "int8"] = D.INT8_ACTIVATIONS
     # TensorRT
     min_batch: PositiveInt = D.MIN_BATCH
     opt_batch: PositiveInt = D.OPT_BATCH
@@ -38,6 +42,13 @@ class ExportOptions(Options):
             raise ValueError(f"TensorRT batch profile needs min_batch <= opt_batch <= max_batch, got "
                              f"{self.min_batch} / {self.opt_batch} / {self.max_batch}")
         return self
+
+    @property
+    def activations(self) -> str:
+        """The INT8 activation scheme ``auto`` resolves to (exporters.int8)."""
+        if self.int8_activations != "auto":
+            return self.int8_activations
+        return "int8" if "int8" in self.tensorrt else "uint8"
 
     @property
     def any(self) -> bool:

@@ -67,12 +67,11 @@ def build_engine(onnx_path: str | Path, out: str | Path, precision: str = "fp16"
     onnx_path, out = Path(onnx_path), Path(out)
     if not onnx_path.is_file():
         raise TvsError(f"ONNX model not found: {onnx_path}")
+    if precision == "int8":
+        _check_qdq(onnx_path)
     env = require_tensorrt()  # in a child process: a broken driver cannot crash us
     trt = _import_trt()
     major = int(trt.__version__.split(".")[0])
-    if precision == "int8" and not _has_qdq(onnx_path):
-        raise TvsError(f"INT8 needs a QDQ model (tvsprune export int8 {onnx_path} ...): {onnx_path} has no "
-                       "QuantizeLinear nodes")
     strong = major >= 11 or strongly_typed
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -146,7 +145,17 @@ def build_engine(onnx_path: str | Path, out: str | Path, precision: str = "fp16"
     return report
 
 
-def _has_qdq(path: Path) -> bool:
+def _check_qdq(path: Path) -> None:
+    """An INT8 engine is built from a QDQ model with symmetric int8 activations (zero point 0)."""
     import onnx
+    from onnx import TensorProto
 
-    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    model = onnx.load(str(path), load_external_data=False)
+    quant = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    if not quant:
+        raise TvsError(f"INT8 needs a QDQ model (tvsprune export int8 {path} ...): {path} has no "
+                       "QuantizeLinear nodes")
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    if any(len(n.input) > 2 and types.get(n.input[2]) == TensorProto.UINT8 for n in quant):
+        raise TvsError(f"{path} quantizes activations to uint8 (ONNX Runtime CPU's scheme); TensorRT needs "
+                       "symmetric int8: quantize again with `tvsprune export int8 ... --activations int8`")
