@@ -6,7 +6,11 @@ ONNX Runtime's profiler on the same batch; the script prints the end-to-end rati
 interleaved, the time per operator type after ONNX Runtime's graph optimizations (what the
 QDQ pairs became), and the layers where INT8 loses the most.
 
+The four artifacts (base and pruned, FP32 and INT8) are also timed together, A/B interleaved,
+with their top-1 on the CIFAR-10 test images: pruned + INT8 against base FP32.
+
     python benchmarks/int8_profile.py [--models resnet20,vgg11_bn] [--batch 32] [--runs 20]
+        [--target 0.5] [--latency-precision fp32|int8] [--test-per-class N] [--no-profile]
 """
 from __future__ import annotations
 
@@ -70,33 +74,56 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20,vgg11_bn")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--target", type=float, default=0.5, help="the pruned network's --target-latency")
+    ap.add_argument("--latency-precision", default="fp32", choices=("fp32", "int8"),
+                    help="what that latency budget times (int8: pruning and INT8 as one decision)")
+    ap.add_argument("--test-per-class", type=int, default=None, help="top-1 images per class (default: all 1,000)")
+    ap.add_argument("--no-profile", action="store_true", help="the four artifacts' table only")
     args = ap.parse_args()
-    from tvsprune.compare.on_backend import time_runners
     from tvsprune.backends import make_runner
+    from tvsprune.bench.ort_eval import onnx_logits
+    from tvsprune.compare.on_backend import time_runners
 
     root = cifar10()
-    print(f"# INT8 vs FP32 on ONNX Runtime CPU, batch {args.batch}; {machine()}")
+    print(f"# INT8 vs FP32 on ONNX Runtime CPU, batch {args.batch}; pruned: --target-latency {args.target} "
+          f"--latency-precision {args.latency_precision}; {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="tvsprune-int8p-"))
     for name in args.models.split(","):
         lm = load_model(name, str(CHECKPOINTS[name]))
         calib = DataOptions(path=str(root / "train"), samples_per_class=200, seed=1, batch_size=250)
         mpath = tmp / f"{name}.m.safetensors"
         calibrate(lm, calib, mpath, "pool:4")
-        prune(lm, mpath, tmp / f"{name}-pruned", PruneOptions.build(target_latency=0.5, compare_criteria=False),
-              calib)
+        prune(lm, mpath, tmp / f"{name}-pruned", PruneOptions.build(
+            target_latency=args.target, latency_precision=args.latency_precision, compare_criteria=False), calib)
         xs, _ = decode(calib, lm, 26)
         x = xs[:args.batch].numpy()
+        files = {}
         for label, model in (("base", lm), ("pruned", load_pruned(tmp / f"{name}-pruned"))):
             fp32 = tmp / f"{name}-{label}.onnx"
             export_onnx(model, fp32, input_shape=[3, 32, 32])
             int8 = tmp / f"{name}-{label}.int8.onnx"
             quantize_int8(fp32, calibration_batches(xs), int8)
-            runners = {k: make_runner("ort-cpu", p).activate() for k, p in (("fp32", fp32), ("int8", int8))}
-            ms = time_runners(runners, {"fp32": x, "int8": x}, rounds=5, min_time_s=0.2)
-            for r in runners.values():
-                r.deactivate()
-            print(f"\n## {name} {label}: FP32 {ms['fp32']:.2f} ms, INT8 {ms['int8']:.2f} ms per batch of {args.batch} "
-                  f"(INT8 {ms['fp32'] / ms['int8']:.2f}x of FP32, A/B interleaved)")
+            files[f"{label} FP32"], files[f"{label} INT8"] = fp32, int8
+        runners = {k: make_runner("ort-cpu", p).activate() for k, p in files.items()}
+        ms = time_runners(runners, {k: x for k in files}, rounds=5, min_time_s=0.2)
+        for r in runners.values():
+            r.deactivate()
+        test = DataOptions(path=str(root / "test")).open(lm)
+        cap = args.test_per_class * len(test.classes) if args.test_per_class else None
+        top1 = {}
+        for k, p in files.items():
+            logits, y = onnx_logits(p, test, cap)
+            top1[k] = float((logits.argmax(1) == y).mean()) * 100
+        print(f"\n## {name}, batch {args.batch}, A/B interleaved; top-1 on {len(y)} test images\n"
+              "| artifact | ms | speedup vs base FP32 | top-1 | points lost |\n|---|---|---|---|---|")
+        for k in files:
+            print(f"| {k} | {ms[k]:.2f} | {ms['base FP32'] / ms[k]:.2f}x | {top1[k]:.2f} | "
+                  f"{top1['base FP32'] - top1[k]:+.2f} |")
+        if args.no_profile:
+            continue
+        for label in ("base", "pruned"):
+            fp32, int8 = files[f"{label} FP32"], files[f"{label} INT8"]
+            print(f"\n### {name} {label}: INT8 {ms[f'{label} FP32'] / ms[f'{label} INT8']:.2f}x of FP32")
             (f_op, _), (i_op, i_node) = profile(fp32, x, args.runs), profile(int8, x, args.runs)
             print("| operator (after ONNX Runtime's fusions) | FP32 ms | INT8 ms |\n|---|---|---|")
             for op in sorted(set(f_op) | set(i_op), key=lambda o: -(f_op.get(o, 0) + i_op.get(o, 0))):

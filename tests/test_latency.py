@@ -42,8 +42,23 @@ class FakeTarget(Runner):
         return {"h2d": 0.0, "compute": self.ms / 1e3, "d2h": 0.0}
 
 
+class FakeMisaligned(FakeTarget):
+    """FakeTarget, except that a whole network with a width off 16 takes 10 ms more: a layer
+    alone does not show it (INT8 kernels that are slower at 8 channels than at 16)."""
+
+    name = "fake-misaligned"
+
+    def _activate(self):
+        super()._activate()
+        mods = list(self.artifact.module.modules())
+        if any(isinstance(m, nn.Linear) for m in mods) and \
+                any(isinstance(m, nn.Conv2d) and m.in_channels != 3 and m.out_channels % 16 for m in mods):
+            self.ms += 10.0
+
+
 if "fake-target" not in BACKENDS:
     register("fake-target", "torch", lambda a, **k: FakeTarget(a, **k))
+    register("fake-misaligned", "torch", lambda a, **k: FakeMisaligned(a, **k))
 
 
 def _tiny():
@@ -85,6 +100,8 @@ def test_round_to_auto_is_the_latency_backends_block():
     assert PruneOptions.build(keep_macs=0.5).block == 1  # a MAC budget names no target backend
     assert PruneOptions.build(keep_macs=0.5, round_to=8).block == 8
     assert backend_block("torch-cpu") == cpu
+    # INT8 on ONNX Runtime CPU: the ISA's block (its QLinearConv is slower at 8 channels than at 16)
+    assert PruneOptions.build(target_latency=0.5, latency_precision="int8").block == isa_block()
 
 
 def test_fake_backend_gives_the_exact_expected_plan(tmp_path):
@@ -117,6 +134,16 @@ def test_a_measured_miss_is_re_planned(tmp_path):
     assert lat["attempts"][1]["asked_predicted"] == pytest.approx(0.5 * 0.5 / 0.6, abs=1e-4)
     assert {g["root"]: len(g["kept"]) for g in plan.groups} == {"features.0": 8, "features.4": 6, "classifier.0": 16}
     assert lat["hit"] and lat["measured"] == pytest.approx(0.5) and lat["table"]["model"] == "layer"
+
+
+def test_a_network_no_faster_than_the_base_is_refused_and_nothing_written(tmp_path):
+    from tvsprune.pruning.stage import prune_model
+
+    with pytest.raises(TvsError, match="no pruned network was faster than the base") as err:
+        prune_model(_tiny(), None, tmp_path / "p", _opts(latency_model="layer", target_latency=0.5,
+                                                        latency_backend="fake-misaligned"))
+    assert err.value.exit_code == 1 and "--round-to" in str(err.value)
+    assert not (tmp_path / "p").exists()
 
 
 def test_the_table_is_cached_and_measured_again_for_another_version_or_machine(tmp_path, monkeypatch):

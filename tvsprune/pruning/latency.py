@@ -285,6 +285,11 @@ def fit(first: dict[str, Any], build: Callable[[float], dict[str, Any]],
     record = {"target": target_kept, "predicted": final["predicted"], "measured": final["measured"],
               "measured_range": final["measured_range"], "speedup": final["speedup"], "hit": final["hit"],
               "prediction_error": round(final["predicted"] / final["measured"] - 1.0, 4), "attempts": attempts}
+    if final["measured"] >= 1.0 > target_kept:
+        raise TvsError(f"no pruned network was faster than the base: the closest of {len(attempts)} attempts runs at "
+                       f"{final['measured']:.3f} of its latency (asked {target_kept:.3f}); the backend's kernels are "
+                       "slower at the widths the table offered: give --round-to with a larger block, or another "
+                       "--latency-precision / --latency-backend")
     if not final["hit"]:
         log.warning("the pruned network runs at %.3f of the base latency (asked %.3f) after %d attempts: "
                     "the guards or the widths the backend likes do not allow closer", final["measured"], target_kept,
