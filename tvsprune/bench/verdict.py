@@ -20,6 +20,9 @@ the ``--fail-if`` gate CI scripts check it with.
 - ``int8``: per backend that ran INT8 models, at that batch, each one's speedup over its
   own FP32 model (``<label>.int8`` over ``<label>``); below 1 the sentence says INT8 is slower
   there. ``recommended``: the model to deploy on that backend (the best entry's).
+- a backend entry whose fastest model is the base's own INT8 model also has ``pruned``: the
+  fastest pruned model there (``model``, ``speedup``, ``drop_points``), which the sentence
+  states: pruning did not pay beyond INT8 on that backend.
 """
 from __future__ import annotations
 
@@ -66,6 +69,12 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         acc = _accuracy(report, backend, label)
         if acc:
             entry.update(drop_points=acc["drop_points"], drop_ci95=acc.get("drop_ci95"), samples=acc.get("samples"))
+        pruned = {k: v for k, v in speedups.items() if not k.startswith(base["label"] + ".")}
+        if label.startswith(base["label"] + ".") and pruned:  # the base's own INT8 model won: what pruning gives
+            plabel, psp = max(pruned.items(), key=lambda kv: kv[1]["speedup_median"])
+            pacc = _accuracy(report, backend, plabel)
+            entry["pruned"] = {"model": plabel, "speedup": psp["speedup_median"],
+                               "drop_points": pacc["drop_points"] if pacc else None}
         out["backends"][backend] = entry
         out["all_stable"] = out["all_stable"] and entry["stable"]
     if out["backends"]:
@@ -118,9 +127,14 @@ def sentence(s: dict[str, Any]) -> str:
     else:
         parts.append("accuracy not measured (give --data)")
     saved = [f"{_pct(s.get(k))} fewer {w}" for k, w in (("macs_saved", "MACs"), ("params_saved", "parameters"))
-             if _pct(s.get(k))]
+             if _pct(s.get(k)) and s[k] >= 0.005]
     if saved:
         parts.append(", ".join(saved))
+    if best.get("pruned"):
+        p = best["pruned"]
+        lost = f", {p['drop_points']:.2f} points lost" if p.get("drop_points") is not None else ""
+        parts.append(f"the fastest pruned model, {p['model']}, is {p['speedup']:.2f}x{lost}: pruning does not pay "
+                     f"on {best['backend']} beyond INT8")
     slower = [(v, b, k) for b, per in (s.get("int8") or {}).items() for k, v in per.items() if v < 1]
     if slower:
         v, backend, label = min(slower)
