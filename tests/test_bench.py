@@ -264,6 +264,16 @@ def test_the_end_table_fits_100_columns_without_cutting_a_value(tiny_report):
             assert value in text, value
 
 
+def test_the_end_table_gives_an_int8_row_its_fp32_models_size():
+    from tvsprune.bench.report import end_table
+
+    report = {"models": [{"label": "base", "params": 272474, "macs": 41_000_000},
+                         {"label": "pruned", "params": 228570, "macs": 30_000_000}, {"label": "pruned.int8"}]}
+    rows = {r["model"]: r for r in end_table(report)}
+    assert (rows["pruned.int8"]["params"], rows["pruned.int8"]["MACs"]) == (rows["pruned"]["params"],
+                                                                           rows["pruned"]["MACs"]) == ("229k", "30M")
+
+
 def test_plots_show_the_speedup_with_sentences_for_captions(tiny_report):
     from tvsprune.bench.report import CAPTIONS, CHANNELS_CAPTION
 

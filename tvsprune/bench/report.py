@@ -72,7 +72,8 @@ def _short(n: int | None) -> str:
 
 
 def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
-    """The terminal's end table: one row per model (the INT8 files too), its size, top-1 (%),
+    """The terminal's end table: one row per model (the INT8 files too, with their FP32 model's
+    size), its size, top-1 (%),
     points lost, agreement with the base (%), and its median speedup per backend at the
     verdict's batch; fits 100 columns."""
     base = report["models"][0]["label"]
@@ -80,10 +81,13 @@ def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
     acc = ((report.get("accuracy") or {}).get("models")) or {}
     by_backend = report.get("accuracy_by_backend") or {}
     rows = []
+    models = {m["label"]: m for m in report["models"]}
     for m in report["models"]:
         label = m["label"]
         a = acc.get(label) or next((v[label] for v in by_backend.values() if label in v), None)
-        row = {"model": label, "params": _short(m.get("params")), "MACs": _short(m.get("macs")),
+        shape = models.get(label.removesuffix(".int8"), m) if label.endswith(".int8") else m  # its FP32 model's
+        row = {"model": label, "params": _short(m.get("params") or shape.get("params")),
+               "MACs": _short(m.get("macs") or shape.get("macs")),
                "top-1": _fmt(a["top1"] * 100) if a else "-",
                "pts lost": _fmt(a.get("drop_points")) if a and label != base else "-",
                "agree": _fmt(a["agreement_with_base"] * 100) if a and label != base and
