@@ -72,10 +72,9 @@ def _short(n: int | None) -> str:
 
 
 def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
-    """The terminal's end table: one row per model (the INT8 files too, with their FP32 model's
-    size), its size, top-1 (%),
-    points lost, agreement with the base (%), and its median speedup per backend at the
-    verdict's batch; fits 100 columns."""
+    """The terminal's end table: one row per model (the INT8 files too, sized as their FP32
+    model), its size, top-1 (%), points lost, agreement with the base (%), and its median
+    speedup per backend at the verdict's batch; fits 100 columns."""
     base = report["models"][0]["label"]
     batch = str((report.get("summary") or {}).get("batch"))
     acc = ((report.get("accuracy") or {}).get("models")) or {}
@@ -85,7 +84,7 @@ def end_table(report: dict[str, Any]) -> list[dict[str, str]]:
     for m in report["models"]:
         label = m["label"]
         a = acc.get(label) or next((v[label] for v in by_backend.values() if label in v), None)
-        shape = models.get(label.removesuffix(".int8"), m) if label.endswith(".int8") else m  # its FP32 model's
+        shape = models.get(label.removesuffix(".int8"), m)  # an INT8 file: its FP32 model's structure
         row = {"model": label, "params": _short(m.get("params") or shape.get("params")),
                "MACs": _short(m.get("macs") or shape.get("macs")),
                "top-1": _fmt(a["top1"] * 100) if a else "-",
