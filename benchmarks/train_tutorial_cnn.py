@@ -54,9 +54,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data order (the shipped checkpoint: 0)")
     ap.add_argument("--out", default=str(REPO / "tests" / "data" / "tutorial_cnn_cifar10.pt"))
     args = ap.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     root = cifar10()
     xtr, ytr, classes = load(root / "train")
     xte, yte, _ = load(root / "test")
@@ -64,7 +65,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = args.epochs * (len(xtr) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     for epoch in range(args.epochs):
         model.train()
@@ -84,7 +85,7 @@ def main() -> None:
               f"({time.time() - t0:.0f} s)", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"arch": "TutorialNet", "width": args.width, "state_dict": model.state_dict(),
-                "test_acc": acc, "epochs": args.epochs, "normalize": {"mean": MEAN, "std": STD}}, args.out)
+                "test_acc": acc, "epochs": args.epochs, "seed": args.seed, "normalize": {"mean": MEAN, "std": STD}}, args.out)
     print(f"wrote {args.out} (test top-1 {acc:.4f}, {sum(p.numel() for p in model.parameters()):,} params)")
 
 

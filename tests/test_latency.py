@@ -306,3 +306,49 @@ def test_an_int8_latency_budget_times_quantized_graphs_on_onnx_runtime(tmp_path)
     assert lat["backend"] == "ort-cpu" and lat["precision"] == "int8" and lat["table"]["model"] == "layer"
     assert lat["table"]["points_measured"] + lat["table"]["points_reused"] > 0 and lat["attempts"]
     assert all(0 < a["measured"] < 5 for a in lat["attempts"])
+
+
+def test_the_verdict_recommends_the_fastest_model_within_max_drop():
+    """A faster model that lost more than --max-drop is named, not recommended; when every one
+    did, nothing is (the base stays)."""
+    from tvsprune.bench.verdict import gate_failures, summarize
+
+    sp = lambda m: {"speedup_median": m, "speedup_min": m - 0.05, "speedup_max": m + 0.05}  # noqa: E731
+    drops = {"pruned": 70.33, "base.int8": 0.04, "pruned.int8": 69.0}
+    report = {"models": [{"label": "base", "macs": 100, "params": 10}, {"label": "pruned", "macs": 20, "params": 2},
+                         {"label": "base.int8"}, {"label": "pruned.int8"}],
+              "latency": {"ort-cpu": {"32": {"speedup_vs_base": {"pruned": sp(2.02), "base.int8": sp(1.67),
+                                                                 "pruned.int8": sp(1.9)}}}},
+              "accuracy": {"models": {k: {"drop_points": v, "samples": 2000} for k, v in drops.items()}}}
+    s = summarize(report, max_drop=2.0)
+    assert s["recommended"] == "base.int8" and s["best"]["within_max_drop"]
+    assert [r["model"] for r in s["best"]["rejected"]] == ["pruned", "pruned.int8"]
+    assert ("faster but losing more than the 2 points --max-drop allows: pruned (2.02x, 70.33 points), "
+            "pruned.int8 (1.90x, 69.00 points)") in s["sentence"]
+    assert s["sentence"].startswith("base.int8: 1.67x faster")
+    assert summarize(report)["recommended"] == "pruned"  # no max_drop: the fastest, as before
+    drops["base.int8"] = 3.0
+    report["accuracy"]["models"]["base.int8"]["drop_points"] = 3.0
+    s = summarize(report, max_drop=2.0)
+    assert s["recommended"] is None and not s["best"]["within_max_drop"] and s["best"]["model"] == "pruned"
+    assert "every model lost more than the 2 points --max-drop allows: deploy none, keep the base" in s["sentence"]
+    assert gate_failures(s, {"max_drop": 2.0}) == ["70.33 points lost > 2"]
+
+
+def test_run_says_to_keep_the_base_when_every_pruned_model_lost_too_much(tmp_path, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from tvsprune.cli.run import _the_result
+
+    sp = {"speedup_median": 2.0, "speedup_min": 1.9, "speedup_max": 2.1}
+    report = {"models": [{"label": "base"}, {"label": "pruned"}],
+              "latency": {"ort-cpu": {"32": {"speedup_vs_base": {"pruned": sp}}}},
+              "accuracy": {"models": {"base": {"top1": 0.87}, "pruned": {"top1": 0.17, "drop_points": 70.0}}}}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    pipe = SimpleNamespace(out=tmp_path, cfg=SimpleNamespace(bench=SimpleNamespace(fail_if=None, max_drop=1.5)))
+    _the_result(pipe, "t")
+    lines = capsys.readouterr().out.splitlines()
+    assert "deploy: the base; every pruned model lost more than 1.5 points of top-1 ([bench] max_drop)" in lines
+    assert lines[-1].startswith("verdict: pruned: 2.00x faster") and "deploy none, keep the base" in lines[-1]

@@ -22,6 +22,7 @@ class BenchOptions(Options):
     threads: PositiveInt | None = None
     seed: NonNegativeInt = 0
     input_shape: list[PositiveInt] | None = None  # C,H,W when neither the models nor the data tell it
+    max_drop: float | None = Field(2.0, ge=0, le=100)  # points of top-1 a recommended model may lose (None: any)
     fail_if: str | None = None  # a gate on the verdict, e.g. "max_drop=1.5,min_speedup=1.3" (exit 4 when missed)
 
     @field_validator("fail_if")

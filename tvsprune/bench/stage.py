@@ -378,7 +378,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
     report["warnings"] = report_warnings(report)
     from .verdict import summarize
 
-    report["summary"] = summarize(report)
+    report["summary"] = summarize(report, opts.max_drop)
     for w in report["warnings"]:
         log.warning(w)
     report["elapsed_s"] = round(time.perf_counter() - t0, 1)

@@ -6,11 +6,16 @@ the ``--fail-if`` gate CI scripts check it with.
 
 - ``sentence``: the verdict in words.
 - ``batch``: the batch size it is stated at (the largest one measured).
-- ``backends``: per backend, the fastest model at that batch (``model``), its median
+- ``max_drop``: the points of top-1 a model may lose to be recommended (``--max-drop``;
+  null: the fastest model is recommended whatever it lost).
+- ``backends``: per backend, the fastest model at that batch that lost at most ``max_drop``
+  points of top-1 (``model``; a model whose accuracy was not measured counts as within), its median
   speedup over the base with the min-max of the per-round ratios (``speedup``,
   ``speedup_range``), whether the timings were stable (``stable``), and its points of
   top-1 lost with their paired 95 % interval (``drop_points``, ``drop_ci95``, on
-  ``samples`` images; null without evaluation data).
+  ``samples`` images; null without evaluation data); ``within_max_drop``: false when every
+  model lost more (``model`` is then the fastest of all); ``rejected``: the faster models
+  passed over for losing more (``model``, ``speedup``, ``drop_points``), fastest first.
 - ``best``: the backend entry with the highest speedup among those whose timings were
   stable (among all when none was), with its ``backend`` name.
 - ``macs_saved``, ``params_saved``, ``weights_bytes_saved``: fractions saved by that
@@ -19,7 +24,8 @@ the ``--fail-if`` gate CI scripts check it with.
   ``all_stable``: every backend's were.
 - ``int8``: per backend that ran INT8 models, at that batch, each one's speedup over its
   own FP32 model (``<label>.int8`` over ``<label>``); below 1 the sentence says INT8 is slower
-  there. ``recommended``: the model to deploy on that backend (the best entry's).
+  there. ``recommended``: the model to deploy on that backend (the best entry's; null when
+  every model lost more than ``max_drop``).
 - a backend entry whose fastest model is the base's own INT8 model also has ``pruned``: the
   fastest pruned model there (``model``, ``speedup``, ``drop_points``), which the sentence
   states: pruning did not pay beyond INT8 on that backend.
@@ -47,13 +53,15 @@ def _saved(model: dict[str, Any], base: dict[str, Any], key: str) -> float | Non
     return 1 - a / b if a and b else None
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """report.json's ``summary`` (see the module docstring)."""
+def summarize(report: dict[str, Any], max_drop: float | None = None) -> dict[str, Any]:
+    """report.json's ``summary`` (see the module docstring); ``max_drop``: points of top-1 a
+    recommended model may lose (None: the fastest is recommended)."""
     models = {m["label"]: m for m in report["models"]}
     base = report["models"][0]
     batches = [int(b) for per in report.get("latency", {}).values() for b in per]
     batch = max(batches) if batches else None
-    out: dict[str, Any] = {"batch": batch, "backends": {}, "best": None, "trustworthy": False, "all_stable": True}
+    out: dict[str, Any] = {"batch": batch, "max_drop": max_drop, "backends": {}, "best": None, "trustworthy": False,
+                           "all_stable": True}
     for backend, per_batch in report.get("latency", {}).items():
         lat = per_batch.get(str(batch))
         if not lat:
@@ -61,25 +69,28 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         speedups = lat.get(f"speedup_vs_{base['label']}") or {}
         if not speedups:
             continue
-        label, sp = max(speedups.items(), key=lambda kv: kv[1]["speedup_median"])
+        drops = {k: (_accuracy(report, backend, k) or {}).get("drop_points") for k in speedups}
+        ranked = sorted(speedups, key=lambda k: -speedups[k]["speedup_median"])
+        within = [k for k in ranked if max_drop is None or drops[k] is None or drops[k] <= max_drop]
+        label = (within or ranked)[0]
+        sp = speedups[label]
         unstable = [w for w in lat.get("warnings", []) if "unstable" in w]
         entry = {"model": label, "speedup": sp["speedup_median"],
                  "speedup_range": [sp["speedup_min"], sp["speedup_max"]], "stable": not unstable,
-                 "drop_points": None, "drop_ci95": None, "samples": None}
+                 "drop_points": None, "drop_ci95": None, "samples": None, "within_max_drop": bool(within),
+                 "rejected": [_brief(k, speedups, drops) for k in ranked[:ranked.index(label)]]}
         acc = _accuracy(report, backend, label)
         if acc:
             entry.update(drop_points=acc["drop_points"], drop_ci95=acc.get("drop_ci95"), samples=acc.get("samples"))
-        pruned = {k: v for k, v in speedups.items() if not k.startswith(base["label"] + ".")}
+        pruned = [k for k in (within or ranked) if not k.startswith(base["label"] + ".")]
         if label.startswith(base["label"] + ".") and pruned:  # the base's own INT8 model won: what pruning gives
-            plabel, psp = max(pruned.items(), key=lambda kv: kv[1]["speedup_median"])
-            pacc = _accuracy(report, backend, plabel)
-            entry["pruned"] = {"model": plabel, "speedup": psp["speedup_median"],
-                               "drop_points": pacc["drop_points"] if pacc else None}
+            entry["pruned"] = _brief(pruned[0], speedups, drops)
         out["backends"][backend] = entry
         out["all_stable"] = out["all_stable"] and entry["stable"]
     if out["backends"]:
         stable = {k: v for k, v in out["backends"].items() if v["stable"]} or out["backends"]
-        name, best = max(stable.items(), key=lambda kv: kv[1]["speedup"])  # a stable timing before a faster one
+        # a stable timing before a faster one, a model within max_drop before one that lost more
+        name, best = max(stable.items(), key=lambda kv: (kv[1]["within_max_drop"], kv[1]["speedup"]))
         out["best"] = {"backend": name, **best}
         out["trustworthy"] = best["stable"]
         m = models.get(best["model"], {})
@@ -88,10 +99,14 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         out["params_saved"] = _saved(ref, base, "params")
         out["weights_bytes_saved"] = _saved({"b": sum((m.get("files_bytes") or {}).values())},
                                             {"b": sum((base.get("files_bytes") or {}).values())}, "b")
-        out["recommended"] = best["model"]
+        out["recommended"] = best["model"] if best["within_max_drop"] else None
         out["int8"] = _int8_vs_fp32(report, batch)
     out["sentence"] = sentence(out)
     return out
+
+
+def _brief(label: str, speedups: dict[str, Any], drops: dict[str, float | None]) -> dict[str, Any]:
+    return {"model": label, "speedup": speedups[label]["speedup_median"], "drop_points": drops[label]}
 
 
 def _int8_vs_fp32(report: dict[str, Any], batch: int | None) -> dict[str, dict[str, float]]:
@@ -130,6 +145,12 @@ def sentence(s: dict[str, Any]) -> str:
              if _pct(s.get(k)) and s[k] >= 0.005]
     if saved:
         parts.append(", ".join(saved))
+    allowed = f"the {s.get('max_drop') or 0:g} points --max-drop allows"
+    if best.get("within_max_drop") is False:
+        parts.append(f"every model lost more than {allowed}: deploy none, keep the base")
+    elif best.get("rejected"):
+        parts.append("faster but losing more than " + allowed + ": " + ", ".join(
+            f"{r['model']} ({r['speedup']:.2f}x, {r['drop_points']:.2f} points)" for r in best["rejected"]))
     if best.get("pruned"):
         p = best["pruned"]
         lost = f", {p['drop_points']:.2f} points lost" if p.get("drop_points") is not None else ""

@@ -66,6 +66,9 @@ def _register_bench(sub: Any) -> None:
                    help="precision of the engines built for the tensorrt backend; fp16 also turns on fp16 in "
                         "ONNX Runtime's TensorRT provider (ort-trt), whose engines are cached under OUT/models (default %(default)s)")
     p.add_argument("--input-shape", type=_ints, help="C,H,W when neither the models nor --data tell it")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="the verdict recommends the fastest model that lost at most POINTS of top-1 and names the "
+                        "faster ones it passed over (default %(default)s)")
     p.add_argument("--fail-if", metavar="GATE",
                    help="exit 4 when the verdict misses GATE, e.g. max_drop=1.5,min_speedup=1.3 (points of top-1 "
                         "lost at most, median speedup at least; default: no gate)")

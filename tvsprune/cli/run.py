@@ -50,13 +50,17 @@ def _the_result(pipe: Any, title: str) -> None:
     if report is not None:
         from ..bench.verdict import summarize
 
-        summary = report.get("summary") or summarize(report)
+        summary = report.get("summary") or summarize(report, pipe.cfg.bench.max_drop)
         rec, best = summary.get("recommended"), summary.get("best") or {}
         if rec:  # the artifact the verdict is about, as its backend runs it
             onnx = pipe.out / "export" / f"{rec}.onnx"
             kind = "onnx" if onnx.is_file() and str(best.get("backend", "")).startswith("ort") else "model"
             where = onnx if kind == "onnx" else pipe.out / "pruned" if rec == "pruned" else rec
-            print(f"deploy: {where} (the fastest on {best.get('backend')} at batch {summary.get('batch')})")
+            print(f"deploy: {where} (the fastest on {best.get('backend')} at batch {summary.get('batch')}"
+                  + (f" within {summary['max_drop']:g} points of top-1)" if summary.get("max_drop") is not None else ")"))
+        elif best:
+            print(f"deploy: the base; every pruned model lost more than {summary.get('max_drop'):g} points of top-1 "
+                  "([bench] max_drop)")
         print(f"verdict: {summary['sentence']}")
         check_gate(summary, pipe.cfg.bench.fail_if)
 
