@@ -224,3 +224,38 @@ def test_acceptance_onnx_parity_on_cifar(pruned_pair, cifar_dir, tmp_path, name,
         assert abs(out.stat().st_size - 4 * params) <= 0.05 * 4 * params + 64 * 1024
         prune_report = json.loads((pdir / "prune.json").read_text())
         assert 0.39 <= prune_report["params"]["removed_frac"] <= 0.45
+
+
+def test_int8_reduces_the_weight_range_where_u8s8_kernels_saturate(tmp_path, monkeypatch):
+    """uint8 x int8 on an AVX2 CPU without VNNI saturates in ONNX Runtime (VPMADDUBSW): weights
+    are then 7-bit by default; with VNNI, on ARM, or for symmetric int8, they keep 8 bits."""
+    from tvsprune.backends import blocks
+    from tvsprune.errors import TvsError
+    from tvsprune.exporters.int8 import quantize_int8, reduce_range_for
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert blocks.int8_dot_saturates(avx2, "x86_64")
+    assert not blocks.int8_dot_saturates(avx2.replace("avx2", "avx2 avx512f avx512_vnni"), "x86_64")
+    assert not blocks.int8_dot_saturates(avx2.replace("avx2", "avx2 avx_vnni"), "x86_64")
+    assert not blocks.int8_dot_saturates(avx2, "aarch64") and not blocks.int8_dot_saturates("", "x86_64")
+    torch.manual_seed(0)
+    fp32 = tmp_path / "r.onnx"
+    export_onnx(LoadedModel(randomize_bn(_Residual()).eval(), ModelSpec(spec="<residual>"), input_shape=(3, 16, 16)),
+                fp32, input_shape=[3, 16, 16])
+    batches = [np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)]
+
+    def widest_weight(path: Path) -> int:
+        model = onnx.load(str(path))
+        return max(int(np.abs(onnx.numpy_helper.to_array(i).astype(np.int32)).max())
+                   for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4)
+
+    monkeypatch.setattr(blocks, "int8_dot_saturates", lambda *a: True)  # an AVX2 CPU without VNNI
+    assert reduce_range_for("uint8") and not reduce_range_for("int8") and not reduce_range_for("uint8", "off")
+    rep = quantize_int8(fp32, batches, tmp_path / "a.int8.onnx")
+    assert rep["reduce_range"] and widest_weight(tmp_path / "a.int8.onnx") <= 64
+    monkeypatch.setattr(blocks, "int8_dot_saturates", lambda *a: False)
+    rep = quantize_int8(fp32, batches, tmp_path / "b.int8.onnx")
+    assert not rep["reduce_range"] and widest_weight(tmp_path / "b.int8.onnx") == 127
+    assert quantize_int8(fp32, batches, tmp_path / "c.int8.onnx", reduce_range="on")["reduce_range"]
+    with pytest.raises(TvsError, match="reduce-range"):
+        reduce_range_for("uint8", "maybe")

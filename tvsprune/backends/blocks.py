@@ -15,6 +15,25 @@ def cpu_capability() -> str:
         return "DEFAULT"
 
 
+def int8_dot_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's U8S8 kernels here multiply with AVX2's VPMADDUBSW, whose pair sums
+    saturate at int16 (255 x 127 x 2 > 32767): an x86 CPU with AVX2 and no VNNI (VPDPBUSD does
+    not saturate). Read from /proc/cpuinfo's flags (``cpuinfo``, ``machine``: given in tests);
+    elsewhere (ARM, macOS, no /proc) False."""
+    import platform
+    from pathlib import Path
+
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
+
+
 def isa_block() -> int:
     """The channel block of ONNX Runtime's blocked (NCHWc) CPU convolutions: 16 with AVX-512, 8
     with AVX2 (MLAS; oneDNN under PyTorch blocks the same way)."""

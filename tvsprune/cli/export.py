@@ -70,7 +70,7 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     src = _onnx_data(args, args.calib_data, meta).open()
     x, _ = take_images(src, opts.int8_samples, seed=args.seed)
     rep = quantize_int8(args.model, calibration_batches(x), args.out, opts.int8_method, per_channel=not args.per_tensor,
-                        activations=opts.activations)
+                        activations=opts.activations, reduce_range=opts.int8_reduce_range)
     if args.eval_data:
         esrc = _onnx_data(args, args.eval_data, meta).open()
         rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)
@@ -141,6 +141,10 @@ def _register_export(sub: Any) -> None:
     p.add_argument("--activations", "--int8-activations", dest="int8_activations", choices=("auto", "uint8", "int8"),
                    help="activation scheme: uint8 (asymmetric, fast on ONNX Runtime CPU), int8 (symmetric, for "
                         "TensorRT); auto: uint8 here (default %(default)s)")
+    p.add_argument("--reduce-range", "--int8-reduce-range", dest="int8_reduce_range", choices=("auto", "on", "off"),
+                   help="7-bit weights, so that ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI do not "
+                        "saturate; auto: on for uint8 activations when this CPU lacks VNNI; on: quantizing here for "
+                        "such a target (default %(default)s)")
     p.add_argument("--eval-data", help="labelled images: FP32 vs INT8 accuracy and CPU latency")
     p.add_argument("--eval-samples", type=_count, help="limit evaluation images (default all)")
     add_preprocess_args(p, "--calib-data and --eval-data")

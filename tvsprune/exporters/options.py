@@ -29,6 +29,9 @@ class ExportOptions(Options):
     # (symmetric, zero point 0: what TensorRT requires); "auto": int8 when a TensorRT INT8
     # engine is built from the QDQ model, else uint8
     int8_activations: Literal["auto", "uint8", "int8"] = D.INT8_ACTIVATIONS
+    # 7-bit weights: "auto" turns it on for uint8 activations on an x86 CPU without VNNI, whose
+    # ONNX Runtime U8S8 kernels saturate (exporters.int8); "on" when quantizing for such a target elsewhere
+    int8_reduce_range: Literal["auto", "on", "off"] = D.INT8_REDUCE_RANGE
     # TensorRT
     min_batch: PositiveInt = D.MIN_BATCH
     opt_batch: PositiveInt = D.OPT_BATCH

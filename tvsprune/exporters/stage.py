@@ -36,7 +36,8 @@ def export_model(model: LoadedModel, out_dir: str | Path, label: str, opts: Expo
 
             raise TvsError("INT8 export needs calibration images")
         f = exp / f"{label}.int8.onnx"
-        rep = quantize_int8(onnx, calib_batches(), f, opts.int8_method, activations=opts.activations)
+        rep = quantize_int8(onnx, calib_batches(), f, opts.int8_method, activations=opts.activations,
+                            reduce_range=opts.int8_reduce_range)
         write_report(f, rep)
         outs.append(f)
     for precision in opts.tensorrt:
