@@ -309,6 +309,22 @@ def test_spearman():
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_a_mac_or_parameter_budget_warns_of_widths_off_the_8_channel_grid(tiny_calibrated, tmp_path):
+    """Fewer MACs at odd widths can run slower than the base (RESULTS.md): said, in prune.json and
+    on stderr; aligned widths (--round-to 8) are not warned about."""
+    spec, weights, data, moments = tiny_calibrated
+    for extra, name in (([], "odd"), (["--round-to", "8"], "r8")):
+        r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--keep-params", "0.6",
+                    "--out", tmp_path / name, "--calib-data", data, *extra)
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / name / "prune.json").read_text())
+        odd = [l["layer"] for l in report["layers"] if l["channels_after"] != l["channels_before"]
+               and l["channels_after"] % 8]
+        warned = [w for w in report.get("warnings", []) if "off the 8-channel grid" in w]
+        assert bool(odd) == bool(warned) == (name == "odd"), (odd, report.get("warnings"))
+        assert all(layer in warned[0] for layer in odd[:3]) if odd else "off the 8-channel grid" not in r.stderr
+
+
 @pytest.mark.parametrize("method", ["tvs", "l1", "l2", "random", "bn-scale", "fpgm", "mean-distance"])
 def test_cli_prune_every_criterion(tiny_calibrated, tmp_path, method):
     spec, weights, data, moments = tiny_calibrated
