@@ -44,6 +44,7 @@ from accuracy_vs_sparsity import accuracy, decode  # noqa: E402
 
 from tvsprune.calibration import DataOptions, calibrate  # noqa: E402
 from tvsprune.compare.on_backend import measure_speedup  # noqa: E402
+from tvsprune.errors import TvsError  # noqa: E402
 from tvsprune.models import load_model  # noqa: E402
 from tvsprune.pruning import PruneOptions, load_pruned, prune  # noqa: E402
 from tvsprune.pruning.context import Context, repair_batches  # noqa: E402
@@ -229,13 +230,20 @@ def main() -> None:
             for rt in sorted({1, 8, isa_block()} - {block}):
                 t1 = time.time()
                 out = tmp / f"{name}-lat-r{rt}"
-                rep = prune(lm, mpath, out, PruneOptions.build(target_latency=targets[0], latency_batch=32,
-                                                               round_to=rt, compare_criteria=False), calib)
+                try:
+                    rep = prune(lm, mpath, out, PruneOptions.build(target_latency=targets[0], latency_batch=32,
+                                                                   round_to=rt, compare_criteria=False), calib)
+                except TvsError as e:  # prune's refusal is this row's result
+                    print(f"| 32 | {targets[0]} | tvs latency round_to {rt} | refused: {e} |", flush=True)
+                    rows.append({"batch": 32, "target": targets[0], "method": f"tvs latency round_to {rt}",
+                                 "refused": str(e)})
+                    continue
                 lat = rep["latency"]
                 emit(32, targets[0], f"tvs latency round_to {rt}", load_pruned(out).module,
                      {"ratio": lat["measured"], "speedup": lat["speedup"],
                       "range": [1 / lat["measured_range"][1], 1 / lat["measured_range"][0]]}, t1)
-        errs = np.array([[abs(r["prediction_error"]["network"]), abs(r["prediction_error"]["layer"])] for r in rows])
+        errs = np.array([[abs(r["prediction_error"]["network"]), abs(r["prediction_error"]["layer"])] for r in rows
+                         if "prediction_error" in r])
         print(f"mean |prediction error| over {len(rows)} measured networks: network {errs[:, 0].mean():.3f}, "
               f"layer {errs[:, 1].mean():.3f}  ({time.time() - t0:.0f} s)", flush=True)
 

@@ -352,3 +352,26 @@ def test_run_says_to_keep_the_base_when_every_pruned_model_lost_too_much(tmp_pat
     lines = capsys.readouterr().out.splitlines()
     assert "deploy: the base; every pruned model lost more than 1.5 points of top-1 ([bench] max_drop)" in lines
     assert lines[-1].startswith("verdict: pruned: 2.00x faster") and "deploy none, keep the base" in lines[-1]
+
+
+def test_a_noisy_measurement_far_from_the_target_is_not_a_hit():
+    """A per-round range wide enough to hold the target does not make a median 17 % off it a hit
+    (a round_to 1 ResNet-20 at 1.054 of the base for an asked 0.9 was refused after one attempt)."""
+    from types import SimpleNamespace
+
+    from tvsprune.pruning.latency import fit
+
+    def cand(pred):
+        return {"plan": SimpleNamespace(meta={"latency": {"before": 1.0, "after": pred}, "macs": {"removed_frac": 0}}),
+                "model": pred}
+
+    measured = {0.9: (1.054, 0.85, 1.2), 0.8: (0.91, 0.9, 0.92)}  # predicted -> (median, fastest, slowest)
+
+    def measure(pred):
+        med, lo, hi = measured[round(pred, 1)]
+        return {"speedup": 1 / med, "speedup_max": 1 / lo, "speedup_min": 1 / hi, "base_ms": 1.0, "pruned_ms": med}
+
+    asks = []
+    best, record = fit(cand(0.9), lambda removed: asks.append(removed) or cand(0.8), measure, 0.9)
+    assert len(record["attempts"]) == 2 and not record["attempts"][0]["hit"] and record["attempts"][1]["hit"]
+    assert best["model"] == 0.8 and record["measured"] == 0.91 and asks
