@@ -157,6 +157,10 @@ def test_doctor_runs():
     r = run_cli("doctor")
     assert r.returncode == 0, r.stderr
     assert "onnxruntime" in r.stdout and "tensorrt" in r.stdout
+    from tvsprune.backends.blocks import int8_dot_saturates, isa_block
+
+    assert f"channel block {isa_block()}" in r.stdout
+    assert ("7-bit weights" if int8_dot_saturates() else "8-bit weights") in r.stdout
 
 
 def _trt_ready() -> str | None:

@@ -20,6 +20,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                                                    f"{g['memory_bytes'] / 2**30:.0f} GiB"})
     if not env.get("gpus"):
         rows.append({"component": "GPU", "status": "none visible to torch"})
+    rows.append({"component": "CPU", "status": _cpu_status()})
     rows.append({"component": "onnxruntime", "status": env.get("onnxruntime", env.get("onnxruntime_error", "missing"))})
     try:
         for p, st in ort_providers_that_load().items():
@@ -43,6 +44,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for n in needs:
         print(f"missing: {n}")
     return 0
+
+
+def _cpu_status() -> str:
+    """The CPU, the instruction set PyTorch dispatches to, the channel block latency budgets
+    align INT8 to, and whether INT8 exports need 7-bit weights here (exporters.int8)."""
+    from ..backends.blocks import cpu_capability, int8_dot_saturates, isa_block
+    from ..pruning.latency import cpu_name
+
+    int8 = ("INT8 exports use 7-bit weights (AVX2 without VNNI: ONNX Runtime's uint8 x int8 kernels saturate)"
+            if int8_dot_saturates() else "INT8 exports use 8-bit weights")
+    return f"{cpu_name()}, {cpu_capability()}, channel block {isa_block()}; {int8}"
 
 
 def register(sub: Any) -> None:
