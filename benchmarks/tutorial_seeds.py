@@ -1,4 +1,4 @@
-"""tvs against l1 on the tutorial-style CNN, trained from several seeds: is issue 25's gap the network's or one checkpoint's?
+"""tvs against l1 on the tutorial-style CNN, trained from several seeds: is the gap the network's or one checkpoint's?
 
 Each checkpoint (benchmarks/train_tutorial_cnn.py --seed S) is calibrated on 100 images per
 class, pruned with tvs and with l1 at 30 % parameters and at 30 % MACs (every other option at
