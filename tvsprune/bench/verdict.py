@@ -17,7 +17,8 @@ the ``--fail-if`` gate CI scripts check it with.
   model lost more (``model`` is then the fastest of all); ``rejected``: the faster models
   passed over for losing more (``model``, ``speedup``, ``drop_points``), fastest first.
 - ``best``: the backend entry with the highest speedup among those whose timings were
-  stable (among all when none was), with its ``backend`` name.
+  stable (among all when none was), one within ``max_drop`` before one that is not, with its
+  ``backend`` name.
 - ``macs_saved``, ``params_saved``, ``weights_bytes_saved``: fractions saved by that
   model (null when unknown, e.g. an .onnx file without its PyTorch model).
 - ``trustworthy``: the timings behind the verdict (the best entry's) were stable;
