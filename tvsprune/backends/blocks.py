@@ -15,21 +15,35 @@ def cpu_capability() -> str:
         return "DEFAULT"
 
 
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none."""
+    from pathlib import Path
+
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what the latency cache is keyed by, with the instruction set)."""
+    import platform
+
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                None)
+    return name or platform.processor() or platform.machine()
+
+
 def int8_dot_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
     """Whether ONNX Runtime's U8S8 kernels here multiply with AVX2's VPMADDUBSW, whose pair sums
     saturate at int16 (255 x 127 x 2 > 32767): an x86 CPU with AVX2 and no VNNI (VPDPBUSD does
     not saturate). Read from /proc/cpuinfo's flags (``cpuinfo``, ``machine``: given in tests);
     elsewhere (ARM, macOS, no /proc) False."""
     import platform
-    from pathlib import Path
 
     if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
     return "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
 

@@ -49,8 +49,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _cpu_status() -> str:
     """The CPU, the instruction set PyTorch dispatches to, the channel block latency budgets
     align INT8 to, and whether INT8 exports need 7-bit weights here (exporters.int8)."""
-    from ..backends.blocks import cpu_capability, int8_dot_saturates, isa_block
-    from ..pruning.latency import cpu_name
+    from ..backends.blocks import cpu_capability, cpu_name, int8_dot_saturates, isa_block
 
     int8 = ("INT8 exports use 7-bit weights (AVX2 without VNNI: ONNX Runtime's uint8 x int8 kernels saturate)"
             if int8_dot_saturates() else "INT8 exports use 8-bit weights")

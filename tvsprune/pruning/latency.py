@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch.nn as nn
 
 from ..artifacts import home, sha256_json, versions, write_json
 from ..backends import BACKENDS, backend_kind
-from ..backends.blocks import CPU_BACKENDS, backend_block, cpu_capability, isa_block  # noqa: F401 (re-exported)
+from ..backends.blocks import (CPU_BACKENDS, backend_block, cpu_capability, cpu_name,  # noqa: F401 (re-exported)
+                               isa_block)
 from ..console import step
 from ..errors import MissingDependencyError, TvsError
 from ..models.costs import CostTable, Widths
@@ -44,17 +44,6 @@ from .options import Guards
 log = logging.getLogger(__name__)
 
 FORMAT = "tvsprune.latency/2"  # 2: INT8 points time the backend's activation scheme
-
-
-def cpu_name() -> str:
-    """The CPU's model name (what the cache is keyed by, with the instruction set)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(backend: str) -> dict[str, Any]:
