@@ -11,6 +11,7 @@ from typing import Any
 from ..console import short_list
 from ..pruning.options import LARGE_LOSS_POINTS
 MACS_GAP = 0.75  # a speedup below this share of the MACs ratio is "far below" it
+MEMORY_GAP = 1.1  # a pruned model's peak memory above this share of the base's is worth saying
 
 
 def _drop(report: dict[str, Any], label: str) -> dict[str, Any] | None:
@@ -71,6 +72,7 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
     for label, where in int8.items():
         out.append(f"{label} is slower than its FP32 model ({short_list(where, 3)}): this backend lacks fast INT8 "
                    "kernels for some layers; deploy the FP32 model here, or measure INT8 on the target (TensorRT)")
+    out += _memory_warnings(report, base)
     for m in report["models"][1:]:
         acc = _drop(report, m["label"])
         if acc and acc["drop_points"] > LARGE_LOSS_POINTS:
@@ -79,3 +81,23 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
                        f"{ci[1]:.1f}): keep more (a larger --keep-macs / --keep-params / --target-latency), give calibrate more images "
                        "per class, or let prune hold some out (--repair-samples-per-class below the images per class)")
     return out
+
+
+def _memory_warnings(report: dict[str, Any], base: str) -> list[str]:
+    """A model whose peak memory of inference (fresh process, largest batch) is above the base's."""
+    out = []
+    for backend, per_model in (report.get("memory") or {}).items():
+        peaks = {label: (m.get("fresh") or {}).get("peak_bytes") or {} for label, m in per_model.items()
+                 if isinstance(m, dict)}
+        batches = sorted(peaks.get(base, {}), key=int)
+        if not batches:
+            continue
+        bs, ref = batches[-1], peaks[base][batches[-1]]
+        for label, peak in peaks.items():
+            if label != base and ref and (peak.get(bs) or 0) > MEMORY_GAP * ref:
+                out.append(f"{label} peaks at {peak[bs] / 2**20:.1f} MiB of inference memory on {backend} at batch {bs}, "
+                           f"above the base's {ref / 2**20:.1f} MiB: widths off the backend's channel block run on "
+                           "kernels with larger buffers; prune with --round-to the block (16 on AVX-512 CPUs) or "
+                           "--target-latency")
+    return out
+
