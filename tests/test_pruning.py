@@ -509,7 +509,8 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
     assert sel["held_out"] and sel["images"] == 9
     cands = sel["candidates"]
     assert {(c["tvs_saliency"], c["allocation"]) for c in cands} >= {("none", "cost"), ("l2", "global"),
-                                                                      ("ls", "magnitude"), ("ls", "sensitivity")}
+                                                                      ("ls", "magnitude"), ("ls", "sensitivity"),
+                                                                      ("l1", "sensitivity")}
     sens = next(c for c in cands if c["allocation"] == "sensitivity")
     assert sens["sensitivity"]["cuts"] > 0 and sens["sensitivity"]["images"] > 0
     assert any(c.get("compensation") == "ls-seq" for c in cands)  # few repair images, held-out ones: ls-seq too
@@ -538,3 +539,22 @@ def test_auto_keeps_the_most_faithful_candidate_and_records_the_choice(tiny_cali
                                                                  allocation="cost"), calib)
     assert "selection" not in report
     assert json.loads((tmp_path / "r" / "plan.json").read_text())["repairs"]["compensation"] == "ls"
+
+
+def test_tvs_with_the_l1_ranking_plans_what_l1_plans(tiny_calibrated, tmp_path):
+    """auto's guard candidate: tvs with --tvs-saliency l1 ranks by the L1 norm alone, so with the
+    same allocation it removes exactly the channels the l1 criterion removes."""
+    from tvsprune.calibration import DataOptions
+    from tvsprune.pruning import PruneOptions, prune
+
+    spec, weights, data, moments = tiny_calibrated
+    loaded = load_model(spec, str(weights))
+    kw = dict(target_params=0.3, allocation="cost", compensation="none", bn_recalibrate=False)
+    removed = {}
+    for name, opts in {"tvs": PruneOptions(tvs_saliency="l1", **kw), "l1": PruneOptions(method="l1", **kw),
+                       "tv": PruneOptions(tvs_saliency="none", **kw)}.items():
+        prune(loaded, moments, tmp_path / name, opts, DataOptions(path=str(data)))
+        plan = json.loads((tmp_path / name / "plan.json").read_text())
+        removed[name] = [(g["members"], g["kept"]) for g in plan["groups"]]
+    assert removed["tvs"] == removed["l1"]
+    assert removed["tv"] != removed["l1"]  # the TV score ranks this network's channels otherwise

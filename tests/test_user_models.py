@@ -243,10 +243,10 @@ def test_trained_tutorial_cnn_tvs_keeps_at_least_l1s_accuracy(budget, cifar_dir,
     base = _top1(model, cifar_dir / "test")
     logging.getLogger(__name__).warning("tutorial CNN %s 0.3: base %.4f tvs %.4f l1 %.4f",
                                         budget, base, accuracy["tvs"], accuracy["l1"])
-    # Measured on all 10,000 test images (100 calibration images per class): tvs 74.93 vs l1 75.50 at
-    # 30 % params, 75.37 vs 76.11 at 30 % MACs; with 300 per class -0.29 / -0.24. On this network tvs
-    # trails l1 by under a point, which is what this test holds it to (README, Limitations).
-    assert accuracy["tvs"] >= accuracy["l1"] - 0.01, accuracy
+    # On this network the TV score ranks channels worse than their L1 norm (TV's best candidate: 74.93
+    # vs l1's 75.50 at 30 % params, 75.37 vs 76.11 at 30 % MACs, all 10,000 test images); auto's L1
+    # candidate is then the most faithful on held-out images and is kept, so tvs loses nothing to l1.
+    assert accuracy["tvs"] >= accuracy["l1"], accuracy
     assert accuracy["tvs"] >= base - 0.05, (base, accuracy)
 
 

@@ -174,7 +174,9 @@ def _register_prune(sub: Any) -> None:
     p.add_argument("--tvs-saliency", choices=TVS_SALIENCY,
                    help="tvs: how the TV score is combined: auto (default: the most faithful of the others, "
                         "chosen with --allocation auto), none (the TV score alone), l2 (times the filter's L2 norm), "
-                        "ls (times the least-squares saliency: what removing the channel costs once compensated); "
+                        "ls (times the least-squares saliency: what removing the channel costs once compensated), "
+                        "l1 (the filter's L1 norm alone, no TV: the candidate auto keeps where the TV score ranks "
+                        "channels less faithfully than their size); "
                         "iter-tvs uses the TV score alone")
     p.add_argument("--seed", type=_nonneg, help="seed of the random criterion and of image sampling (default %(default)s)")
     r = p.add_argument_group("repairs (no fine-tuning; the defaults are the best the accuracy benchmark found)")

@@ -69,6 +69,8 @@ def tvs_scores(ctx: "Context", moments: Moments, opts: "PruneOptions",
         tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device)
     if combine in ("none", "auto") or opts.threshold is not None:
         return tv
+    if combine == "l1":  # the magnitude ranking alone, auto's guard against a TV ranking that misleads
+        return layer_scores("l1", ctx.loaded.module, None, layers, ctx.stat_modules)
     if combine == "l2":
         other = layer_scores("l2", ctx.loaded.module, None, layers, ctx.stat_modules)
     elif not moments.inputs:

@@ -207,6 +207,11 @@ def select_plan(ctx: Context, moments: Moments | None, opts: "PruneOptions", cal
         best["trial"]["chosen"] = True
         log.info("chose %s", ", ".join(f"{k}={best['trial'][k]}" for k in ("tvs_saliency", "allocation") if
                                        best["trial"][k] is not None))
+        tv_kl = [t["kl"] for t in trials if t["tvs_saliency"] not in (None, "l1")]
+        if best["combine"] == "l1" and tv_kl:
+            log.info("tvs: the L1 filter norm ranks this network's channels more faithfully than the TV score "
+                     "(held-out KL %.4f against %.4f at best); the plan uses it (prune.json: criterion.tvs_saliency)",
+                     best["trial"]["kl"], min(tv_kl))
         best["selection"] = {"measure": "mean KL(unpruned || pruned) on " + (
                                  "calibration images the repairs did not use" if held_out else
                                  "the repair images (the folder holds no others)"),
