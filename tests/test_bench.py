@@ -218,13 +218,15 @@ def test_warnings_name_a_model_slower_than_the_base_or_its_fp32_version():
     assert any(x.startswith("fast loses 4.2 points") and "--keep-macs" in x for x in w)
     assert not any(x.startswith("pruned loses") for x in w)
     assert not any("inference memory" in x for x in w)
+    from tvsprune.backends.blocks import isa_block
+
     fresh = lambda b32: {"fresh": {"peak_bytes": {"1": 2**20, "32": b32}}}  # noqa: E731
     memory = {"ort-cpu": {"base": fresh(12 * 2**20), "pruned": fresh(15 * 2**20), "fast": fresh(12.5 * 2**20)}}
     w = report_warnings({"models": models, "latency": {}, "memory": memory})
     assert [x for x in w if "inference memory" in x] == [
         "pruned peaks at 15.0 MiB of inference memory on ort-cpu at batch 32, above the base's 12.0 MiB: widths "
-        "off the backend's channel block run on kernels with larger buffers; prune with --round-to the block (16 "
-        "on AVX-512 CPUs) or --target-latency"]  # fast: within noise of the base
+        "off the backend's channel block run on kernels with larger buffers; prune with --round-to "
+        f"{isa_block()} (with --target-latency too: its auto rounding is 8)"]  # fast: within noise of the base
 
 
 def test_the_verdict_is_the_same_sentence_everywhere_and_gates_ci(tiny_report):

@@ -83,6 +83,14 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _block(backend: str) -> int:
+    """The channel block a width should be a multiple of on ``backend``: this CPU's for a CPU
+    backend (16 with AVX-512), 8 otherwise (FP16 tensor cores)."""
+    from ..backends.blocks import isa_block
+
+    return isa_block() if backend.endswith("cpu") else 8
+
+
 def _memory_warnings(report: dict[str, Any], base: str) -> list[str]:
     """A model whose peak memory of inference (fresh process, largest batch) is above the base's."""
     out = []
@@ -97,7 +105,7 @@ def _memory_warnings(report: dict[str, Any], base: str) -> list[str]:
             if label != base and ref and (peak.get(bs) or 0) > MEMORY_GAP * ref:
                 out.append(f"{label} peaks at {peak[bs] / 2**20:.1f} MiB of inference memory on {backend} at batch {bs}, "
                            f"above the base's {ref / 2**20:.1f} MiB: widths off the backend's channel block run on "
-                           "kernels with larger buffers; prune with --round-to the block (16 on AVX-512 CPUs) or "
-                           "--target-latency")
+                           f"kernels with larger buffers; prune with --round-to {_block(backend)} (with "
+                           "--target-latency too: its auto rounding is 8)")
     return out
 
