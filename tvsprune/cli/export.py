@@ -104,6 +104,7 @@ def cmd_export_trt(args: argparse.Namespace) -> int:
 
 
 def _register_export(sub: Any) -> None:
+    from ..exporters.int8 import ACTIVATIONS, REDUCE_RANGE
     from ..exporters.int8 import METHODS as INT8_METHODS
     from ..exporters.options import ExportOptions
     from ..exporters.tensorrt import PRECISIONS
@@ -138,10 +139,10 @@ def _register_export(sub: Any) -> None:
     p.add_argument("--method", "--int8-method", dest="int8_method", choices=INT8_METHODS,
                    help="ONNX Runtime calibration method (default %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
-    p.add_argument("--activations", "--int8-activations", dest="int8_activations", choices=("auto", "uint8", "int8"),
+    p.add_argument("--activations", "--int8-activations", dest="int8_activations", choices=("auto", *ACTIVATIONS),
                    help="activation scheme: uint8 (asymmetric, fast on ONNX Runtime CPU), int8 (symmetric, for "
                         "TensorRT); auto: uint8 here (default %(default)s)")
-    p.add_argument("--reduce-range", "--int8-reduce-range", dest="int8_reduce_range", choices=("auto", "on", "off"),
+    p.add_argument("--reduce-range", "--int8-reduce-range", dest="int8_reduce_range", choices=REDUCE_RANGE,
                    help="7-bit weights, so that ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI do not "
                         "saturate; auto: on for uint8 activations when this CPU lacks VNNI; on: quantizing here for "
                         "such a target (default %(default)s)")

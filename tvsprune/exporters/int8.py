@@ -17,17 +17,18 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import numpy as np
 
 from ..artifacts import atomic_path, sha256_file, write_json
 from ..errors import TvsError
+from .options import ExportOptions
 
 log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("uint8", "int8")  # the activation schemes (module docstring)
-REDUCE_RANGE = ("auto", "on", "off")
+REDUCE_RANGE = get_args(ExportOptions.model_fields["int8_reduce_range"].annotation)  # auto, on, off
 
 
 class _Reader:
