@@ -47,12 +47,14 @@ from _common import CHECKPOINTS, cifar10, machine  # noqa: E402
 from accuracy_vs_sparsity import accuracy, decode  # noqa: E402
 
 from tvsprune.calibration import DataOptions, calibrate  # noqa: E402
+from tvsprune.compare.logits import chunks, collect_logits, forward_fn  # noqa: E402
 from tvsprune.compare.on_backend import measure_speedup  # noqa: E402
 from tvsprune.models import load_model  # noqa: E402
 from tvsprune.pruning import PruneOptions, load_pruned, prune  # noqa: E402
 from tvsprune.pruning.context import repair_batches  # noqa: E402
 from tvsprune.pruning.latency import cpu_capability, isa_block  # noqa: E402
 from tvsprune.pruning.repairs import recalibrate_batchnorm  # noqa: E402
+from tvsprune.pruning.selection import fidelity  # noqa: E402
 
 BACKEND, SHAPE = "ort-cpu", [3, 32, 32]
 FORMS = ("3x3", "1x1", "identity")  # cheaper to the right
@@ -116,10 +118,9 @@ def build(base: nn.Module, forms: dict[int, str], xfit: torch.Tensor, repair) ->
     return m.eval()
 
 
-def kl(ref: torch.Tensor, model: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        lp = F.log_softmax(model(x), 1)
-    return float((ref.exp() * (ref - lp)).sum(1).mean())
+def kl(ref: np.ndarray, model: nn.Module, x: torch.Tensor) -> float:
+    """KL(unpruned || model) on ``x``, as prune's choice among candidates reads it."""
+    return fidelity(ref, collect_logits(forward_fn(model), chunks(x))[0])["kl"]
 
 
 def main() -> None:
@@ -140,8 +141,7 @@ def main() -> None:
     xfit = torch.cat([x for x, _ in repair])[:1000]
     xheld, _ = decode(DataOptions(path=str(root / "train")), lm, 100, seed=7)
     xt, yt = decode(DataOptions(path=str(root / "test")), lm, args.test_per_class)
-    with torch.no_grad():
-        ref = F.log_softmax(base(xheld), 1)
+    ref = collect_logits(forward_fn(base), chunks(xheld))[0]
     base_acc = accuracy(base, xt, yt)
     blocks = [i for i, b in enumerate(base.layers) if not len(getattr(b, "shortcut", [])) and hasattr(b, "bn2")]
     res = {"machine": machine(), "isa": cpu_capability(), "block": isa_block(), "torch": torch.__version__,
