@@ -1,6 +1,6 @@
 """Residual blocks replaced by one least-squares convolution (no labels, no fine-tuning),
 against tvsprune's channel-pruning latency budget at the same measured latency: ResNet-20 on
-ONNX Runtime CPU. A measurement of an idea the product does not have yet (docs/limitations.md).
+ONNX Runtime CPU; the first measurement of what ``prune --structure blocks`` now does.
 
 Channel pruning cannot make ResNet-20 1.5x faster on this CPU without losing most of its
 accuracy: its widths are 16/32/64 and a 16-channel block is already the smallest kernel-friendly
@@ -22,9 +22,10 @@ saved, the latency saved by each change being measured once, alone, A/B against 
 latency is at or under it; it is then measured A/B interleaved against the unpruned network
 (``measure_speedup``, 5 rounds x 10 iterations) at batch 32 and 1, and its top-1 counted on all
 10,000 CIFAR-10 test images. Beside it, ``prune(target_latency=T)`` with every default, as the
-CLI runs it (``--no-compare`` leaves it out).
+CLI runs it, and the product's own ``prune(structure="blocks", target_latency=T)`` (``--rows``
+picks among the three).
 
-    python benchmarks/block_replacement.py [--targets 0.85,0.67,0.5] [--no-compare]
+    python benchmarks/block_replacement.py [--targets 0.85,0.67,0.5] [--rows script,product,channels]
         [--out benchmarks/results/block_replacement.json]
 """
 from __future__ import annotations
@@ -127,12 +128,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="0.85,0.67,0.5")
     ap.add_argument("--test-per-class", type=int, default=None, help="default: all 1,000 per class")
-    ap.add_argument("--no-compare", action="store_true", help="leave out tvsprune's channel latency budget")
+    ap.add_argument("--rows", default="script,product,channels",
+                    help="script: this file's greedy path; product: prune(structure='blocks'); channels: prune's "
+                         "channel latency budget")
     ap.add_argument("--out", default="benchmarks/results/block_replacement.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
     targets = [float(t) for t in args.targets.split(",")]
+    kinds = set(args.rows.split(","))
     root = cifar10()
     lm = load_model("resnet20", str(CHECKPOINTS["resnet20"]))
     base = lm.module.eval()
@@ -149,8 +153,8 @@ def main() -> None:
     print(f"# ResNet-20 residual blocks replaced by least squares on {BACKEND}; {res['machine']}; "
           f"{res['isa']}; unpruned {base_acc:.2f} % on {len(yt)} test images; replaceable blocks {blocks}")
 
-    saved = {}
-    for i in blocks:
+    saved, path = {}, []
+    for i in blocks if "script" in kinds else []:
         for f in FORMS:
             s = measure_speedup(BACKEND, base, build(base, {i: f}, xfit, repair), SHAPE, 32)
             saved[(i, f)] = 1 - 1 / s["speedup"]
@@ -162,8 +166,7 @@ def main() -> None:
         return 1 - sum(saved[(i, f)] for i, f in forms.items())
 
     forms: dict[int, str] = {}
-    path = []
-    while predicted(forms) > min(targets) - 0.02:
+    while "script" in kinds and predicted(forms) > min(targets) - 0.02:
         now, best = kl(ref, build(base, forms, xfit, repair), xheld) if forms else 0.0, None
         for i in blocks:
             for f in FORMS[FORMS.index(forms[i]) + 1 if i in forms else 0:]:
@@ -184,21 +187,27 @@ def main() -> None:
     rows = res["rows"] = []
     tmp = Path(tempfile.mkdtemp(prefix="tvsprune-blocks-"))
     mpath = tmp / "resnet20.moments.safetensors"
-    if not args.no_compare:
+    if kinds & {"product", "channels"}:
         calibrate(lm, calib, mpath, "pool:4")
     print("| target | method | measured latency (speedup, range) | at batch 1 | top-1 % (drop) | seconds |")
     print("|---|---|---|---|---|---|")
     for target in targets:
-        pick = next((p for p in path if p["predicted"] <= target), path[-1])
-        runs = [("blocks " + ", ".join(f"{i}:{f}" for i, f in sorted(pick["forms"].items())),
-                 lambda pick=pick: build(base, pick["forms"], xfit, repair))]
-        if not args.no_compare:
-            def channels(target=target):
-                out = tmp / f"lat-{target}"
-                prune(lm, mpath, out, PruneOptions.build(target_latency=target, latency_batch=32,
-                                                         compare_criteria=False), calib)
-                return load_pruned(out).module
-            runs.append(("tvs latency (channels)", channels))
+        runs = []
+        if "script" in kinds:
+            pick = next((p for p in path if p["predicted"] <= target), path[-1])
+            runs.append(("blocks " + ", ".join(f"{i}:{f}" for i, f in sorted(pick["forms"].items())),
+                         lambda pick=pick: build(base, pick["forms"], xfit, repair)))
+
+        def by_prune(structure, target=target):
+            out = tmp / f"{structure}-{target}"
+            rep = prune(lm, mpath, out, PruneOptions.build(target_latency=target, latency_batch=32, structure=structure,
+                                                           compare_criteria=False), calib)
+            print(f"prune --structure {structure} --target-latency {target}: measured {rep['latency']['measured']}, "
+                  f"predicted {rep['latency']['predicted']}, replaced {rep['latency'].get('replaced')}", flush=True)
+            return load_pruned(out).module
+        for structure in [k for k in ("product", "channels") if k in kinds]:
+            name = "prune --structure blocks" if structure == "product" else "tvs latency (channels)"
+            runs.append((name, lambda s=structure: by_prune("blocks" if s == "product" else "channels")))
         for method, make in runs:
             t1 = time.time()
             model = make()

@@ -48,6 +48,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"latency on {lat['backend']} at batch {lat['batch']}: {lat['measured']:.3f} of the base measured "
               f"({lat['speedup']:.2f}x faster, rounds {1 / hi:.2f}-{1 / lo:.2f}x), {lat['predicted']:.3f} predicted, "
               f"{lat['target']:.3f} asked" + ("" if lat["hit"] else ": MISSED"))
+        if lat.get("replaced"):
+            print("blocks replaced: " + ", ".join(f"{n} ({f})" for n, f in lat["replaced"].items()))
     if (report.get("budget") or {}).get("unmet"):
         print(f"note: {report['budget']['unmet']}")
     print(f"wrote {args.out}/plan.json, pruned.safetensors, prune.json")
@@ -128,6 +130,11 @@ def _budget_args(p: Any) -> None:
                    help="fraction of the unpruned network's latency KEPT on --latency-backend at --latency-batch, "
                         "e.g. 0.5: twice as fast; per-layer latencies are measured there (cached), and the pruned "
                         "network is measured against the base and re-planned if it misses")
+    b.add_argument("--structure", choices=["channels", "blocks"],
+                   help="what a --target-latency budget removes: channels (default), or blocks: whole residual "
+                        "blocks whose input and output have the same shape, each replaced by one 3x3 or 1x1 "
+                        "convolution fitted by least squares, or removed (ResNet-20 on a 2-core CPU: 1.58x for 3.4 "
+                        "points, where channels lost 47.8 at 1.49x)")
     b.add_argument("--latency-backend", choices=_backend_names(),
                    help="the backend a latency budget is measured on (default %(default)s)")
     b.add_argument("--latency-batch", type=_count, help="the batch size a latency budget is measured at "

@@ -164,6 +164,10 @@ def load_pruned(path: str | Path, base: ModelSpec | None = None) -> LoadedModel:
     example = torch.zeros(1, *meta["input_shape"])
     apply_plan(module, plan, example, meta["plan"].get("logits_layer"))
     state = load_file(str(file))
+    if "replaced" in meta["plan"]:  # whole blocks replaced (--structure blocks)
+        from .blocks import rebuild
+
+        rebuild(module, meta["plan"]["replaced"], state, str(file))
     modules = dict(module.named_modules())
     for key in state:  # biases added by mean compensation
         owner, _, leaf = key.rpartition(".")

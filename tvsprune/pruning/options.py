@@ -158,6 +158,9 @@ class PruneOptions(Options):
     # network: no single one won on both ResNet-20 and VGG-11 in the accuracy benchmark; "l1" is
     # the L1 norm alone, auto's guard where the TV score ranks channels less faithfully
     tvs_saliency: Literal["auto", "ls", "l2", "none", "l1"] = "auto"
+    # what a latency budget removes: channels (the criterion's), or whole same-shape residual
+    # blocks replaced by one least-squares convolution or removed (pruning/blocks.py)
+    structure: Literal["channels", "blocks"] = "channels"
     device: str = "cpu"
 
     @field_validator("method")
@@ -189,6 +192,9 @@ class PruneOptions(Options):
             self.target_params = DEFAULT_TARGET_PARAMS
         if self.mean_compensation:
             self.compensation, self.mean_compensation = "mean", False
+        if self.structure == "blocks" and self.target_latency is None:
+            raise ValueError("structure 'blocks' takes a latency budget (target_latency): blocks are chosen by the "
+                             "time they save, measured")
         if self.target_latency is not None and self.method == "iter-tvs":
             raise ValueError("iter-tvs takes a parameter or MAC budget; a latency budget is one-shot (method tvs or "
                              "a baseline)")
@@ -259,6 +265,13 @@ def budget_words(metric: str, removed: float | None) -> str:
     if metric == "latency":
         return f"keep {kept * 100:.0f} % of the latency ({1 / kept:.2f}x faster)" if kept > 0 else "no latency"
     return f"keep {kept * 100:.0f} % of {what} ({1 / kept:.2f}x fewer)" if kept > 0 else f"remove every {what}"
+
+
+def budget_record(budget: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A plan's budget with its words ('keep 70 % of parameters (1.43x fewer)')."""
+    if not budget:
+        return budget
+    return {**budget, "in_words": budget_words(budget.get("metric", "params"), budget.get("target"))}
 
 
 # what ``auto`` tries, by budget metric (benchmarks/accuracy_vs_sparsity.py): the TV score

@@ -23,7 +23,7 @@ from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, save_pruned
 from .context import Context, calib_options_from, repair_batches  # noqa: F401 (repair_batches re-exported)
 from .criteria import criteria_needing
 from .iterative import _accuracy, iterative
-from .options import (LARGE_LOSS_POINTS, NEEDS_IMAGES, PruneOptions, allocation_choices, budget_words,  # noqa: F401
+from .options import (LARGE_LOSS_POINTS, NEEDS_IMAGES, PruneOptions, allocation_choices, budget_record,  # noqa: F401
                       methods)
 from .plan import Plan
 from .repairs import build_pruned, repairs_of
@@ -244,8 +244,13 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     if opts.method == "iter-tvs":
         plan, rounds = _iterative_plan(ctx, moments, opts, calib, val_batches, base_acc, target, metric, log_round)
     else:
-        chosen = _chosen_plan(ctx, moments, opts, calib, criterion, tv, scores, ldiffs, target, metric)
-        if metric == "latency":
+        if opts.structure == "blocks":  # whole blocks replaced, no channel removed (pruning/blocks.py)
+            from .blocks import blocks_chosen
+
+            chosen, latency_record = blocks_chosen(loaded, opts, calib, input_shape)
+        else:
+            chosen = _chosen_plan(ctx, moments, opts, calib, criterion, tv, scores, ldiffs, target, metric)
+        if metric == "latency" and opts.structure == "channels":
             chosen, latency_record = _fit_latency(ctx, moments, opts, calib, criterion, tv, scores, ldiffs, chosen,
                                                   input_shape)
         plan, pruned, repair_report, scores = chosen["plan"], chosen["model"], chosen["report"], chosen["scores"]
@@ -298,20 +303,13 @@ def _unaligned(layers: list[dict[str, Any]]) -> list[str]:
             and r["channels_after"] % 8]
 
 
-def _budget_record(budget: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The plan's budget with its words ('keep 70 % of parameters (1.43x fewer)')."""
-    if not budget:
-        return budget
-    return {**budget, "in_words": budget_words(budget.get("metric", "params"), budget.get("target"))}
-
-
 def _report(loaded: LoadedModel, ctx: Context, opts: PruneOptions, plan: Plan, meta: dict[str, Any],
             repair_report: dict[str, Any], selection: dict[str, Any] | None, scores: dict[str, np.ndarray],
             ldiffs: dict[str, float], tv: dict[str, np.ndarray]) -> dict[str, Any]:
     """prune.json's content before accuracy: budget, repairs, selection, per-layer widths and scores."""
     report: dict[str, Any] = {"tvsprune_version": __version__, "method": opts.method,
                               "model": loaded.spec.to_dict(), "params": plan.meta["params"],
-                              "macs": plan.meta["macs"], "budget": _budget_record(plan.meta.get("budget")),
+                              "macs": plan.meta["macs"], "budget": budget_record(plan.meta.get("budget")),
                               "allocation": plan.meta.get("allocation"), "repairs": meta["repairs"],
                               "repair_steps": repair_report}
     if selection:
@@ -362,6 +360,8 @@ def replay(model: str | LoadedModel, plan_path: str | Path, out_dir: str | Path 
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     plan = Plan.load(plan_path)
+    if plan.meta.get("replaced"):
+        raise TvsError(f"{plan_path} replaces whole blocks by fitted convolutions: load its artifact folder")
     if plan.meta.get("weights_sha256") and loaded.weights_sha256 and plan.meta["weights_sha256"] != loaded.weights_sha256:
         raise TvsError(f"{plan_path} was made for other weights (weights_sha256 differs)")
     shape = plan.meta.get("input_shape") or list(loaded.input_shape or [])

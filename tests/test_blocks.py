@@ -1,0 +1,111 @@
+"""--structure blocks: same-shape residual blocks found, fitted by least squares, chosen for a
+latency budget on the fake backend of test_latency (its time is a known function of the
+network), written as an artifact that loads back exactly, and the refusals."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import test_latency  # noqa: F401 (registers the fake-target backend)
+from helpers import REPO, run_cli
+from tiny_models import ResBlock, TinyRes
+from tvsprune.errors import TvsError
+from tvsprune.pruning.blocks import ConvReLU, _pre_relu, find_blocks, rebuild, replace_one
+
+
+class LinearBlock(nn.Module):
+    """relu(1x1(3x3(x)) + x): its pre-activation is one 3x3 convolution of x, exactly."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return F.relu(self.b(self.a(x)) + x)
+
+
+def _fake_ms(module: nn.Module) -> float:
+    """What test_latency's FakeTarget takes for a whole network."""
+    return 1.0 + 0.25 * sum(m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d) and m.in_channels != 3)
+
+
+def test_find_blocks_lists_the_same_shape_blocks_with_two_convolutions_in_running_order():
+    torch.manual_seed(0)
+    assert find_blocks(TinyRes().eval(), torch.zeros(1, 3, 16, 16)) == ["block1", "down.3"]
+
+    class Twice(nn.Module):  # a block run twice is not one place to fit
+        def __init__(self):
+            super().__init__()
+            self.block = ResBlock(3)
+
+        def forward(self, x):
+            return self.block(self.block(x))
+
+    assert find_blocks(Twice().eval(), torch.zeros(1, 3, 8, 8)) == []
+
+
+def test_the_pre_relu_graph_and_the_least_squares_fit_reproduce_a_linear_block_exactly():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 1), LinearBlock(4)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        want = base(x)
+        pre = _pre_relu(base[1])(base[0](x))
+    assert torch.allclose(F.relu(pre), want, atol=1e-6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), LinearBlock(4)).eval()
+    model.load_state_dict(base.state_dict())
+    rec = replace_one(model, base, "1", "3x3", x, ridge=1e-10)
+    assert rec == {"form": "3x3", "relu": True} and isinstance(model[1], ConvReLU)
+    with torch.no_grad():
+        fresh = torch.randn(8, 3, 8, 8)
+        assert torch.allclose(model(fresh), base(fresh), atol=1e-4)
+    assert _pre_relu(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1))) is None  # no final ReLU: fit the output
+
+
+def test_a_malformed_replacement_record_is_refused():
+    with pytest.raises(TvsError, match="malformed"):
+        rebuild(TinyRes(), {"block1": {"form": "5x5", "relu": True}}, {}, "f.safetensors")
+    with pytest.raises(TvsError, match="not a module"):
+        rebuild(TinyRes(), {"nowhere": {"form": "identity", "relu": False}}, {}, "f.safetensors")
+    with pytest.raises(TvsError, match="weights of replaced block"):
+        rebuild(TinyRes(), {"block1": {"form": "3x3", "relu": True}}, {}, "f.safetensors")
+
+
+def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_path, image_folder):
+    from tvsprune.calibration import DataOptions
+    from tvsprune.models import LoadedModel, ModelSpec
+    from tvsprune.pruning import PruneOptions, load_pruned, replay
+    from tvsprune.pruning.stage import prune_model
+
+    src = tmp_path / "tiny_models.py"
+    shutil.copy(REPO / "tests" / "tiny_models.py", src)
+    torch.manual_seed(0)
+    loaded = LoadedModel(TinyRes().eval(), ModelSpec(spec=f"{src}:TinyRes"), input_shape=(3, 16, 16))
+    opts = PruneOptions.build(method="l1", structure="blocks", target_latency=0.55, latency_backend="fake-target",
+                              latency_batch=2, repair_samples_per_class=3)
+    report, pruned, plan = prune_model(loaded, None, tmp_path / "p", opts, DataOptions(path=str(image_folder)))
+    lat = report["latency"]
+    base_ms, ms = _fake_ms(loaded.module), _fake_ms(pruned)
+    # each change's saving is exact on the fake backend: the prediction is the measurement
+    assert lat["structure"] == "blocks" and lat["hit"] and lat["measured"] <= 0.55
+    assert lat["measured"] == pytest.approx(ms / base_ms, abs=1e-3) == pytest.approx(lat["predicted"], abs=1e-3)
+    assert plan.groups == [] and set(lat["replaced"]) <= {"block1", "down.3"} and lat["replaced"]
+    assert plan.meta["replaced"].keys() == lat["replaced"].keys()
+    again = load_pruned(tmp_path / "p").module
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(again(x), pruned(x), atol=1e-6)
+    with pytest.raises(TvsError, match="replaces whole blocks"):
+        replay(loaded, tmp_path / "p" / "plan.json")
+
+
+def test_blocks_without_a_latency_budget_is_one_error_line(tiny_calibrated, tmp_path):
+    spec, weights, images, moments = tiny_calibrated
+    r = run_cli("prune", spec, "--weights", weights, "--moments", moments, "--structure", "blocks",
+                "--keep-params", "0.5", "--out", tmp_path / "p")
+    assert r.returncode == 64, r.stderr  # a usage error, as every refused combination of flags
+    assert "structure 'blocks' takes a latency budget" in r.stderr and not (tmp_path / "p").exists()
