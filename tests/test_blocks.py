@@ -46,6 +46,18 @@ def test_find_blocks_lists_the_same_shape_blocks_with_two_convolutions_in_runnin
             return self.block(self.block(x))
 
     assert find_blocks(Twice().eval(), torch.zeros(1, 3, 8, 8)) == []
+    class ViaShortcut(ResBlock):  # the input reaches the addition through an empty Sequential
+        def __init__(self, c):
+            super().__init__(c)
+            self.shortcut = nn.Sequential()
+
+        def forward(self, x):
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+    assert find_blocks(nn.Sequential(nn.Conv2d(3, 4, 1), ViaShortcut(4)).eval(), torch.zeros(1, 3, 8, 8)) == ["1"]
+    plain = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))
+    # same shape but no shortcut: removing it would leave nothing, so it is not a block
+    assert find_blocks(nn.Sequential(nn.Conv2d(3, 3, 1), plain).eval(), torch.zeros(1, 3, 8, 8)) == []
 
 
 def test_the_pre_relu_graph_and_the_least_squares_fit_reproduce_a_linear_block_exactly():
@@ -71,6 +83,9 @@ def test_a_malformed_replacement_record_is_refused():
         rebuild(TinyRes(), {"block1": {"form": "5x5", "relu": True}}, {}, "f.safetensors")
     with pytest.raises(TvsError, match="not a module"):
         rebuild(TinyRes(), {"nowhere": {"form": "identity", "relu": False}}, {}, "f.safetensors")
+    with pytest.raises(TvsError, match="overlap"):
+        rebuild(TinyRes(), {"down": {"form": "identity", "relu": False}, "down.3": {"form": "identity", "relu": False}},
+                {}, "f.safetensors")
     with pytest.raises(TvsError, match="weights of replaced block"):
         rebuild(TinyRes(), {"block1": {"form": "3x3", "relu": True}}, {}, "f.safetensors")
 
@@ -109,3 +124,20 @@ def test_blocks_without_a_latency_budget_is_one_error_line(tiny_calibrated, tmp_
                 "--keep-params", "0.5", "--out", tmp_path / "p")
     assert r.returncode == 64, r.stderr  # a usage error, as every refused combination of flags
     assert "structure 'blocks' takes a latency budget" in r.stderr and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("hub,name,count,first", [("torchvision", "resnet18", 5, "layer1.0"),
+                                                  ("torchvision", "mobilenet_v2", 10, "features.3"),
+                                                  ("torchvision", "densenet121", 0, None),
+                                                  ("timm", "ghostnet_100", 11, "blocks.0.0")])
+def test_find_blocks_on_hub_models(hub, name, count, first):
+    import hub_models
+
+    lib = hub_models.import_hub(hub)
+    if lib is None:
+        pytest.skip(f"{hub} is not installed (make test installs it)")
+    torch.manual_seed(0)
+    model = (lib.get_model(name, num_classes=10) if hub == "torchvision" else
+             lib.create_model(name, num_classes=10, pretrained=False)).eval()
+    blocks = find_blocks(model, torch.zeros(1, 3, 64, 64))
+    assert len(blocks) == count and (not blocks or blocks[0] == first), blocks

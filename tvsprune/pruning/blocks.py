@@ -1,7 +1,7 @@
 """Whole residual blocks replaced, for a latency budget (``--structure blocks``).
 
-A block whose input and output have the same shape (a residual block without downsampling)
-gets cheaper forms: one 3x3 or 1x1 convolution fitted by least squares (no labels) to what
+A residual block whose input and output have the same shape (one without downsampling, whose
+traced graph adds its input to what it computes) gets cheaper forms: one 3x3 or 1x1 convolution fitted by least squares (no labels) to what
 the block computes, before its last ReLU when it ends in one (read with torch.fx), the ReLU
 kept after it; or the block removed (identity). The fit maps the block's input in the network
 as changed so far to the unpruned block's output, block after block; every BatchNorm is then
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import Any
 
 import numpy as np
@@ -45,9 +46,44 @@ class ConvReLU(nn.Module):
         return F.relu(y) if self.relu else y
 
 
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Traces one module's own forward: its submodules stay calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _adds_its_input(block: nn.Module) -> bool:
+    """Whether the block's own forward adds its input (directly, or through an identity or
+    empty Sequential) to something: an identity shortcut. False where torch.fx cannot trace it."""
+    try:
+        graph = _ChildrenAsLeaves().trace(block)
+    except Exception:  # noqa: BLE001 (any tracing failure: not a block tvsprune understands)
+        return False
+    alias: list[torch.fx.Node] = []  # the input, and what passes it on unchanged
+
+    def passed(args: tuple) -> bool:
+        return any(isinstance(a, torch.fx.Node) and any(a is b for b in alias) for a in args)
+
+    for n in graph.nodes:
+        if n.op == "placeholder" and not alias:
+            alias.append(n)
+        elif n.op == "call_module" and passed(n.args[:1]):
+            m = block.get_submodule(n.target)
+            if isinstance(m, nn.Identity) or (isinstance(m, nn.Sequential) and len(m) == 0):
+                alias.append(n)
+        elif passed(n.args) and (
+                (n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)) or
+                (n.op == "call_method" and n.target in ("add", "add_"))):
+            return True
+    return False
+
+
 def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
-    """Submodules, in the order they run, called once, whose 4-D input and output have the same
-    shape and which hold at least two convolutions: the blocks that can be replaced."""
+    """Residual blocks, in the order they run: submodules called once, whose 4-D input and
+    output have the same shape, which hold two convolutions or more and add their input to
+    what they compute (so that removing one leaves its shortcut). Squeeze-excitation modules,
+    a stage's Sequential of blocks, or a block's branch alone are not blocks."""
     seen: dict[str, list[bool]] = {}
     hooks = []
     for name, m in module.named_modules():
@@ -63,7 +99,7 @@ def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
-    return [n for n, calls in seen.items() if calls == [True]]
+    return [n for n, calls in seen.items() if calls == [True] and _adds_its_input(module.get_submodule(n))]
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -166,6 +202,9 @@ def rebuild(module: nn.Module, replaced: Any, state: dict[str, torch.Tensor], so
     if not isinstance(replaced, dict):
         raise TvsError(f"{source}: plan field 'replaced' must be an object")
     names = dict(module.named_modules())
+    nested = next(((a, b) for a in replaced for b in replaced if a != b and _overlaps(a, b)), None)
+    if nested:
+        raise TvsError(f"{source}: replaced blocks {nested[0]!r} and {nested[1]!r} overlap (one holds the other)")
     for name, rec in replaced.items():
         if not isinstance(rec, dict) or rec.get("form") not in FORMS or type(rec.get("relu")) is not bool:  # noqa: E721
             raise TvsError(f"{source}: replaced block {name!r} is malformed ({rec!r})")
