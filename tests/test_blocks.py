@@ -100,7 +100,8 @@ def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_pat
     shutil.copy(REPO / "tests" / "tiny_models.py", src)
     torch.manual_seed(0)
     loaded = LoadedModel(TinyRes().eval(), ModelSpec(spec=f"{src}:TinyRes"), input_shape=(3, 16, 16))
-    opts = PruneOptions.build(method="l1", structure="blocks", target_latency=0.55, latency_backend="fake-target",
+    # the default method (tvs) with no moments file: blocks read no channel scores
+    opts = PruneOptions.build(structure="blocks", target_latency=0.55, latency_backend="fake-target",
                               latency_batch=2, repair_samples_per_class=3)
     report, pruned, plan = prune_model(loaded, None, tmp_path / "p", opts, DataOptions(path=str(image_folder)))
     lat = report["latency"]

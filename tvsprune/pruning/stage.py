@@ -53,7 +53,7 @@ def _inputs(model: str | LoadedModel, moments_path: str | Path | None, opts: Pru
         raise TvsError(unknown("method", opts.method, methods()))
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     moments = Moments.load(moments_path) if moments_path else None
-    needs_moments = opts.method in ("tvs", "iter-tvs", "mean-distance")
+    needs_moments = opts.method in ("tvs", "iter-tvs", "mean-distance") and opts.structure == "channels"
     if needs_moments and moments is None:
         raise TvsError(f"method {opts.method!r} needs --moments (from tvsprune calibrate)")
     if moments is not None and loaded.weights_sha256 and moments.meta.get("weights_sha256") \
@@ -231,7 +231,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
                                                opts.latency_backend, opts.latency_batch, opts.guards,
                                                opts.latency_precision, opts.latency_model, ctx.probe.logits_layer)
     criterion = "tvs" if opts.method == "iter-tvs" else opts.method
-    tv, scores, ldiffs = _scores(ctx, moments, opts, criterion)
+    tv, scores, ldiffs = _scores(ctx, moments, opts, criterion) if opts.structure == "channels" else ({}, {}, {})
     val_batches, val_classes = _validation(val, calib, loaded, moments.classes if moments else None)
     source_classes = val_classes or (moments.classes if moments else None)
     n_classes = ctx.probe.num_outputs
