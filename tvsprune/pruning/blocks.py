@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ..console import step
 
 log = logging.getLogger(__name__)
 FORMS = ("3x3", "1x1", "identity")  # cheaper to the right
-FIT_IMAGES, FIT_POSITIONS = 1000, 256
+FIT_IMAGES, FIT_POSITIONS, FIT_CHUNK = 1000, 256, 100  # images read in chunks: memory flat in FIT_IMAGES
 MAX_EXTRA_STEPS = 3  # greedy steps taken past the predicted target while the measurement misses it
 
 
@@ -132,7 +132,7 @@ def _io(model: nn.Module, name: str, x: torch.Tensor, pre: nn.Module | None = No
     """Block ``name``'s input and output (its pre-ReLU output when ``pre`` is given) on ``x``."""
     got: dict[str, torch.Tensor] = {}
     block = model.get_submodule(name)
-    h = block.register_forward_hook(lambda m, a, o: got.update(x=a[0], y=o))
+    h = block.register_forward_hook(lambda m, a, o: got.update(x=a[0].clone(), y=o.clone()))  # later in-place ops
     try:
         with torch.no_grad():
             model(x)
@@ -143,27 +143,26 @@ def _io(model: nn.Module, name: str, x: torch.Tensor, pre: nn.Module | None = No
     return got["x"], got["y"]
 
 
-def fit_conv(x: torch.Tensor, z: torch.Tensor, k: int, ridge: float = 1e-4, positions: int = FIT_POSITIONS,
-             seed: int = 0) -> nn.Conv2d:
-    """The k x k convolution (stride 1, same padding, with bias) closest to ``z`` from ``x`` in
-    least squares, on ``positions`` random positions per image (ridge relative to the mean
-    diagonal)."""
-    n, c, h, w = x.shape
-    pick = torch.randint(0, h * w, (n, min(positions, h * w)), generator=torch.Generator().manual_seed(seed))
-    g = torch.zeros(c * k * k + 1, c * k * k + 1, dtype=torch.float64)
-    r = torch.zeros(c * k * k + 1, z.shape[1], dtype=torch.float64)
-    for s in range(0, n, 200):  # in slices: 1,000 unfolded 16x32x32 maps would be 590 MB
-        cols, sel = F.unfold(x[s:s + 200], k, padding=k // 2), pick[s:s + 200, None]
+def fit_conv(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int, ridge: float = 1e-4,
+             positions: int = FIT_POSITIONS, seed: int = 0) -> nn.Conv2d:
+    """The k x k convolution (stride 1, same padding, with bias) closest in least squares to each
+    pair's ``z`` from its ``x`` (chunks of images: their normal equations are summed), on
+    ``positions`` random positions per image; ridge relative to the mean diagonal."""
+    gen, g, r = torch.Generator().manual_seed(seed), 0.0, 0.0
+    for x, z in pairs:
+        n, c, h, w = x.shape
+        sel = torch.randint(0, h * w, (n, 1, min(positions, h * w)), generator=gen)
+        cols = F.unfold(x, k, padding=k // 2)
         a = torch.gather(cols, 2, sel.expand(-1, cols.shape[1], -1)).permute(0, 2, 1).reshape(-1, cols.shape[1])
-        zs = z[s:s + 200].reshape(len(sel), z.shape[1], -1)
-        b = torch.gather(zs, 2, sel.expand(-1, z.shape[1], -1)).permute(0, 2, 1).reshape(-1, z.shape[1])
+        b = torch.gather(z.reshape(n, z.shape[1], -1), 2, sel.expand(-1, z.shape[1], -1))
         a = torch.cat([a, torch.ones(len(a), 1)], 1).double()
-        g += a.T @ a
-        r += a.T @ b.double()
+        g = g + a.T @ a
+        r = r + a.T @ b.permute(0, 2, 1).reshape(-1, z.shape[1]).double()
     g += ridge * g.diagonal()[:-1].mean() * torch.eye(len(g), dtype=g.dtype)
     sol = torch.linalg.solve(g, r).float()
-    conv = nn.Conv2d(c, z.shape[1], k, padding=k // 2)
-    conv.weight.data = sol[:-1].T.reshape(z.shape[1], c, k, k).contiguous()
+    cout = sol.shape[1]
+    conv = nn.Conv2d(c, cout, k, padding=k // 2)
+    conv.weight.data = sol[:-1].T.reshape(cout, c, k, k).contiguous()
     conv.bias.data = sol[-1].contiguous()
     return conv
 
@@ -180,9 +179,8 @@ def replace_one(model: nn.Module, base: nn.Module, name: str, form: str, xfit: t
         _set(model, name, nn.Identity())
         return {"form": "identity", "relu": False}
     pre = _pre_relu(base.get_submodule(name))
-    x, _ = _io(model, name, xfit)
-    _, z = _io(base, name, xfit, pre)
-    _set(model, name, ConvReLU(fit_conv(x, z, int(form[0]), ridge), pre is not None))
+    pairs = ((_io(model, name, x)[0], _io(base, name, x, pre)[1]) for x in xfit.split(FIT_CHUNK))
+    _set(model, name, ConvReLU(fit_conv(pairs, int(form[0]), ridge), pre is not None))
     return {"form": form, "relu": pre is not None}
 
 
@@ -226,14 +224,11 @@ def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, i
 
     nets: dict[str, nn.Module] = {"base": base}
     for name in blocks:
-        c = None
+        c = _io(base, name, torch.zeros(1, *input_shape))[0].shape[1]
         for f in FORMS:
             m = copy.deepcopy(base)
-            if f == "identity":
-                _set(m, name, nn.Identity())
-            else:
-                c = c or next(mm for mm in base.get_submodule(name).modules() if isinstance(mm, nn.Conv2d)).in_channels
-                _set(m, name, ConvReLU(nn.Conv2d(c, c, int(f[0]), padding=int(f[0]) // 2), True))
+            k = int(f[0]) if f != "identity" else 0
+            _set(m, name, ConvReLU(nn.Conv2d(c, c, k, padding=k // 2), True) if k else nn.Identity())
             nets[f"{name}|{f}"] = m.eval()
     ms = time_networks(backend, precision, nets, input_shape, batch)
     base_ms = np.asarray(ms.pop("base"))
