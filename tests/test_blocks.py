@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
-from tiny_models import ResBlock, TinyRes
+from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
 from tvsprune.pruning.blocks import ConvReLU, _pre_relu, find_blocks, rebuild, replace_one
 
@@ -96,8 +96,8 @@ def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_pat
     from tvsprune.pruning import PruneOptions, load_pruned, replay
     from tvsprune.pruning.stage import prune_model
 
-    src = tmp_path / "tiny_models.py"
-    shutil.copy(REPO / "tests" / "tiny_models.py", src)
+    src = tmp_path / "tiny_resnet.py"
+    shutil.copy(REPO / "tests" / "tiny_resnet.py", src)
     torch.manual_seed(0)
     loaded = LoadedModel(TinyRes().eval(), ModelSpec(spec=f"{src}:TinyRes"), input_shape=(3, 16, 16))
     # the default method (tvs) with no moments file: blocks read no channel scores
