@@ -14,7 +14,7 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.blocks import ConvReLU, _pre_relu, find_blocks, rebuild, replace_one
+from tvsprune.pruning.blocks import ConvReLU, _pre_relu, apply_forms, find_blocks, rebuild, replace_one, successors
 
 
 class LinearBlock(nn.Module):
@@ -26,6 +26,17 @@ class LinearBlock(nn.Module):
 
     def forward(self, x):
         return F.relu(self.b(self.a(x)) + x)
+
+
+class Linear1x1Block(nn.Module):
+    """1x1(1x1(x)) + x, no ReLU: two of them in a row are one 1x1 convolution, exactly."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + x
 
 
 def _fake_ms(module: nn.Module) -> float:
@@ -71,7 +82,7 @@ def test_the_pre_relu_graph_and_the_least_squares_fit_reproduce_a_linear_block_e
     model = nn.Sequential(nn.Conv2d(3, 4, 1), LinearBlock(4)).eval()
     model.load_state_dict(base.state_dict())
     rec = replace_one(model, base, "1", "3x3", x, ridge=1e-10)
-    assert rec == {"form": "3x3", "relu": True} and isinstance(model[1], ConvReLU)
+    assert rec == {"form": "3x3", "relu": True, "fitted_to": "1"} and isinstance(model[1], ConvReLU)
     with torch.no_grad():
         fresh = torch.randn(8, 3, 8, 8)
         assert torch.allclose(model(fresh), base(fresh), atol=1e-4)
@@ -125,6 +136,22 @@ def test_blocks_without_a_latency_budget_is_one_error_line(tiny_calibrated, tmp_
                 "--keep-params", "0.5", "--out", tmp_path / "p")
     assert r.returncode == 64, r.stderr  # a usage error, as every refused combination of flags
     assert "structure 'blocks' takes a latency budget" in r.stderr and not (tmp_path / "p").exists()
+
+
+def test_a_replacement_followed_by_a_removed_block_is_fitted_to_the_removed_blocks_output():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 1), Linear1x1Block(), Linear1x1Block(), nn.Conv2d(4, 2, 1)).eval()
+    x, fresh = torch.randn(64, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    after = successors(base, ["1", "2"], torch.zeros(1, 3, 8, 8))
+    assert after == {"1": "2"}
+    forms = {"1": "1x1", "2": "identity"}
+    model, record = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None, after)
+    assert record == {"1": {"form": "1x1", "relu": False, "fitted_to": "2"}, "2": {"form": "identity", "relu": False}}
+    alone, _ = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None)  # each fitted to its own block
+    with torch.no_grad():
+        want = base(fresh)
+        assert torch.allclose(model(fresh), want, atol=1e-4)
+        assert (alone(fresh) - want).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("hub,name,count,first", [("torchvision", "resnet18", 5, "layer1.0"),

@@ -4,7 +4,8 @@ A residual block whose input and output have the same shape (one without downsam
 traced graph adds its input to what it computes) gets cheaper forms: one 3x3 or 1x1 convolution fitted by least squares (no labels) to what
 the block computes, before its last ReLU when it ends in one (read with torch.fx), the ReLU
 kept after it; or the block removed (identity). The fit maps the block's input in the network
-as changed so far to the unpruned block's output, block after block; every BatchNorm is then
+as changed so far to the unpruned block's output, block after block (to the output of the last
+removed block that runs right after it, where there are some); every BatchNorm is then
 re-estimated on the repair images. The forms are chosen greedily: each step takes the change
 that raises the held-out KL least per unit of latency saved, each change's saving measured
 alone on the latency backend; the chosen network is then measured against the base and the
@@ -79,6 +80,16 @@ def _adds_its_input(block: nn.Module) -> bool:
     return False
 
 
+def _run_hooked(module: nn.Module, example: torch.Tensor, hooks: list) -> None:
+    """One forward pass of ``module`` (eval, no gradients) for its ``hooks``, removed after."""
+    try:
+        with torch.no_grad():
+            module.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
     """Residual blocks, in the order they run: submodules called once, whose 4-D input and
     output have the same shape, which hold two convolutions or more and add their input to
@@ -93,12 +104,7 @@ def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
                 seen.setdefault(name, []).append(isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
                                                  and x.dim() == 4 and x.shape == out.shape)
             hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(module, example, hooks)
     return [n for n, calls in seen.items() if calls == [True] and _adds_its_input(module.get_submodule(n))]
 
 
@@ -172,24 +178,45 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def successors(module: nn.Module, blocks: list[str], example: torch.Tensor) -> dict[str, str]:
+    """For each block, the block that runs next on its very output (no layer between), if any."""
+    seen: dict[str, tuple[Any, Any]] = {}
+    hooks = [module.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, (a[0] if a else None, o))) for n in blocks]
+    _run_hooked(module, example, hooks)
+    return {a: b for a in seen for b in seen if a != b and seen[b][0] is seen[a][1]}
+
+
+def run_end(name: str, forms: dict[str, str], after: dict[str, str]) -> str:
+    """The last of the removed blocks that run right after ``name`` (``name`` itself if none):
+    a replacement followed by removed blocks is fitted to the output of the last of them."""
+    while after.get(name) in forms and forms[after[name]] == "identity":
+        name = after[name]
+    return name
+
+
 def replace_one(model: nn.Module, base: nn.Module, name: str, form: str, xfit: torch.Tensor,
-                ridge: float) -> dict[str, Any]:
-    """Block ``name`` of ``model`` (in place) in ``form``, fitted to ``base``'s block; its record."""
+                ridge: float, fit_to: str | None = None) -> dict[str, Any]:
+    """Block ``name`` of ``model`` (in place) in ``form``, fitted to ``base``'s block ``fit_to``
+    (``name`` by default: a later one where the blocks between are removed); its record."""
     if form == "identity":
         _set(model, name, nn.Identity())
         return {"form": "identity", "relu": False}
-    pre = _pre_relu(base.get_submodule(name))
-    pairs = ((_io(model, name, x)[0], _io(base, name, x, pre)[1]) for x in xfit.split(FIT_CHUNK))
+    fit_to = fit_to or name
+    pre = _pre_relu(base.get_submodule(fit_to))
+    pairs = ((_io(model, name, x)[0], _io(base, fit_to, x, pre)[1]) for x in xfit.split(FIT_CHUNK))
     _set(model, name, ConvReLU(fit_conv(pairs, int(form[0]), ridge), pre is not None))
-    return {"form": form, "relu": pre is not None}
+    return {"form": form, "relu": pre is not None, "fitted_to": fit_to}
 
 
 def apply_forms(base: nn.Module, forms: dict[str, str], order: list[str], xfit: torch.Tensor, ridge: float,
-                repair) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """A copy of ``base`` with each block of ``forms`` replaced (fitted in running order), its
+                repair, after: dict[str, str] | None = None) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """A copy of ``base`` with each block of ``forms`` replaced (fitted in running order, each to
+    the end of the removed blocks right after it, by ``after``: :func:`successors`), its
     BatchNorms re-estimated by ``repair(model)``; and the record the artifact keeps."""
-    model = copy.deepcopy(base).eval()
-    record = {name: replace_one(model, base, name, forms[name], xfit, ridge) for name in order if name in forms}
+    model, after = copy.deepcopy(base).eval(), after or {}
+    record = {name: replace_one(model, base, name, forms[name], xfit, ridge, run_end(name, forms, after))
+              for name in order if name in forms}
     repair(model)
     return model.eval(), record
 
@@ -255,6 +282,8 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
     step(f"measuring {len(blocks) * len(FORMS)} block replacements on {opts.latency_backend} at batch "
          f"{opts.latency_batch}")
     saved = _savings(base, blocks, opts.latency_backend, opts.latency_precision, input_shape, opts.latency_batch)
+    after = successors(base, blocks, torch.zeros(1, *input_shape))
+    before = {b: a for a, b in after.items()}
     repair = list(repair_batches(calib, loaded, opts.repair_samples_per_class)[1])
     xfit = torch.cat([x for x, _ in repair])[:FIT_IMAGES]
     xs, _ = fidelity_images(calib, loaded, opts)
@@ -268,13 +297,21 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
             recalibrate_batchnorm(model, repair)
 
     def build(forms: dict[str, str]) -> tuple[nn.Module, dict[str, Any], float]:
-        model, record = apply_forms(base, forms, blocks, xfit, opts.ridge, fix)
+        model, record = apply_forms(base, forms, blocks, xfit, opts.ridge, fix, after)
         return model, record, faithful(model)
 
     def trial_kl(name: str, form: str) -> float:
-        """A step scored on the current network with only ``name`` changed (the others not re-fitted)."""
-        model = copy.deepcopy(state["current"][0])
-        replace_one(model, base, name, form, xfit, opts.ridge)
+        """A step scored on the current network with ``name`` changed and every replacement from
+        there on re-fitted (from the replacement before it when ``name`` goes: it is fitted to
+        the end of the removed blocks after it)."""
+        model, trial = copy.deepcopy(state["current"][0]), {**state["forms"], name: form}
+        head = before.get(name)
+        while head in trial and trial[head] == "identity":
+            head = before.get(head)
+        start = head if form == "identity" and head in trial else name
+        for n in blocks[blocks.index(start):]:
+            if n in trial:
+                replace_one(model, base, n, trial[n], xfit, opts.ridge, run_end(n, trial, after))
         fix(model)
         return faithful(model.eval())
 
