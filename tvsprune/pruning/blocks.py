@@ -11,8 +11,9 @@ that raises the held-out KL least per unit of latency saved, each change's savin
 alone on the latency backend; the chosen network is then measured against the base and the
 walk goes on while it misses the target by more than 10 %.
 
-On ResNet-20 on a 2-core AVX-512 CPU this lost 3.40 points at 1.58x, where removing channels
-lost 47.81 at 1.49x (benchmarks/block_replacement.py, RESULTS.md).
+On ResNet-20 on a 2-core AVX-512 CPU this lost 2.52 points at 1.44x and 5.73 at 1.94x, where
+removing channels lost 47.81 at 1.48x and 70.33 at 2.11x (benchmarks/block_replacement.py,
+RESULTS.md).
 """
 from __future__ import annotations
 
