@@ -14,7 +14,8 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.blocks import ConvReLU, _pre_relu, apply_forms, find_blocks, rebuild, replace_one, successors
+from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, _savings, apply_forms, find_blocks, rebuild, replace_one,
+                                     successors)
 
 
 class LinearBlock(nn.Module):
@@ -152,6 +153,21 @@ def test_a_replacement_followed_by_a_removed_block_is_fitted_to_the_removed_bloc
         want = base(fresh)
         assert torch.allclose(model(fresh), want, atol=1e-4)
         assert (alone(fresh) - want).abs().max() > 1e-2
+
+
+def test_the_savings_of_blocks_alike_are_pooled_and_others_kept_apart(monkeypatch):
+    from tvsprune.compare import on_backend
+
+    base = nn.Sequential(nn.Conv2d(3, 4, 1), ResBlock(4), ResBlock(4), nn.Conv2d(4, 8, 1), ResBlock(8)).eval()
+    times = {"1": 9.0, "2": 8.0, "4": 7.0}  # ms with the block in any form; the base takes 10
+
+    def fake(backend, precision, nets, shape, batch):
+        return {k: [10.0] * 5 if k == "base" else [times[k.split("|")[0]]] * 5 for k in nets}
+
+    monkeypatch.setattr(on_backend, "time_networks", fake)
+    saved = _savings(base, ["1", "2", "4"], "ort-cpu", "fp32", [3, 8, 8], 2)
+    assert saved[("1", "3x3")] == saved[("2", "identity")] == pytest.approx(0.15)  # 0.1 and 0.2 pooled
+    assert saved[("4", "1x1")] == pytest.approx(0.3)  # 8 channels: not alike
 
 
 @pytest.mark.parametrize("hub,name,count,first", [("torchvision", "resnet18", 5, "layer1.0"),

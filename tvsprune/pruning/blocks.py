@@ -1,15 +1,16 @@
 """Whole residual blocks replaced, for a latency budget (``--structure blocks``).
 
 A residual block whose input and output have the same shape (one without downsampling, whose
-traced graph adds its input to what it computes) gets cheaper forms: one 3x3 or 1x1 convolution fitted by least squares (no labels) to what
-the block computes, before its last ReLU when it ends in one (read with torch.fx), the ReLU
-kept after it; or the block removed (identity). The fit maps the block's input in the network
-as changed so far to the unpruned block's output, block after block (to the output of the last
-removed block that runs right after it, where there are some); every BatchNorm is then
-re-estimated on the repair images. The forms are chosen greedily: each step takes the change
-that raises the held-out KL least per unit of latency saved, each change's saving measured
-alone on the latency backend; the chosen network is then measured against the base and the
-walk goes on while it misses the target by more than 10 %.
+traced graph adds its input to what it computes) gets cheaper forms: one 3x3 or 1x1
+convolution fitted by least squares (no labels) to what the block computes, before its last
+ReLU when it ends in one (read with torch.fx), the ReLU kept after it; or the block removed
+(identity). The fit maps the block's input in the network as changed so far to the unpruned
+block's output, block after block (to the output of the last removed block that runs right
+after it, where there are some); every BatchNorm is then re-estimated on the repair images.
+The forms are chosen greedily: each step takes the change that raises the held-out KL least
+per unit of latency saved, each change's saving measured alone on the latency backend (pooled
+over blocks alike); the chosen network is then measured against the base and the walk goes on
+while it misses the target by more than 10 %.
 
 On ResNet-20 on a 2-core AVX-512 CPU this lost 2.52 points at 1.44x and 5.73 at 1.94x, where
 removing channels lost 47.81 at 1.48x and 70.33 at 2.11x (benchmarks/block_replacement.py,
@@ -247,20 +248,27 @@ def rebuild(module: nn.Module, replaced: Any, state: dict[str, torch.Tensor], so
 
 def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
              batch: int) -> dict[tuple[str, str], float]:
-    """Each (block, form) alone: the fraction of the base's time it saves, measured (weights do not matter)."""
+    """Each (block, form) alone: the fraction of the base's time it saves, measured (weights do
+    not matter). Blocks alike (class, input shape, parameter shapes) do the same work: their
+    rounds are pooled, which steadies a measurement of a few per cent on a noisy machine."""
     from ..compare.on_backend import time_networks
 
     nets: dict[str, nn.Module] = {"base": base}
+    alike: dict[str, tuple] = {}
     for name in blocks:
-        c = _io(base, name, torch.zeros(1, *input_shape))[0].shape[1]
+        block, x = base.get_submodule(name), _io(base, name, torch.zeros(1, *input_shape))[0]
+        alike[name] = (type(block).__name__, tuple(x.shape),
+                       tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
         for f in FORMS:
             m = copy.deepcopy(base)
             k = int(f[0]) if f != "identity" else 0
-            _set(m, name, ConvReLU(nn.Conv2d(c, c, k, padding=k // 2), True) if k else nn.Identity())
+            _set(m, name, ConvReLU(nn.Conv2d(x.shape[1], x.shape[1], k, padding=k // 2), True) if k else nn.Identity())
             nets[f"{name}|{f}"] = m.eval()
     ms = time_networks(backend, precision, nets, input_shape, batch)
     base_ms = np.asarray(ms.pop("base"))
-    return {tuple(k.split("|")): float(np.median(1 - np.asarray(v) / base_ms)) for k, v in ms.items()}
+    saved = {tuple(k.split("|")): 1 - np.asarray(v) / base_ms for k, v in ms.items()}
+    return {(n, f): float(np.median(np.concatenate([saved[(o, f)] for o in blocks if alike[o] == alike[n]])))
+            for n, f in saved}
 
 
 def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[str, nn.Module | Any], dict[str, Any]]:
