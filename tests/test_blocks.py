@@ -14,7 +14,7 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, _savings, apply_forms, find_blocks, rebuild, replace_one,
+from tvsprune.pruning.blocks import (ConvReLU, _pick, _pre_relu, _savings, apply_forms, find_blocks, rebuild, replace_one,
                                      successors)
 
 
@@ -168,6 +168,17 @@ def test_the_savings_of_blocks_alike_are_pooled_and_others_kept_apart(monkeypatc
     saved = _savings(base, ["1", "2", "4"], "ort-cpu", "fp32", [3, 8, 8], 2)
     assert saved[("1", "3x3")] == saved[("2", "identity")] == pytest.approx(0.15)  # 0.1 and 0.2 pooled
     assert saved[("4", "1x1")] == pytest.approx(0.3)  # 8 channels: not alike
+
+
+def test_the_last_step_is_as_long_as_it_needs_to_be():
+    small, large, exact = ({"a": "3x3"}), ({"a": "identity"}), ({"b": "3x3"})
+    # (KL added, time saved, forms): per unit of time, the large step is the cheapest (0.5 against 1 and 0.6)
+    cands = [(0.02, 0.02, small), (0.06, 0.12, large), (0.03, 0.05, exact)]
+    assert _pick(cands, None) is large  # no target in sight: the cheapest per unit
+    assert _pick(cands, 0.2) is large  # the cheapest per unit falls short of the 0.2 left: it is taken
+    assert _pick(cands, 0.05) is exact  # it would overshoot the 0.05 left: the least KL that covers it
+    assert _pick(cands, 0.1) is large  # only the large step covers 0.1
+    assert _pick([], 0.05) is None
 
 
 @pytest.mark.parametrize("hub,name,count,first", [("torchvision", "resnet18", 5, "layer1.0"),

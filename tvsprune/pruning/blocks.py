@@ -271,6 +271,19 @@ def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, i
             for n, f in saved}
 
 
+def _pick(cands: list[tuple[float, float, dict[str, str]]], gap: float | None) -> dict[str, str] | None:
+    """The greedy's step among (KL added, time saved, forms) candidates: the least KL per unit
+    of time saved; but where that step saves the ``gap`` left to the target, the step that
+    saves it for the least KL (the last step as long as it must be, not the longest one that
+    is cheap per unit)."""
+    if not cands:
+        return None
+    rate = min(cands, key=lambda c: c[0] / c[1])
+    if gap is None or rate[1] < gap:
+        return rate[2]
+    return min((c for c in cands if c[1] >= gap), key=lambda c: c[0])[2]
+
+
 def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[str, nn.Module | Any], dict[str, Any]]:
     """The network ``--structure blocks`` makes for ``opts.target_latency``, and its latency record."""
     from ..compare.logits import chunks, collect_logits, forward_fn
@@ -311,8 +324,7 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
 
     def trial_kl(name: str, form: str) -> float:
         """A step scored on the current network with ``name`` changed and every replacement from
-        there on re-fitted (from the replacement before it when ``name`` goes: it is fitted to
-        the end of the removed blocks after it)."""
+        there on re-fitted (from the one before it when ``name`` goes: it is fitted through it)."""
         model, trial = copy.deepcopy(state["current"][0]), {**state["forms"], name: form}
         head = before.get(name)
         while head in trial and trial[head] == "identity":
@@ -330,28 +342,26 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
     state: dict[str, Any] = {"forms": {}, "current": (base, {}, 0.0)}
     path: list[dict[str, Any]] = []
 
-    def advance() -> bool:
-        """One greedy step: the change with the least KL added per unit of latency saved."""
-        forms, best = state["forms"], None
+    def advance(finish: bool = False) -> bool:
+        """One greedy step (:func:`_pick`); ``finish``: the step may reach the target."""
+        forms, cands = state["forms"], []
         for name in blocks:
             if any(_overlaps(name, o) for o in forms if o != name):
                 continue
             for f in FORMS[FORMS.index(forms[name]) + 1 if name in forms else 0:]:
                 trial = {**forms, name: f}
-                gain = predicted(forms) - predicted(trial)
-                if gain > 0:
-                    score = (trial_kl(name, f) - state["current"][2]) / gain
-                    if best is None or score < best[0]:
-                        best = (score, trial)
-        if best is None:
+                if predicted(trial) < predicted(forms):
+                    cands.append((trial_kl(name, f) - state["current"][2], predicted(forms) - predicted(trial), trial))
+        chosen = _pick(cands, predicted(forms) - target if finish else None)
+        if chosen is None:
             return False
-        state["forms"], state["current"] = best[1], build(best[1])  # the chosen one re-fitted in order
+        state["forms"], state["current"] = chosen, build(chosen)  # the chosen one re-fitted in order
         kl = state["current"][2]
-        path.append({"replaced": dict(best[1]), "predicted": round(predicted(best[1]), 4), "kl": round(kl, 5)})
-        log.info("blocks: %s, predicted %.3f of the latency, held-out KL %.4f", best[1], predicted(best[1]), kl)
+        path.append({"replaced": dict(chosen), "predicted": round(predicted(chosen), 4), "kl": round(kl, 5)})
+        log.info("blocks: %s, predicted %.3f of the latency, held-out KL %.4f", chosen, predicted(chosen), kl)
         return True
 
-    while predicted(state["forms"]) > target and advance():
+    while predicted(state["forms"]) > target and advance(finish=True):
         pass
     if not path:
         raise TvsError(f"{loaded.spec.spec}: no block replacement saves measurable time on {opts.latency_backend}")
