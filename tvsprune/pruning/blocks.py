@@ -12,8 +12,8 @@ per unit of latency saved, each change's saving measured alone on the latency ba
 over blocks alike); the chosen network is then measured against the base and the walk goes on
 while it misses the target by more than 10 %.
 
-On ResNet-20 on a 2-core AVX-512 CPU this lost 2.52 points at 1.44x and 5.73 at 1.94x, where
-removing channels lost 47.81 at 1.48x and 70.33 at 2.11x (benchmarks/block_replacement.py,
+On ResNet-20 on a 2-core AVX-512 CPU this lost 3.20 points at 1.61x and 7.10 at 2.01x, where
+removing channels lost 47.81 at 1.50x and 70.33 at 2.08x (benchmarks/block_replacement.py,
 RESULTS.md).
 """
 from __future__ import annotations
