@@ -143,8 +143,19 @@ def test_a_replacement_followed_by_a_removed_block_is_fitted_to_the_removed_bloc
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 1), Linear1x1Block(), Linear1x1Block(), nn.Conv2d(4, 2, 1)).eval()
     x, fresh = torch.randn(64, 3, 8, 8), torch.randn(8, 3, 8, 8)
-    after = successors(base, ["1", "2"], torch.zeros(1, 3, 8, 8))
+    after = successors(base, ["1", "2"])
     assert after == {"1": "2"}
+
+    class TwoReaders(nn.Module):  # the first block's output is read by the second and by a head
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = Linear1x1Block(), Linear1x1Block(), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) + self.head(y)
+
+    assert successors(TwoReaders(), ["a", "b"]) == {}  # fitting a through b would change what head reads
     forms = {"1": "1x1", "2": "identity"}
     model, record = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None, after)
     assert record == {"1": {"form": "1x1", "relu": False, "fitted_to": "2"}, "2": {"form": "identity", "relu": False}}

@@ -82,16 +82,6 @@ def _adds_its_input(block: nn.Module) -> bool:
     return False
 
 
-def _run_hooked(module: nn.Module, example: torch.Tensor, hooks: list) -> None:
-    """One forward pass of ``module`` (eval, no gradients) for its ``hooks``, removed after."""
-    try:
-        with torch.no_grad():
-            module.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
     """Residual blocks, in the order they run: submodules called once, whose 4-D input and
     output have the same shape, which hold two convolutions or more and add their input to
@@ -106,7 +96,12 @@ def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
                 seen.setdefault(name, []).append(isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
                                                  and x.dim() == 4 and x.shape == out.shape)
             hooks.append(m.register_forward_hook(hook))
-    _run_hooked(module, example, hooks)
+    try:
+        with torch.no_grad():
+            module.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
     return [n for n, calls in seen.items() if calls == [True] and _adds_its_input(module.get_submodule(n))]
 
 
@@ -180,13 +175,18 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def successors(module: nn.Module, blocks: list[str], example: torch.Tensor) -> dict[str, str]:
-    """For each block, the block that runs next on its very output (no layer between), if any."""
-    seen: dict[str, tuple[Any, Any]] = {}
-    hooks = [module.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: seen.__setitem__(n, (a[0] if a else None, o))) for n in blocks]
-    _run_hooked(module, example, hooks)
-    return {a: b for a in seen for b in seen if a != b and seen[b][0] is seen[a][1]}
+def successors(module: nn.Module, blocks: list[str]) -> dict[str, str]:
+    """For each block, the block that reads its output and nothing else does: its next sibling
+    in an nn.Sequential (whose forward hands each child's output to the next child only)."""
+    after = {}
+    for a in blocks:
+        parent, _, leaf = a.rpartition(".")
+        seq = module.get_submodule(parent) if parent else module
+        names = [n for n, _ in seq.named_children()]
+        nxt = names[names.index(leaf) + 1:][:1]
+        if type(seq).forward is nn.Sequential.forward and nxt and f"{parent}.{nxt[0]}".lstrip(".") in blocks:
+            after[a] = f"{parent}.{nxt[0]}".lstrip(".")
+    return after
 
 
 def run_end(name: str, forms: dict[str, str], after: dict[str, str]) -> str:
@@ -304,7 +304,7 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
     step(f"measuring {len(blocks) * len(FORMS)} block replacements on {opts.latency_backend} at batch "
          f"{opts.latency_batch}")
     saved = _savings(base, blocks, opts.latency_backend, opts.latency_precision, input_shape, opts.latency_batch)
-    after = successors(base, blocks, torch.zeros(1, *input_shape))
+    after = successors(base, blocks)
     before = {b: a for a, b in after.items()}
     repair = list(repair_batches(calib, loaded, opts.repair_samples_per_class)[1])
     xfit = torch.cat([x for x, _ in repair])[:FIT_IMAGES]
