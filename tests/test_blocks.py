@@ -123,12 +123,16 @@ def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_pat
     assert lat["measured"] == pytest.approx(ms / base_ms, abs=1e-3) == pytest.approx(lat["predicted"], abs=1e-3)
     assert plan.groups == [] and set(lat["replaced"]) <= {"block1", "down.3"} and lat["replaced"]
     assert plan.meta["replaced"].keys() == lat["replaced"].keys()
+    # what runs after the first replaced block is re-fitted (ls-seq's repair): the artifact keeps it
+    assert ("down.0" in lat["refitted"]) == ("block1" in lat["replaced"]) and "stem.0" not in lat["refitted"]
     again = load_pruned(tmp_path / "p").module
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(again(x), pruned(x), atol=1e-6)
     with pytest.raises(TvsError, match="replaces whole blocks"):
         replay(loaded, tmp_path / "p" / "plan.json")
+    none = opts.model_copy(update={"compensation": "none"})
+    assert prune_model(loaded, None, tmp_path / "q", none, DataOptions(path=str(image_folder)))[0]["latency"]["refitted"] == []
 
 
 def test_blocks_without_a_latency_budget_is_one_error_line(tiny_calibrated, tmp_path):
@@ -157,9 +161,9 @@ def test_a_replacement_followed_by_a_removed_block_is_fitted_to_the_removed_bloc
 
     assert successors(TwoReaders(), ["a", "b"]) == {}  # fitting a through b would change what head reads
     forms = {"1": "1x1", "2": "identity"}
-    model, record = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None, after)
+    model, record, _ = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None, after)
     assert record == {"1": {"form": "1x1", "relu": False, "fitted_to": "2"}, "2": {"form": "identity", "relu": False}}
-    alone, _ = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None)  # each fitted to its own block
+    alone, _, _ = apply_forms(base, forms, ["1", "2"], x, 1e-10, lambda m: None)  # each fitted to its own block
     with torch.no_grad():
         want = base(fresh)
         assert torch.allclose(model(fresh), want, atol=1e-4)

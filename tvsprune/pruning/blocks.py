@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from ..errors import TvsError
 from ..console import step
+from .refit import FIT_CHUNK, FIT_IMAGES, TRIAL_IMAGES, fit_conv, module_io as _io, refit_conv, refittable
 
 log = logging.getLogger(__name__)
 FORMS = ("3x3", "1x1", "identity")  # cheaper to the right
-FIT_IMAGES, FIT_POSITIONS, FIT_CHUNK = 1000, 256, 100  # images read in chunks: memory flat in FIT_IMAGES
 MAX_EXTRA_STEPS = 3  # greedy steps taken past the predicted target while the measurement misses it
 
 
@@ -131,45 +131,6 @@ def _pre_relu(block: nn.Module) -> nn.Module | None:
     return gm
 
 
-def _io(model: nn.Module, name: str, x: torch.Tensor, pre: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block ``name``'s input and output (its pre-ReLU output when ``pre`` is given) on ``x``."""
-    got: dict[str, torch.Tensor] = {}
-    block = model.get_submodule(name)
-    h = block.register_forward_hook(lambda m, a, o: got.update(x=a[0].clone(), y=o.clone()))  # later in-place ops
-    try:
-        with torch.no_grad():
-            model(x)
-            if pre is not None:
-                got["y"] = pre(got["x"])
-    finally:
-        h.remove()
-    return got["x"], got["y"]
-
-
-def fit_conv(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int, ridge: float = 1e-4,
-             positions: int = FIT_POSITIONS, seed: int = 0) -> nn.Conv2d:
-    """The k x k convolution (stride 1, same padding, with bias) closest in least squares to each
-    pair's ``z`` from its ``x`` (chunks of images: their normal equations are summed), on
-    ``positions`` random positions per image; ridge relative to the mean diagonal."""
-    gen, g, r = torch.Generator().manual_seed(seed), 0.0, 0.0
-    for x, z in pairs:
-        n, c, h, w = x.shape
-        sel = torch.randint(0, h * w, (n, 1, min(positions, h * w)), generator=gen)
-        cols = F.unfold(x, k, padding=k // 2)
-        a = torch.gather(cols, 2, sel.expand(-1, cols.shape[1], -1)).permute(0, 2, 1).reshape(-1, cols.shape[1])
-        b = torch.gather(z.reshape(n, z.shape[1], -1), 2, sel.expand(-1, z.shape[1], -1))
-        a = torch.cat([a, torch.ones(len(a), 1)], 1).double()
-        g = g + a.T @ a
-        r = r + a.T @ b.permute(0, 2, 1).reshape(-1, z.shape[1]).double()
-    g += ridge * g.diagonal()[:-1].mean() * torch.eye(len(g), dtype=g.dtype)
-    sol = torch.linalg.solve(g, r).float()
-    cout = sol.shape[1]
-    conv = nn.Conv2d(c, cout, k, padding=k // 2)
-    conv.weight.data = sol[:-1].T.reshape(cout, c, k, k).contiguous()
-    conv.bias.data = sol[-1].contiguous()
-    return conv
-
-
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
@@ -211,16 +172,48 @@ def replace_one(model: nn.Module, base: nn.Module, name: str, form: str, xfit: t
     return {"form": form, "relu": pre is not None, "fitted_to": fit_to}
 
 
-def apply_forms(base: nn.Module, forms: dict[str, str], order: list[str], xfit: torch.Tensor, ridge: float,
-                repair, after: dict[str, str] | None = None) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """A copy of ``base`` with each block of ``forms`` replaced (fitted in running order, each to
-    the end of the removed blocks right after it, by ``after``: :func:`successors`), its
-    BatchNorms re-estimated by ``repair(model)``; and the record the artifact keeps."""
-    model, after = copy.deepcopy(base).eval(), after or {}
-    record = {name: replace_one(model, base, name, forms[name], xfit, ridge, run_end(name, forms, after))
-              for name in order if name in forms}
+def running_units(base: nn.Module, blocks: list[str], convs: list[str], example: torch.Tensor) -> list[str]:
+    """The blocks and the convolutions ``convs`` outside them, in the order they start."""
+    order: list[str] = []
+    names = blocks + [c for c in convs if not any(_overlaps(c, b) for b in blocks)]
+    hooks = [base.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            base.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def fit_from(model: nn.Module, base: nn.Module, forms: dict[str, str], units: list[str], start: str, xfit: torch.Tensor,
+             ridge: float, after: dict[str, str], inner: dict[str, list[str]]) -> tuple[dict[str, Any], list[str]]:
+    """``model`` fitted in place, in running order from unit ``start`` on: each block of ``forms``
+    replaced (fitted to the end of the removed blocks right after it, by ``after``); every other
+    convolution that runs after the first replaced block (``inner``: a block's own) re-fitted.
+    The records of the replaced blocks and the re-fitted convolutions."""
+    first, record, refitted = min((units.index(b) for b in forms), default=len(units)), {}, []
+    for i in range(units.index(start), len(units)):
+        u = units[i]
+        if u in forms:
+            record[u] = replace_one(model, base, u, forms[u], xfit, ridge, run_end(u, forms, after))
+        elif i > first:
+            for c in inner.get(u, [u] if isinstance(base.get_submodule(u), nn.Conv2d) else []):
+                refit_conv(model, base, c, xfit, ridge)
+                refitted.append(c)
+    return record, refitted
+
+
+def apply_forms(base: nn.Module, forms: dict[str, str], units: list[str], xfit: torch.Tensor, ridge: float, repair,
+                after: dict[str, str] | None = None, inner: dict[str, list[str]] | None = None
+                ) -> tuple[nn.Module, dict[str, dict[str, Any]], list[str]]:
+    """A copy of ``base`` fitted by :func:`fit_from` (``units``: :func:`running_units`; only the
+    convolutions among them and in ``inner`` are re-fitted), its BatchNorms re-estimated by
+    ``repair(model)``; the record the artifact keeps, and the re-fitted convolutions."""
+    model = copy.deepcopy(base).eval()
+    record, refitted = fit_from(model, base, forms, units, units[0], xfit, ridge, after or {}, inner or {})
     repair(model)
-    return model.eval(), record
+    return model.eval(), record, refitted
 
 
 def rebuild(module: nn.Module, replaced: Any, state: dict[str, torch.Tensor], source: str) -> None:
@@ -304,8 +297,11 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
     step(f"measuring {len(blocks) * len(FORMS)} block replacements on {opts.latency_backend} at batch "
          f"{opts.latency_batch}")
     saved = _savings(base, blocks, opts.latency_backend, opts.latency_precision, input_shape, opts.latency_batch)
-    after = successors(base, blocks)
+    after, example = successors(base, blocks), torch.zeros(1, *input_shape)
     before = {b: a for a, b in after.items()}
+    refit = opts.compensation not in ("none", "mean")  # the later convolutions re-fitted: ls-seq's repair
+    convs = refittable(base, example) if refit else []
+    units, inner = running_units(base, blocks, convs, example), {b: [c for c in convs if _overlaps(c, b)] for b in blocks}
     repair = list(repair_batches(calib, loaded, opts.repair_samples_per_class)[1])
     xfit = torch.cat([x for x, _ in repair])[:FIT_IMAGES]
     xs, _ = fidelity_images(calib, loaded, opts)
@@ -319,20 +315,18 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
             recalibrate_batchnorm(model, repair)
 
     def build(forms: dict[str, str]) -> tuple[nn.Module, dict[str, Any], float]:
-        model, record = apply_forms(base, forms, blocks, xfit, opts.ridge, fix, after)
+        model, record, state["refitted"] = apply_forms(base, forms, units, xfit, opts.ridge, fix, after, inner)
         return model, record, faithful(model)
 
     def trial_kl(name: str, form: str) -> float:
-        """A step scored on the current network with ``name`` changed and every replacement from
-        there on re-fitted (from the one before it when ``name`` goes: it is fitted through it)."""
+        """A step scored on the current network with ``name`` changed and everything from there on
+        re-fitted (from the replacement before it when ``name`` goes: it is fitted through it)."""
         model, trial = copy.deepcopy(state["current"][0]), {**state["forms"], name: form}
         head = before.get(name)
         while head in trial and trial[head] == "identity":
             head = before.get(head)
         start = head if form == "identity" and head in trial else name
-        for n in blocks[blocks.index(start):]:
-            if n in trial:
-                replace_one(model, base, n, trial[n], xfit, opts.ridge, run_end(n, trial, after))
+        fit_from(model, base, trial, units, start, xfit[:TRIAL_IMAGES], opts.ridge, after, inner)
         fix(model)
         return faithful(model.eval())
 
@@ -378,7 +372,8 @@ def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[st
               "measured": round(1 / m["speedup"], 4), "speedup": round(m["speedup"], 4),
               "measured_range": [round(1 / m["speedup_max"], 4), round(1 / m["speedup_min"], 4)],
               "hit": 1 / m["speedup"] <= target * 1.1, "attempts": attempt + 1,
-              "saved_alone": {f"{n}:{f}": round(v, 4) for (n, f), v in saved.items()}, "path": path}
+              "saved_alone": {f"{n}:{f}": round(v, 4) for (n, f), v in saved.items()}, "path": path,
+              "refitted": state["refitted"]}
     return {"model": model, "replaced": replaced, "kl": kl}, record
 
 

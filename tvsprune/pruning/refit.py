@@ -1,0 +1,106 @@
+"""Least-squares fits of convolutions to an unpruned network's activations (no labels): the
+replacements of ``--structure blocks``, and every convolution that runs after a changed block,
+re-fitted so that it maps what it now reads to what it wrote in the unpruned network (the
+sequential reconstruction that ``ls-seq`` does for removed channels).
+
+The fits read the activations of ``FIT_IMAGES`` images in chunks (memory flat in their
+number), on ``FIT_POSITIONS`` random output positions per image; each forward pass stops at
+the module it reads.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FIT_IMAGES, FIT_POSITIONS, FIT_CHUNK = 1000, 256, 100
+TRIAL_IMAGES = 250  # a greedy trial, scored and thrown away, is fitted on fewer
+
+
+class _Read(Exception):
+    """Raised by the hook that has read what it wanted: the rest of the forward pass is skipped."""
+
+
+def module_io(model: nn.Module, name: str, x: torch.Tensor, pre: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Module ``name``'s input and output on ``x`` (``pre``'s output on that input when given:
+    a block's pre-ReLU output); the pass stops there."""
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+        got.update(x=a[0].clone(), y=o.clone())  # clones: in-place ops after it
+        raise _Read
+
+    h = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            try:
+                model(x)
+            except _Read:
+                pass
+            if pre is not None:
+                got["y"] = pre(got["x"])
+    finally:
+        h.remove()
+    return got["x"], got["y"]
+
+
+def fit_conv(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], like: nn.Conv2d | int, ridge: float = 1e-4,
+             positions: int = FIT_POSITIONS, seed: int = 0) -> nn.Conv2d:
+    """The convolution shaped like ``like`` (kernel, stride, padding, dilation, bias or not; an
+    int k: k x k, stride 1, same padding, with bias) closest in least squares to each pair's
+    ``z`` from its ``x`` (chunks of images: their normal equations are summed), on ``positions``
+    random output positions per image; ridge relative to the mean diagonal."""
+    if isinstance(like, int):
+        geo = {"kernel_size": like, "stride": 1, "padding": like // 2, "dilation": 1}
+        bias = True
+    else:
+        geo = {"kernel_size": like.kernel_size, "stride": like.stride, "padding": like.padding,
+               "dilation": like.dilation}
+        bias = like.bias is not None
+    gen, g, r = torch.Generator().manual_seed(seed), 0.0, 0.0
+    for x, z in pairs:
+        n, c = x.shape[:2]
+        cols = F.unfold(x, **geo)
+        sel = torch.randint(0, cols.shape[2], (n, 1, min(positions, cols.shape[2])), generator=gen)
+        a = torch.gather(cols, 2, sel.expand(-1, cols.shape[1], -1)).permute(0, 2, 1).reshape(-1, cols.shape[1])
+        b = torch.gather(z.reshape(n, z.shape[1], -1), 2, sel.expand(-1, z.shape[1], -1))
+        a = torch.cat([a, torch.ones(len(a), 1)], 1).double() if bias else a.double()
+        g = g + a.T @ a
+        r = r + a.T @ b.permute(0, 2, 1).reshape(-1, z.shape[1]).double()
+    g += ridge * g.diagonal()[:len(g) - bias].mean() * torch.eye(len(g), dtype=g.dtype)
+    sol = torch.linalg.solve(g, r).float()
+    cout = sol.shape[1]
+    conv = nn.Conv2d(c, cout, bias=bias, **geo)
+    conv.weight.data = sol[:conv.weight[0].numel()].T.reshape(conv.weight.shape).contiguous()
+    if bias:
+        conv.bias.data = sol[-1].contiguous()
+    return conv
+
+
+def refittable(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The convolutions a least-squares fit can stand in for (ungrouped, zero padding, called
+    once on ``example``), in the order they run."""
+    calls: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+             for name, m in model.named_modules() if type(m) is nn.Conv2d]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in dict.fromkeys(calls) if calls.count(n) == 1 and model.get_submodule(n).groups == 1
+            and model.get_submodule(n).padding_mode == "zeros" and isinstance(model.get_submodule(n).padding, tuple)]
+
+
+def refit_conv(model: nn.Module, base: nn.Module, name: str, xfit: torch.Tensor, ridge: float) -> None:
+    """Convolution ``name`` of ``model`` (in place, same shape) re-fitted to map what it reads in
+    ``model`` to what it wrote in ``base``."""
+    pairs = ((module_io(model, name, x)[0], module_io(base, name, x)[1]) for x in xfit.split(FIT_CHUNK))
+    new = fit_conv(pairs, model.get_submodule(name), ridge)
+    conv = model.get_submodule(name)
+    conv.weight.data = new.weight.data
+    if conv.bias is not None:
+        conv.bias.data = new.bias.data
