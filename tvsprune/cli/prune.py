@@ -133,8 +133,8 @@ def _budget_args(p: Any) -> None:
     b.add_argument("--structure", choices=["channels", "blocks"],
                    help="what a --target-latency budget removes: channels (default), or blocks: whole residual "
                         "blocks whose input and output have the same shape, each replaced by one 3x3 or 1x1 "
-                        "convolution fitted by least squares, or removed (ResNet-20 on a 2-core CPU: 1.58x for 3.4 "
-                        "points, where channels lost 47.8 at 1.49x)")
+                        "convolution fitted by least squares, or removed, and the convolutions after them re-fitted "
+                        "(off with --compensation none or mean); benchmarks/RESULTS.md has ResNet-20's figures")
     b.add_argument("--latency-backend", choices=_backend_names(),
                    help="the backend a latency budget is measured on (default %(default)s)")
     b.add_argument("--latency-batch", type=_count, help="the batch size a latency budget is measured at "

@@ -6,15 +6,15 @@ convolution fitted by least squares (no labels) to what the block computes, befo
 ReLU when it ends in one (read with torch.fx), the ReLU kept after it; or the block removed
 (identity). The fit maps the block's input in the network as changed so far to the unpruned
 block's output, block after block (to the output of the last removed block that runs right
-after it, where there are some); every BatchNorm is then re-estimated on the repair images.
-The forms are chosen greedily: each step takes the change that raises the held-out KL least
+after it, where there are some); every convolution after the first replaced block is then
+re-fitted to what it wrote in the unpruned network (pruning/refit.py), and every BatchNorm
+re-estimated on the repair images. The forms are chosen greedily: each step takes the change that raises the held-out KL least
 per unit of latency saved, each change's saving measured alone on the latency backend (pooled
 over blocks alike); the chosen network is then measured against the base and the walk goes on
 while it misses the target by more than 10 %.
 
-On ResNet-20 on a 2-core AVX-512 CPU this lost 3.20 points at 1.61x and 7.10 at 2.01x, where
-removing channels lost 47.81 at 1.50x and 70.33 at 2.08x (benchmarks/block_replacement.py,
-RESULTS.md).
+On ResNet-20 on a 2-core AVX-512 CPU this lost 1.67 points at 1.51x and 6.16 at 2.29x, where
+removing channels lost 18.31 at 1.46x and 65.92 at 2.10x (benchmarks/block_replacement.py).
 """
 from __future__ import annotations
 
