@@ -124,7 +124,7 @@ def reload(hub: str, name: str, kwargs: dict[str, Any], model: torch.nn.Module, 
 
 
 def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1"), target: float = 0.3,
-             size: int | None = None) -> dict[str, Any]:
+             size: int | None = None, export_base: bool = True, **options: Any) -> dict[str, Any]:
     """calibrate -> prune (each method) -> ONNX export with parity; one row of the matrix.
 
     The model is built with random weights, saved as a checkpoint and loaded back through
@@ -136,6 +136,9 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
     parity is recorded too (``base_parity_scaled``): where a random network is so
     ill-conditioned that float32 rounding alone crosses the tolerance, the unpruned network
     misses it as well (Inception v3 with PyTorch's default initialisation: see TORCHVISION).
+
+    ``export_base=False`` skips the unpruned network's export (a test that expects a refusal);
+    ``options`` go to ``tvsprune.prune`` (the matrix runs its defaults).
 
     ``status``: "ok", "refused" (a TvsError: one clean line), or "error" (anything else,
     with its traceback: a bug).
@@ -156,13 +159,14 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
         model = reload(hub, name, kwargs, build(hub, name, kwargs, images), out, size)
         row["params"] = sum(p.numel() for p in model.module.parameters())
         data = DataOptions(path=str(folder), resize=size, mean=[0.5] * 3, std=[0.25] * 3)
-        base = tvsprune.export_onnx(model, out / f"{name}-base.onnx", input_shape=[3, size, size],
-                                    parity_inputs=images)
-        row["base_parity_scaled"] = base["parity"]["max_scaled_diff"]  # the unpruned network's own
+        if export_base:
+            base = tvsprune.export_onnx(model, out / f"{name}-base.onnx", input_shape=[3, size, size],
+                                        parity_inputs=images)
+            row["base_parity_scaled"] = base["parity"]["max_scaled_diff"]  # the unpruned network's own
         moments = tvsprune.calibrate(model, data)
         for method in methods:
             pruned = tvsprune.prune(model, moments, method=method, target_params=target, calib_data=data,
-                                    out=out / f"{name}-{method}")
+                                    out=out / f"{name}-{method}", **options)
             side = tvsprune.export_onnx(pruned, out / f"{name}-{method}.onnx", input_shape=[3, size, size],
                                         parity_inputs=images)
             plan = pruned.plan.meta

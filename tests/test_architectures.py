@@ -28,17 +28,21 @@ def images(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("hub") / "images", classes=10, per_class=3, size=64)
 
 
-@pytest.mark.parametrize("case", [
-    "torchvision:regnet_y_400mf",      # grouped convolutions + squeeze-excitation
-    "torchvision:shufflenet_v2_x0_5",  # channel shuffle: its groups are left unpruned, the branches pruned
-    "torchvision:mobilenet_v3_small",  # SE, hardswish, depthwise
-    "timm:convnext_atto",              # LayerNorm, Linear as a pointwise convolution after a permute
+@pytest.mark.parametrize("case,allocation", [
+    ("torchvision:regnet_y_400mf", "auto"),        # grouped convolutions + squeeze-excitation
+    ("torchvision:shufflenet_v2_x0_5", "global"),  # channel shuffle: its groups are left unpruned, the branches pruned
+    ("torchvision:mobilenet_v3_small", "global"),  # SE, hardswish, depthwise
+    ("timm:convnext_atto", "global"),              # LayerNorm, Linear as a pointwise convolution after a permute
 ])
-def test_hub_model_goes_through_calibrate_prune_export(case, images, tmp_path):
+def test_hub_model_goes_through_calibrate_prune_export(case, allocation, images, tmp_path):
+    """Each mechanism through the whole path. One model runs the default allocation (its
+    sensitivity curves cut every group); the others the global one, which makes the same
+    cuts without the curves' 50-90 single-group networks (about 15 s each here): the defaults
+    on every model are benchmarks/architectures.py's matrix."""
     hub, name = case.split(":")
     if import_hub(hub) is None:
         pytest.skip(f"{hub} is not installed")
-    row = run_case(hub, name, images, tmp_path, methods=("tvs",))
+    row = run_case(hub, name, images, tmp_path, methods=("tvs",), allocation=allocation)
     assert row["status"] == "ok", row.get("traceback") or row.get("reason")
     assert row["tvs"]["params_removed"] >= 0.25
     assert row["tvs"]["parity_ok"], row["tvs"]
@@ -47,7 +51,7 @@ def test_hub_model_goes_through_calibrate_prune_export(case, images, tmp_path):
 def test_attention_models_are_refused_with_one_line(images, tmp_path):
     if import_hub("torchvision") is None:
         pytest.skip("torchvision is not installed")
-    row = run_case("torchvision", "swin_t", images, tmp_path, methods=("tvs",))
+    row = run_case("torchvision", "swin_t", images, tmp_path, methods=("tvs",), export_base=False)
     assert row["status"] == "refused"
     assert "attention block" in row["reason"] and "\n" not in row["reason"]
 

@@ -119,6 +119,30 @@ def test_ls_seq_refit_recovers_an_exactly_reconstructable_channel():
         torch.testing.assert_close(pruned(xt.double()), model(xt.double()), rtol=0, atol=1e-5)
 
 
+
+def test_ls_seq_reads_the_unpruned_rows_in_slices_with_the_same_fit(monkeypatch):
+    """The unpruned network's rows are read once for as many consumers as fit ROWS_BYTES: a
+    budget of one consumer per pass and one of all at once give the same weights, bit for bit,
+    over several batches."""
+    from tvsprune.pruning import compensation
+
+    torch.manual_seed(0)
+    model = LinearFirstNet().eval()
+    x, _ = _data(24)
+    batches = [(x[i:i + 8], None) for i in range(0, 24, 8)]
+    example = x[:1]
+    probe = probe_model(model, example)
+    graph = ChannelGraph(model, example, probe.logits_layer)
+    plan = _plan_removing(graph, "conv1", [1, 3])
+    fitted = []
+    for budget in (1, 2**30):
+        monkeypatch.setattr(compensation, "ROWS_BYTES", budget)
+        pruned = apply_plan(copy.deepcopy(model), plan, example, probe.logits_layer)
+        report = refit_sequential(model, pruned, graph, plan, ["conv1", "conv2", "fc"], batches, {})
+        assert report.consumers == 2
+        fitted.append(pruned.state_dict())
+    assert all(torch.equal(fitted[0][k], fitted[1][k]) for k in fitted[0])
+
 def test_streaming_co_moments_equal_one_float64_pass():
     """Float32 batches whose means drift (class-sorted data), uneven sizes, 200 channels
     (three block rows of the upper-triangle product): the streamed float64 statistics

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from .options import COMPENSATIONS, DEFAULT_RIDGE  # noqa: F401 (re-exported)
 from .plan import Plan
 
 log = logging.getLogger(__name__)
+ROWS_BYTES = 256 * 2**20  # ls-seq holds at most this much of the unpruned network's input rows at once
 REFIT_POSITIONS = 64  # ls-seq's positions per image (calibrate streams 16: it must stay near inference cost)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -200,6 +201,53 @@ class _Capture:
         return self.value
 
 
+def _original_rows(original: nn.Module, names: list[str], batches: list, budget: int | None = None
+                   ) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """The unpruned network's sampled input rows of each consumer in ``names``, per batch, for
+    consecutive slices of ``names`` that fit ``budget`` bytes: one forward pass over the images
+    per slice (it stops after the slice's last consumer) instead of one per consumer."""
+    budget = ROWS_BYTES if budget is None else budget
+    mods = dict(original.named_modules())
+    size = {n: 0 for n in names}
+    hooks = [mods[n].register_forward_pre_hook(
+        lambda m, a, n=n: size.__setitem__(n, 4 * input_rows(a[0], isinstance(m, nn.Linear), REFIT_POSITIONS).numel())
+    ) for n in names]
+    try:
+        original(batches[0][0][:1])  # bytes per image, per consumer
+    finally:
+        for h in hooks:
+            h.remove()
+    images = sum(len(x) for x, _ in batches)
+    i = 0
+    while i < len(names):
+        j, used = i + 1, size[names[i]] * images
+        while j < len(names) and used + size[names[j]] * images <= budget:
+            used += size[names[j]] * images
+            j += 1
+        part, rows = names[i:j], {n: [] for n in names[i:j]}
+
+        def grab(m, a, n):
+            if len(rows[n]) == k:  # its first call in this pass
+                rows[n].append(input_rows(a[0], isinstance(m, nn.Linear), REFIT_POSITIONS).clone())
+            if n == part[-1]:
+                raise _Stop
+
+        hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: grab(m, a, n)) for n in part]
+        try:
+            for k, (x, _) in enumerate(batches):
+                try:
+                    original(x)
+                except _Stop:
+                    pass
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(len(r) != len(batches) for r in rows.values()):
+            raise TvsError("ls-seq: a consumer layer was not reached by the forward pass")
+        yield rows
+        i = j
+
+
 @torch.no_grad()
 def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph, plan: Plan, order: list[str],
                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]], norm_after: dict[str, str],
@@ -209,7 +257,9 @@ def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph
     Consumer L gets W' = W A, bias' = bias + W (E[x] - A E[x~]) with A = cov(x, x~)
     (cov(x~) + lam I)^-1, x its input in the unpruned network and x~ in the pruned one (kept
     channels only): its output on the pruned network matches the original's in the
-    least-squares sense, whatever upstream changed. One pass over ``batches`` per consumer.
+    least-squares sense, whatever upstream changed. One pass over ``batches`` per consumer
+    on the pruned network; the unpruned network's rows are read once for many consumers
+    (:func:`_original_rows`).
     """
     report = FoldReport("ls-seq")
     batches = list(batches)
@@ -217,48 +267,52 @@ def refit_sequential(original: nn.Module, pruned: nn.Module, graph: ChannelGraph
         raise TvsError("ls-seq needs calibration images")
     rin, rout = removed_inputs(graph, plan), removed_outputs(graph, plan)
     orig_mods, new_mods = dict(original.named_modules()), dict(pruned.named_modules())
-    changed = False
     original.eval()
     pruned.eval()
-    for name in order:
-        src, dst = orig_mods.get(name), new_mods.get(name)
-        if not (mixes_channels(src) and mixes_channels(dst)):
-            continue
-        if not changed and name not in rin:
-            continue  # nothing upstream was removed yet: the input is the original one
-        changed = True
-        cap_a, cap_b = _Capture(src), _Capture(dst)
-        linear = isinstance(src, nn.Linear)
-        width = src.weight.shape[1]  # joint statistics of [x, x~]: C + K columns
-        acc = InputMoments.zeros(width + dst.weight.shape[1], cov=True)
-        try:
-            for x, _ in batches:
-                xa, xb = cap_a.run(original, x), cap_b.run(pruned, x)
-                acc = acc.add_rows(torch.cat([input_rows(xa, linear, REFIT_POSITIONS),
-                                              input_rows(xb, linear, REFIT_POSITIONS)], dim=1).double())
-        finally:
-            cap_a.handle.remove()
-            cap_b.handle.remove()
-        mx, my = acc.mean[:width], acc.mean[width:]
-        cxy, cyy = acc.cov[:width, width:], acc.cov[width:, width:]
-        a = ridge_solve(cyy, cxy.T.contiguous(), ridge, name, report).T  # [C, K]
-        w = src.weight.detach().double()
-        b = src.bias.detach().double() if src.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        keep_out = np.setdiff1d(np.arange(w.shape[0]), rout.get(name, np.empty(0, dtype=np.int64)))
-        ko = torch.as_tensor(keep_out, dtype=torch.long)
-        w, b = w[ko], b[ko]
-        new_w = _mix(w, a)
-        if tuple(new_w.shape) != tuple(dst.weight.shape):
-            raise TvsError(f"ls-seq: {name} refit has shape {tuple(new_w.shape)}, the pruned layer "
-                           f"{tuple(dst.weight.shape)}")
-        shift = _tap_sum(w) @ (mx - a @ my)
-        dst.weight.data.copy_(new_w.to(dst.weight.dtype))
-        if src.bias is not None:
-            dst.bias.data.copy_((b + shift).to(dst.bias.dtype))
-        else:
-            _add_shift(dst, shift, new_mods.get(norm_after.get(name, "")))
-        report.consumers += 1
+    todo: list[str] = []
+    for name in order:  # nothing upstream removed yet: the input is the original one
+        if mixes_channels(orig_mods.get(name)) and mixes_channels(new_mods.get(name)) and (todo or name in rin):
+            todo.append(name)
+    for known in _original_rows(original, todo, batches) if todo else ():
+        for name in known:
+            _refit_one(name, orig_mods[name], new_mods[name], known[name], pruned, batches, rout,
+                       new_mods.get(norm_after.get(name, "")), ridge, report)
     return report
+
+
+def _refit_one(name: str, src: nn.Module, dst: nn.Module, rows_a: list[torch.Tensor], pruned: nn.Module,
+               batches: list, rout: dict[str, np.ndarray], norm: nn.Module | None, ridge: float,
+               report: FoldReport) -> None:
+    """One consumer of :func:`refit_sequential`, from the unpruned network's rows ``rows_a``."""
+    cap_b = _Capture(dst)
+    linear = isinstance(src, nn.Linear)
+    width = src.weight.shape[1]  # joint statistics of [x, x~]: C + K columns
+    acc = InputMoments.zeros(width + dst.weight.shape[1], cov=True)
+    try:
+        for (x, _), xa in zip(batches, rows_a):
+            xb = cap_b.run(pruned, x)
+            acc = acc.add_rows(torch.cat([xa, input_rows(xb, linear, REFIT_POSITIONS)], dim=1).double())
+    finally:
+        cap_b.handle.remove()
+    mx, my = acc.mean[:width], acc.mean[width:]
+    cxy, cyy = acc.cov[:width, width:], acc.cov[width:, width:]
+    a = ridge_solve(cyy, cxy.T.contiguous(), ridge, name, report).T  # [C, K]
+    w = src.weight.detach().double()
+    b = src.bias.detach().double() if src.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    keep_out = np.setdiff1d(np.arange(w.shape[0]), rout.get(name, np.empty(0, dtype=np.int64)))
+    ko = torch.as_tensor(keep_out, dtype=torch.long)
+    w, b = w[ko], b[ko]
+    new_w = _mix(w, a)
+    if tuple(new_w.shape) != tuple(dst.weight.shape):
+        raise TvsError(f"ls-seq: {name} refit has shape {tuple(new_w.shape)}, the pruned layer "
+                       f"{tuple(dst.weight.shape)}")
+    shift = _tap_sum(w) @ (mx - a @ my)
+    dst.weight.data.copy_(new_w.to(dst.weight.dtype))
+    if src.bias is not None:
+        dst.bias.data.copy_((b + shift).to(dst.bias.dtype))
+    else:
+        _add_shift(dst, shift, norm)
+    report.consumers += 1
 
 
 __all__ = ["COMPENSATIONS", "FoldReport", "fold_from_moments", "refit_sequential", "removed_inputs",

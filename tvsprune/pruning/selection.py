@@ -27,7 +27,7 @@ from .scores import tvs_scores
 log = logging.getLogger(__name__)
 
 FIDELITY_IMAGES = 1000  # calibration images the choice is measured on (at most; see fidelity_images)
-AUTO_SEQ_IMAGES = 5000  # compensation auto tries ls-seq (a pass per consumer) up to this many repair images
+AUTO_SEQ_IMAGES = 5000  # compensation auto tries ls-seq (a pruned-network pass per consumer) up to this many repair images
 SENSITIVITY_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.9)  # of a group's channels, one cut each
 SENSITIVITY_IMAGES = 256  # of those images, what each single-group cut is measured on (at most)
 SENSITIVITY_MIN_IMAGES = 128  # fewer grid points before fewer images than this
