@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import TvsError
 from ..console import step
-from .refit import FIT_CHUNK, FIT_IMAGES, TRIAL_IMAGES, fit_conv, module_io as _io, refit_conv, refittable
+from .refit import FIT_CHUNK, FIT_IMAGES, TRIAL_IMAGES, fit_conv, module_io as _io, refit_conv, refittable, run_hooked
 
 log = logging.getLogger(__name__)
 FORMS = ("3x3", "1x1", "identity")  # cheaper to the right
@@ -96,12 +96,7 @@ def find_blocks(module: nn.Module, example: torch.Tensor) -> list[str]:
                 seen.setdefault(name, []).append(isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
                                                  and x.dim() == 4 and x.shape == out.shape)
             hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(module, hooks, example)
     return [n for n, calls in seen.items() if calls == [True] and _adds_its_input(module.get_submodule(n))]
 
 
@@ -176,13 +171,8 @@ def running_units(base: nn.Module, blocks: list[str], convs: list[str], example:
     """The blocks and the convolutions ``convs`` outside them, in the order they start."""
     order: list[str] = []
     names = blocks + [c for c in convs if not any(_overlaps(c, b) for b in blocks)]
-    hooks = [base.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
-    try:
-        with torch.no_grad():
-            base.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(base, [base.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n))
+                      for n in names], example)
     return list(dict.fromkeys(order))
 
 

@@ -34,6 +34,7 @@ from ..errors import TvsError
 from .graph import ChannelGraph
 from .options import COMPENSATIONS, DEFAULT_RIDGE  # noqa: F401 (re-exported)
 from .plan import Plan
+from .refit import run_hooked
 
 log = logging.getLogger(__name__)
 ROWS_BYTES = 256 * 2**20  # ls-seq holds at most this much of the unpruned network's input rows at once
@@ -209,14 +210,9 @@ def _original_rows(original: nn.Module, names: list[str], batches: list, budget:
     budget = ROWS_BYTES if budget is None else budget
     mods = dict(original.named_modules())
     size = {n: 0 for n in names}
-    hooks = [mods[n].register_forward_pre_hook(
+    run_hooked(original, [mods[n].register_forward_pre_hook(  # bytes per image, per consumer
         lambda m, a, n=n: size.__setitem__(n, 4 * input_rows(a[0], isinstance(m, nn.Linear), REFIT_POSITIONS).numel())
-    ) for n in names]
-    try:
-        original(batches[0][0][:1])  # bytes per image, per consumer
-    finally:
-        for h in hooks:
-            h.remove()
+    ) for n in names], batches[0][0][:1])
     images = sum(len(x) for x, _ in batches)
     i = 0
     while i < len(names):

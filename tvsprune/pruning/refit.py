@@ -19,6 +19,17 @@ FIT_IMAGES, FIT_POSITIONS, FIT_CHUNK = 1000, 256, 100
 TRIAL_IMAGES = 250  # a greedy trial, scored and thrown away, is fitted on fewer
 
 
+def run_hooked(model: nn.Module, handles: list, x: torch.Tensor) -> None:
+    """One forward pass of ``model`` (eval, no grad) on ``x`` with hooks ``handles`` registered,
+    which are removed after it, whatever happens."""
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _Read(Exception):
     """Raised by the hook that has read what it wanted: the rest of the forward pass is skipped."""
 
@@ -83,14 +94,8 @@ def refittable(model: nn.Module, example: torch.Tensor) -> list[str]:
     """The convolutions a least-squares fit can stand in for (ungrouped, zero padding, called
     once on ``example``), in the order they run."""
     calls: list[str] = []
-    hooks = [m.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
-             for name, m in model.named_modules() if type(m) is nn.Conv2d]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, [m.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+                       for name, m in model.named_modules() if type(m) is nn.Conv2d], example)
     return [n for n in dict.fromkeys(calls) if calls.count(n) == 1 and model.get_submodule(n).groups == 1
             and model.get_submodule(n).padding_mode == "zeros" and isinstance(model.get_submodule(n).padding, tuple)]
 
