@@ -34,7 +34,7 @@ from ..errors import TvsError
 from .graph import ChannelGraph
 from .options import COMPENSATIONS, DEFAULT_RIDGE  # noqa: F401 (re-exported)
 from .plan import Plan
-from .refit import run_hooked
+from .refit import module_io, run_hooked
 
 log = logging.getLogger(__name__)
 ROWS_BYTES = 256 * 2**20  # ls-seq holds at most this much of the unpruned network's input rows at once
@@ -180,28 +180,6 @@ class _Stop(Exception):
     pass
 
 
-class _Capture:
-    """Pre-hook on one layer of each of two models: grabs its input, then stops the forward pass."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.value: torch.Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, inp):
-        self.value = inp[0].detach()
-        raise _Stop
-
-    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        self.value = None
-        try:
-            model(x)
-        except _Stop:
-            pass
-        if self.value is None:
-            raise TvsError("ls-seq: a consumer layer was not reached by the forward pass")
-        return self.value
-
-
 def _original_rows(original: nn.Module, names: list[str], batches: list, budget: int | None = None
                    ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """The unpruned network's sampled input rows of each consumer in ``names``, per batch, for
@@ -280,16 +258,12 @@ def _refit_one(name: str, src: nn.Module, dst: nn.Module, rows_a: list[torch.Ten
                batches: list, rout: dict[str, np.ndarray], norm: nn.Module | None, ridge: float,
                report: FoldReport) -> None:
     """One consumer of :func:`refit_sequential`, from the unpruned network's rows ``rows_a``."""
-    cap_b = _Capture(dst)
     linear = isinstance(src, nn.Linear)
     width = src.weight.shape[1]  # joint statistics of [x, x~]: C + K columns
     acc = InputMoments.zeros(width + dst.weight.shape[1], cov=True)
-    try:
-        for (x, _), xa in zip(batches, rows_a):
-            xb = cap_b.run(pruned, x)
-            acc = acc.add_rows(torch.cat([xa, input_rows(xb, linear, REFIT_POSITIONS)], dim=1).double())
-    finally:
-        cap_b.handle.remove()
+    for (x, _), xa in zip(batches, rows_a):
+        xb = module_io(pruned, name, x, output=False)[0]
+        acc = acc.add_rows(torch.cat([xa, input_rows(xb, linear, REFIT_POSITIONS)], dim=1).double())
     mx, my = acc.mean[:width], acc.mean[width:]
     cxy, cyy = acc.cov[:width, width:], acc.cov[width:, width:]
     a = ridge_solve(cyy, cxy.T.contiguous(), ridge, name, report).T  # [C, K]

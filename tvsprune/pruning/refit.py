@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import TvsError
+
 FIT_IMAGES, FIT_POSITIONS, FIT_CHUNK = 1000, 256, 100
 TRIAL_IMAGES = 250  # a greedy trial, scored and thrown away, is fitted on fewer
 
@@ -34,26 +36,35 @@ class _Read(Exception):
     """Raised by the hook that has read what it wanted: the rest of the forward pass is skipped."""
 
 
-def module_io(model: nn.Module, name: str, x: torch.Tensor, pre: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def module_io(model: nn.Module, name: str, x: torch.Tensor, pre: nn.Module | None = None,
+              output: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Module ``name``'s input and output on ``x`` (``pre``'s output on that input when given:
-    a block's pre-ReLU output); the pass stops there."""
-    got: dict[str, torch.Tensor] = {}
+    a block's pre-ReLU output); the pass stops there (``output=False``: before the module runs,
+    and the output is None)."""
+    got: dict[str, torch.Tensor | None] = {}
 
-    def hook(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+    def after(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
         got.update(x=a[0].clone(), y=o.clone())  # clones: in-place ops after it
         raise _Read
 
-    h = model.get_submodule(name).register_forward_hook(hook)
+    def before(m: nn.Module, a: tuple) -> None:
+        got.update(x=a[0], y=None)  # nothing runs after it
+        raise _Read
+
+    mod = model.get_submodule(name)
+    h = mod.register_forward_hook(after) if output else mod.register_forward_pre_hook(before)
     try:
         with torch.no_grad():
             try:
                 model(x)
             except _Read:
                 pass
-            if pre is not None:
+            if pre is not None and "x" in got:
                 got["y"] = pre(got["x"])
     finally:
         h.remove()
+    if "x" not in got:
+        raise TvsError(f"{name} was not reached by the forward pass")
     return got["x"], got["y"]
 
 
