@@ -14,8 +14,8 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.blocks import (ConvReLU, _pick, _pre_relu, _savings, apply_forms, find_blocks, rebuild, replace_one,
-                                     successors)
+from tvsprune.pruning.block_walk import _pick, _savings, lighter, step_back
+from tvsprune.pruning.blocks import ConvReLU, _pre_relu, apply_forms, find_blocks, rebuild, replace_one, successors
 
 
 class LinearBlock(nn.Module):
@@ -102,20 +102,29 @@ def test_a_malformed_replacement_record_is_refused():
         rebuild(TinyRes(), {"block1": {"form": "3x3", "relu": True}}, {}, "f.safetensors")
 
 
-def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_path, image_folder):
+def _tiny_blocks_prune(tmp_path, image_folder):
+    """TinyRes (loaded from its file) pruned by --structure blocks to 0.55 of the fake backend's
+    latency, with the default method (tvs) and no moments file: blocks read no channel scores."""
     from tvsprune.calibration import DataOptions
     from tvsprune.models import LoadedModel, ModelSpec
-    from tvsprune.pruning import PruneOptions, load_pruned, replay
+    from tvsprune.pruning import PruneOptions
     from tvsprune.pruning.stage import prune_model
 
     src = tmp_path / "tiny_resnet.py"
     shutil.copy(REPO / "tests" / "tiny_resnet.py", src)
     torch.manual_seed(0)
     loaded = LoadedModel(TinyRes().eval(), ModelSpec(spec=f"{src}:TinyRes"), input_shape=(3, 16, 16))
-    # the default method (tvs) with no moments file: blocks read no channel scores
     opts = PruneOptions.build(structure="blocks", target_latency=0.55, latency_backend="fake-target",
                               latency_batch=2, repair_samples_per_class=3)
-    report, pruned, plan = prune_model(loaded, None, tmp_path / "p", opts, DataOptions(path=str(image_folder)))
+    data = DataOptions(path=str(image_folder))
+    return loaded, opts, data, prune_model(loaded, None, tmp_path / "p", opts, data)
+
+
+def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_path, image_folder):
+    from tvsprune.pruning import load_pruned, replay
+    from tvsprune.pruning.stage import prune_model
+
+    loaded, opts, data, (report, pruned, plan) = _tiny_blocks_prune(tmp_path, image_folder)
     lat = report["latency"]
     base_ms, ms = _fake_ms(loaded.module), _fake_ms(pruned)
     # each change's saving is exact on the fake backend: the prediction is the measurement
@@ -132,8 +141,29 @@ def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_pat
     with pytest.raises(TvsError, match="replaces whole blocks"):
         replay(loaded, tmp_path / "p" / "plan.json")
     none = opts.model_copy(update={"compensation": "none"})
-    assert prune_model(loaded, None, tmp_path / "q", none, DataOptions(path=str(image_folder)))[0]["latency"]["refitted"] == []
+    assert prune_model(loaded, None, tmp_path / "q", none, data)[0]["latency"]["refitted"] == []
 
+
+
+def test_a_blocks_prune_measured_far_under_its_target_steps_back_and_measures_again(tmp_path, image_folder, monkeypatch):
+    from tvsprune.compare import on_backend
+
+    def faster(backend, base, pruned, shape, batch, precision="fp32"):  # the backend runs 30 % faster than the fake
+        ratio = 0.7 * _fake_ms(pruned) / _fake_ms(base)
+        return {"speedup": 1 / ratio, "speedup_min": 1 / ratio, "speedup_max": 1 / ratio, "base_ms": 1.0,
+                "pruned_ms": ratio}
+
+    monkeypatch.setattr(on_backend, "measure_speedup", faster)
+    loaded, _, _, (report, pruned, _) = _tiny_blocks_prune(tmp_path, image_folder)
+    lat, measured = report["latency"], 0.7 * _fake_ms(pruned) / _fake_ms(loaded.module)
+    # every network that predicts 0.55 or less measures under 0.385, more than 10 % under: the walk steps back
+    walked = [p for p in lat["path"] if "step" not in p]
+    assert walked[-1]["predicted"] <= 0.55 and walked[-1]["measured"] < 0.495
+    backs = [p for p in lat["path"] if p.get("step") == "back"]
+    assert backs and all(p["predicted"] * 0.7 <= 0.55 + 1e-3 for p in backs)
+    # the kept network is the last step back that measured within 10 % of the target (this fake's are exact)
+    assert lat["measured"] == pytest.approx(measured, abs=1e-3) and 0.55 * 0.9 <= measured <= 0.55 * 1.1
+    assert lat["replaced"] == backs[-1]["replaced"] and lat["attempts"] == 1 + len(backs)
 
 def test_blocks_without_a_latency_budget_is_one_error_line(tiny_calibrated, tmp_path):
     spec, weights, images, moments = tiny_calibrated
@@ -194,6 +224,22 @@ def test_the_last_step_is_as_long_as_it_needs_to_be():
     assert _pick(cands, 0.05) is exact  # it would overshoot the 0.05 left: the least KL that covers it
     assert _pick(cands, 0.1) is large  # only the large step covers 0.1
     assert _pick([], 0.05) is None
+
+
+def test_a_walk_that_lands_far_under_its_target_steps_back_to_the_lighter_network_with_the_least_kl():
+    forms = {"a": "identity", "b": "1x1"}
+    assert lighter(forms) == [{"a": "3x3", "b": "1x1"}, {"a": "1x1", "b": "1x1"}, {"b": "1x1"},
+                              {"a": "identity", "b": "3x3"}, {"a": "identity"}]
+    saved = {("a", "3x3"): 0.05, ("a", "1x1"): 0.08, ("a", "identity"): 0.15, ("b", "3x3"): 0.05, ("b", "1x1"): 0.1}
+    predicted = lambda f: 1 - sum(saved[(n, v)] for n, v in f.items())  # noqa: E731
+    kl = {("a", "3x3"): 0.01, ("a", "1x1"): 0.02, ("a", "identity"): 0.05, ("b", "3x3"): 0.02, ("b", "1x1"): 0.03}
+    trial_kl = lambda f: sum(kl[(n, v)] for n, v in f.items())  # noqa: E731
+    assert predicted(forms) == pytest.approx(0.75)
+    # measured as predicted, 0.88 allows every lighter network but {b: 1x1} (0.9, the least KL of all)
+    assert step_back(forms, 0.75, 0.88, predicted, trial_kl) == {"a": "3x3", "b": "1x1"}
+    # measured 10 % faster than predicted: the scaled predictions 0.9 x (0.85, 0.82, 0.9, 0.8, 0.85); 0.75 allows two
+    assert step_back(forms, 0.675, 0.75, predicted, trial_kl) == {"a": "1x1", "b": "1x1"}
+    assert step_back(forms, 0.75, 0.76, predicted, trial_kl) is None  # each lighter network misses 0.76
 
 
 @pytest.mark.parametrize("hub,name,count,first", [("torchvision", "resnet18", 5, "layer1.0"),

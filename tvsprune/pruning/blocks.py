@@ -1,4 +1,5 @@
-"""Whole residual blocks replaced, for a latency budget (``--structure blocks``).
+"""Whole residual blocks replaced, for a latency budget (``--structure blocks``): what a
+replacement is and how it is fitted (pruning/block_walk.py chooses them).
 
 A residual block whose input and output have the same shape (one without downsampling, whose
 traced graph adds its input to what it computes) gets cheaper forms: one 3x3 or 1x1
@@ -8,10 +9,7 @@ ReLU when it ends in one (read with torch.fx), the ReLU kept after it; or the bl
 block's output, block after block (to the output of the last removed block that runs right
 after it, where there are some); every convolution after the first replaced block is then
 re-fitted to what it wrote in the unpruned network (pruning/refit.py), and every BatchNorm
-re-estimated on the repair images. The forms are chosen greedily: each step takes the change that raises the held-out KL least
-per unit of latency saved, each change's saving measured alone on the latency backend (pooled
-over blocks alike); the chosen network is then measured against the base and the walk goes on
-while it misses the target by more than 10 %.
+re-estimated on the repair images.
 
 On ResNet-20 on a 2-core AVX-512 CPU this lost 1.67 points at 1.51x and 6.16 at 2.29x, where
 removing channels lost 18.31 at 1.46x and 65.92 at 2.10x (benchmarks/block_replacement.py).
@@ -19,22 +17,17 @@ removing channels lost 18.31 at 1.46x and 65.92 at 2.10x (benchmarks/block_repla
 from __future__ import annotations
 
 import copy
-import logging
 import operator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TvsError
-from ..console import step
-from .refit import FIT_CHUNK, FIT_IMAGES, TRIAL_IMAGES, fit_conv, module_io as _io, refit_conv, refittable, run_hooked
+from .refit import FIT_CHUNK, fit_conv, module_io as _io, refit_conv, run_hooked
 
-log = logging.getLogger(__name__)
 FORMS = ("3x3", "1x1", "identity")  # cheaper to the right
-MAX_EXTRA_STEPS = 3  # greedy steps taken past the predicted target while the measurement misses it
 
 
 class ConvReLU(nn.Module):
@@ -227,158 +220,3 @@ def rebuild(module: nn.Module, replaced: Any, state: dict[str, torch.Tensor], so
         if w is None or w.dim() != 4 or tuple(w.shape[2:]) != (k, k):
             raise TvsError(f"{source}: the weights of replaced block {name!r} are missing or not {rec['form']}")
         _set(module, name, ConvReLU(nn.Conv2d(w.shape[1], w.shape[0], k, padding=k // 2), rec["relu"]))
-
-
-def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
-             batch: int) -> dict[tuple[str, str], float]:
-    """Each (block, form) alone: the fraction of the base's time it saves, measured (weights do
-    not matter). Blocks alike (class, input shape, parameter shapes) do the same work: their
-    rounds are pooled, which steadies a measurement of a few per cent on a noisy machine."""
-    from ..compare.on_backend import time_networks
-
-    nets: dict[str, nn.Module] = {"base": base}
-    alike: dict[str, tuple] = {}
-    for name in blocks:
-        block, x = base.get_submodule(name), _io(base, name, torch.zeros(1, *input_shape))[0]
-        alike[name] = (type(block).__name__, tuple(x.shape),
-                       tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
-        for f in FORMS:
-            m = copy.deepcopy(base)
-            k = int(f[0]) if f != "identity" else 0
-            _set(m, name, ConvReLU(nn.Conv2d(x.shape[1], x.shape[1], k, padding=k // 2), True) if k else nn.Identity())
-            nets[f"{name}|{f}"] = m.eval()
-    ms = time_networks(backend, precision, nets, input_shape, batch)
-    base_ms = np.asarray(ms.pop("base"))
-    saved = {tuple(k.split("|")): 1 - np.asarray(v) / base_ms for k, v in ms.items()}
-    return {(n, f): float(np.median(np.concatenate([saved[(o, f)] for o in blocks if alike[o] == alike[n]])))
-            for n, f in saved}
-
-
-def _pick(cands: list[tuple[float, float, dict[str, str]]], gap: float | None) -> dict[str, str] | None:
-    """The greedy's step among (KL added, time saved, forms) candidates: the least KL per unit
-    of time saved; but where that step saves the ``gap`` left to the target, the step that
-    saves it for the least KL (the last step as long as it must be, not the longest one that
-    is cheap per unit)."""
-    if not cands:
-        return None
-    rate = min(cands, key=lambda c: c[0] / c[1])
-    if gap is None or rate[1] < gap:
-        return rate[2]
-    return min((c for c in cands if c[1] >= gap), key=lambda c: c[0])[2]
-
-
-def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[str, nn.Module | Any], dict[str, Any]]:
-    """The network ``--structure blocks`` makes for ``opts.target_latency``, and its latency record."""
-    from ..compare.logits import chunks, collect_logits, forward_fn
-    from ..compare.on_backend import measure_speedup
-    from .context import repair_batches
-    from .repairs import recalibrate_batchnorm
-    from .selection import fidelity, fidelity_images
-
-    if calib is None:
-        raise TvsError("--structure blocks fits each replacement on calibration images: give --calib-data "
-                       "(the moments file's data folder was not found)")
-    base, target = loaded.module.eval(), opts.target_latency
-    blocks = find_blocks(base, torch.zeros(1, *input_shape))
-    if not blocks:
-        raise TvsError(f"{loaded.spec.spec}: no block whose input and output have the same shape (a residual block "
-                       "without downsampling, with two convolutions or more): --structure blocks has nothing to "
-                       "replace; prune channels (--structure channels)")
-    step(f"measuring {len(blocks) * len(FORMS)} block replacements on {opts.latency_backend} at batch "
-         f"{opts.latency_batch}")
-    saved = _savings(base, blocks, opts.latency_backend, opts.latency_precision, input_shape, opts.latency_batch)
-    after, example = successors(base, blocks), torch.zeros(1, *input_shape)
-    before = {b: a for a, b in after.items()}
-    refit = opts.compensation not in ("none", "mean")  # the later convolutions re-fitted: ls-seq's repair
-    convs = refittable(base, example) if refit else []
-    units, inner = running_units(base, blocks, convs, example), {b: [c for c in convs if _overlaps(c, b)] for b in blocks}
-    repair = list(repair_batches(calib, loaded, opts.repair_samples_per_class)[1])
-    xfit = torch.cat([x for x, _ in repair])[:FIT_IMAGES]
-    xs, _ = fidelity_images(calib, loaded, opts)
-    base_logits = collect_logits(forward_fn(base), chunks(xs))[0]
-
-    def faithful(model: nn.Module) -> float:
-        return fidelity(base_logits, collect_logits(forward_fn(model), chunks(xs))[0])["kl"]
-
-    def fix(model: nn.Module) -> None:
-        if opts.bn_recalibrate:
-            recalibrate_batchnorm(model, repair)
-
-    def build(forms: dict[str, str]) -> tuple[nn.Module, dict[str, Any], float]:
-        model, record, state["refitted"] = apply_forms(base, forms, units, xfit, opts.ridge, fix, after, inner)
-        return model, record, faithful(model)
-
-    def trial_kl(name: str, form: str) -> float:
-        """A step scored on the current network with ``name`` changed and everything from there on
-        re-fitted (from the replacement before it when ``name`` goes: it is fitted through it)."""
-        model, trial = copy.deepcopy(state["current"][0]), {**state["forms"], name: form}
-        head = before.get(name)
-        while head in trial and trial[head] == "identity":
-            head = before.get(head)
-        start = head if form == "identity" and head in trial else name
-        fit_from(model, base, trial, units, start, xfit[:TRIAL_IMAGES], opts.ridge, after, inner)
-        fix(model)
-        return faithful(model.eval())
-
-    def predicted(forms: dict[str, str]) -> float:
-        return 1 - sum(saved[(n, f)] for n, f in forms.items())
-
-    state: dict[str, Any] = {"forms": {}, "current": (base, {}, 0.0)}
-    path: list[dict[str, Any]] = []
-
-    def advance(finish: bool = False) -> bool:
-        """One greedy step (:func:`_pick`); ``finish``: the step may reach the target."""
-        forms, cands = state["forms"], []
-        for name in blocks:
-            if any(_overlaps(name, o) for o in forms if o != name):
-                continue
-            for f in FORMS[FORMS.index(forms[name]) + 1 if name in forms else 0:]:
-                trial = {**forms, name: f}
-                if predicted(trial) < predicted(forms):
-                    cands.append((trial_kl(name, f) - state["current"][2], predicted(forms) - predicted(trial), trial))
-        chosen = _pick(cands, predicted(forms) - target if finish else None)
-        if chosen is None:
-            return False
-        state["forms"], state["current"] = chosen, build(chosen)  # the chosen one re-fitted in order
-        kl = state["current"][2]
-        path.append({"replaced": dict(chosen), "predicted": round(predicted(chosen), 4), "kl": round(kl, 5)})
-        log.info("blocks: %s, predicted %.3f of the latency, held-out KL %.4f", chosen, predicted(chosen), kl)
-        return True
-
-    while predicted(state["forms"]) > target and advance(finish=True):
-        pass
-    if not path:
-        raise TvsError(f"{loaded.spec.spec}: no block replacement saves measurable time on {opts.latency_backend}")
-    for attempt in range(MAX_EXTRA_STEPS + 1):
-        step(f"measuring the network with {len(state['forms'])} blocks replaced against the base")
-        m = measure_speedup(opts.latency_backend, base, state["current"][0], input_shape, opts.latency_batch,
-                            opts.latency_precision)
-        path[-1]["measured"] = round(1 / m["speedup"], 4)
-        if 1 / m["speedup"] <= target * 1.1 or not advance():
-            break
-    forms, (model, replaced, kl) = state["forms"], state["current"]
-    record = {"backend": opts.latency_backend, "batch": opts.latency_batch, "precision": opts.latency_precision,
-              "structure": "blocks", "target": target, "predicted": round(predicted(forms), 4),
-              "measured": round(1 / m["speedup"], 4), "speedup": round(m["speedup"], 4),
-              "measured_range": [round(1 / m["speedup_max"], 4), round(1 / m["speedup_min"], 4)],
-              "hit": 1 / m["speedup"] <= target * 1.1, "attempts": attempt + 1,
-              "saved_alone": {f"{n}:{f}": round(v, 4) for (n, f), v in saved.items()}, "path": path,
-              "refitted": state["refitted"]}
-    return {"model": model, "replaced": replaced, "kl": kl}, record
-
-
-def blocks_chosen(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """:func:`replace_blocks` in the shape prune's one-shot path takes (a plan with no channel
-    groups: the replaced blocks are in its ``replaced`` field), and the latency record."""
-    from ..models.costs import count_params_macs
-    from .plan import Plan
-
-    result, record = replace_blocks(loaded, opts, calib, input_shape)
-    record["replaced"] = {n: r["form"] for n, r in result["replaced"].items()}
-    (p0, m0), (p1, m1) = count_params_macs(loaded.module, input_shape), count_params_macs(result["model"], input_shape)
-    plan = Plan([], {"allocation": "blocks", "replaced": result["replaced"],
-                     "budget": {"metric": "latency", "target": 1 - opts.target_latency, "threshold": None},
-                     "params": {"before": p0, "after": p1, "removed_frac": 1 - p1 / p0},
-                     "macs": {"before": m0, "after": m1, "removed_frac": 1 - m1 / m0 if m0 else 0.0}})
-    return {"plan": plan, "model": result["model"], "report": {"blocks": result["replaced"]}, "scores": {},
-            "combine": None, "compensation": "none"}, record

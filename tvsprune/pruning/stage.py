@@ -245,7 +245,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         plan, rounds = _iterative_plan(ctx, moments, opts, calib, val_batches, base_acc, target, metric, log_round)
     else:
         if opts.structure == "blocks":  # whole blocks replaced, no channel removed (pruning/blocks.py)
-            from .blocks import blocks_chosen
+            from .block_walk import blocks_chosen
 
             chosen, latency_record = blocks_chosen(loaded, opts, calib, input_shape)
         else:

@@ -1,0 +1,263 @@
+"""Which residual blocks ``--structure blocks`` replaces for a latency budget: the greedy walk.
+
+Each form of each block (pruning/blocks.py) is priced by the fraction of the base's time it
+saves alone on the latency backend, measured (pooled over blocks alike); a network's predicted
+latency is one minus the sum of its changes' savings. Each step takes the change that raises
+the held-out KL least per unit of time saved; the last one, the change that reaches the target
+for the least KL. The chosen network is then measured against the base: while it misses the
+target by more than 10 % the walk goes on. Where it lands more than 10 % under the target (a
+step is a whole block: up to a seventh of ResNet-20's time), the walk steps back: of the
+networks one block lighter (one replaced block in a dearer form, or back as it was) whose
+prediction, scaled by what the measurement showed, still meets the target, the one with the
+least KL is built and measured, and kept where it is within 10 % of the target.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..console import step
+from ..errors import TvsError
+from .blocks import FORMS, ConvReLU, _overlaps, _set, apply_forms, find_blocks, fit_from, running_units, successors
+from .refit import FIT_IMAGES, TRIAL_IMAGES, module_io, refittable
+
+log = logging.getLogger(__name__)
+MAX_EXTRA_STEPS = 3  # steps taken past the predicted target while the measurement misses it, and steps back
+TOLERANCE = 0.1  # a measured network within 10 % of the target is where the walk stops
+
+
+def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
+             batch: int) -> dict[tuple[str, str], float]:
+    """Each (block, form) alone: the fraction of the base's time it saves, measured (weights do
+    not matter). Blocks alike (class, input shape, parameter shapes) do the same work: their
+    rounds are pooled, which steadies a measurement of a few per cent on a noisy machine."""
+    from ..compare.on_backend import time_networks
+
+    nets: dict[str, nn.Module] = {"base": base}
+    alike: dict[str, tuple] = {}
+    for name in blocks:
+        block, x = base.get_submodule(name), module_io(base, name, torch.zeros(1, *input_shape))[0]
+        alike[name] = (type(block).__name__, tuple(x.shape),
+                       tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
+        for f in FORMS:
+            m = copy.deepcopy(base)
+            k = int(f[0]) if f != "identity" else 0
+            _set(m, name, ConvReLU(nn.Conv2d(x.shape[1], x.shape[1], k, padding=k // 2), True) if k else nn.Identity())
+            nets[f"{name}|{f}"] = m.eval()
+    ms = time_networks(backend, precision, nets, input_shape, batch)
+    base_ms = np.asarray(ms.pop("base"))
+    saved = {tuple(k.split("|")): 1 - np.asarray(v) / base_ms for k, v in ms.items()}
+    return {(n, f): float(np.median(np.concatenate([saved[(o, f)] for o in blocks if alike[o] == alike[n]])))
+            for n, f in saved}
+
+
+def _pick(cands: list[tuple[float, float, dict[str, str]]], gap: float | None) -> dict[str, str] | None:
+    """The greedy's step among (KL added, time saved, forms) candidates: the least KL per unit
+    of time saved; but where that step saves the ``gap`` left to the target, the step that
+    saves it for the least KL (the last step as long as it must be, not the longest one that
+    is cheap per unit)."""
+    if not cands:
+        return None
+    rate = min(cands, key=lambda c: c[0] / c[1])
+    if gap is None or rate[1] < gap:
+        return rate[2]
+    return min((c for c in cands if c[1] >= gap), key=lambda c: c[0])[2]
+
+
+def lighter(forms: dict[str, str]) -> list[dict[str, str]]:
+    """The networks one block lighter than ``forms``: one replaced block in any dearer form
+    (3x3 is the dearest), or back as it was."""
+    out = []
+    for name, form in forms.items():
+        for dearer in FORMS[:FORMS.index(form)]:
+            out.append({**forms, name: dearer})
+        out.append({n: f for n, f in forms.items() if n != name})
+    return out
+
+
+def step_back(forms: dict[str, str], measured: float, target: float, predicted, kl) -> dict[str, str] | None:
+    """Of the networks :func:`lighter` than ``forms`` whose prediction, scaled by ``measured``
+    over ``forms``' own, meets ``target``, the one with the least ``kl(forms)``; None if none."""
+    scale = measured / predicted(forms)
+    return min((t for t in lighter(forms) if predicted(t) * scale <= target), key=kl, default=None)
+
+
+class _Walk:
+    """The greedy walk for one prune: the base, its blocks and their measured savings, the
+    images the forms are fitted and scored on, and the network chosen so far."""
+
+    def __init__(self, loaded, opts, calib, input_shape: list[int]) -> None:
+        from ..compare.logits import chunks, collect_logits, forward_fn
+        from .context import repair_batches
+        from .selection import fidelity_images
+
+        if calib is None:
+            raise TvsError("--structure blocks fits each replacement on calibration images: give --calib-data "
+                           "(the moments file's data folder was not found)")
+        self.loaded, self.opts, self.input_shape = loaded, opts, input_shape
+        self.base, self.target = loaded.module.eval(), opts.target_latency
+        example = torch.zeros(1, *input_shape)
+        self.blocks = find_blocks(self.base, example)
+        if not self.blocks:
+            raise TvsError(f"{loaded.spec.spec}: no block whose input and output have the same shape (a residual "
+                           "block without downsampling, with two convolutions or more): --structure blocks has "
+                           "nothing to replace; prune channels (--structure channels)")
+        step(f"measuring {len(self.blocks) * len(FORMS)} block replacements on {opts.latency_backend} at batch "
+             f"{opts.latency_batch}")
+        self.saved = _savings(self.base, self.blocks, opts.latency_backend, opts.latency_precision, input_shape,
+                              opts.latency_batch)
+        self.after = successors(self.base, self.blocks)
+        self.before = {b: a for a, b in self.after.items()}
+        refit = opts.compensation not in ("none", "mean")  # the later convolutions re-fitted: ls-seq's repair
+        convs = refittable(self.base, example) if refit else []
+        self.units = running_units(self.base, self.blocks, convs, example)
+        self.inner = {b: [c for c in convs if _overlaps(c, b)] for b in self.blocks}
+        self.repair = list(repair_batches(calib, loaded, opts.repair_samples_per_class)[1])
+        self.xfit = torch.cat([x for x, _ in self.repair])[:FIT_IMAGES]
+        xs, _ = fidelity_images(calib, loaded, opts)
+        self._logits = lambda model: collect_logits(forward_fn(model), chunks(xs))[0]
+        self.base_logits = self._logits(self.base)
+        self.forms: dict[str, str] = {}
+        self.current: tuple[nn.Module, dict[str, Any], float] = (self.base, {}, 0.0)
+        self.refitted: list[str] = []
+        self.path: list[dict[str, Any]] = []
+
+    def faithful(self, model: nn.Module) -> float:
+        from .selection import fidelity
+
+        return fidelity(self.base_logits, self._logits(model))["kl"]
+
+    def fix(self, model: nn.Module) -> None:
+        from .repairs import recalibrate_batchnorm
+
+        if self.opts.bn_recalibrate:
+            recalibrate_batchnorm(model, self.repair)
+
+    def predicted(self, forms: dict[str, str]) -> float:
+        return 1 - sum(self.saved[(n, f)] for n, f in forms.items())
+
+    def take(self, forms: dict[str, str], **note: Any) -> None:
+        """``forms`` built (fitted on all the fit images, in running order) as the current network."""
+        model, record, self.refitted = apply_forms(self.base, forms, self.units, self.xfit, self.opts.ridge, self.fix,
+                                                   self.after, self.inner)
+        self.forms, self.current = forms, (model, record, self.faithful(model))
+        self.path.append({"replaced": dict(forms), "predicted": round(self.predicted(forms), 4),
+                          "kl": round(self.current[2], 5), **note})
+        log.info("blocks: %s, predicted %.3f of the latency, held-out KL %.4f", forms, self.predicted(forms),
+                 self.current[2])
+
+    def trial_kl(self, name: str, form: str) -> float:
+        """A step scored on the current network with ``name`` changed and everything from there on
+        re-fitted (from the replacement before it when ``name`` goes: it is fitted through it)."""
+        model, trial = copy.deepcopy(self.current[0]), {**self.forms, name: form}
+        head = self.before.get(name)
+        while head in trial and trial[head] == "identity":
+            head = self.before.get(head)
+        start = head if form == "identity" and head in trial else name
+        fit_from(model, self.base, trial, self.units, start, self.xfit[:TRIAL_IMAGES], self.opts.ridge, self.after,
+                 self.inner)
+        self.fix(model)
+        return self.faithful(model.eval())
+
+    def trial_whole(self, forms: dict[str, str]) -> float:
+        """``forms`` scored as a greedy trial, fitted from the base (a block put back as it was
+        changes what the convolutions before the next replaced one read)."""
+        return self.faithful(apply_forms(self.base, forms, self.units, self.xfit[:TRIAL_IMAGES], self.opts.ridge,
+                                         self.fix, self.after, self.inner)[0])
+
+    def advance(self, finish: bool = False) -> bool:
+        """One greedy step (:func:`_pick`); ``finish``: the step may reach the target."""
+        forms, cands = self.forms, []
+        for name in self.blocks:
+            if any(_overlaps(name, o) for o in forms if o != name):
+                continue
+            for f in FORMS[FORMS.index(forms[name]) + 1 if name in forms else 0:]:
+                trial = {**forms, name: f}
+                if self.predicted(trial) < self.predicted(forms):
+                    cands.append((self.trial_kl(name, f) - self.current[2],
+                                  self.predicted(forms) - self.predicted(trial), trial))
+        chosen = _pick(cands, self.predicted(forms) - self.target if finish else None)
+        if chosen is None:
+            return False
+        self.take(chosen)
+        return True
+
+    def measure(self) -> dict[str, float]:
+        """The current network against the base on the latency backend; ``ratio``: its fraction
+        of the base's time. Recorded on the path's last entry."""
+        from ..compare.on_backend import measure_speedup
+
+        step(f"measuring the network with {len(self.forms)} blocks replaced against the base")
+        m = measure_speedup(self.opts.latency_backend, self.base, self.current[0], self.input_shape,
+                            self.opts.latency_batch, self.opts.latency_precision)
+        m["ratio"] = 1 / m["speedup"]
+        self.path[-1]["measured"] = round(m["ratio"], 4)
+        return m
+
+    def back(self, m: dict[str, float]) -> dict[str, float]:
+        """While the measured network is more than 10 % under the target, a step back
+        (:func:`step_back`), measured: kept where it is within 10 % of the target, else undone."""
+        for _ in range(MAX_EXTRA_STEPS):
+            if m["ratio"] >= self.target * (1 - TOLERANCE):
+                break
+            chosen = step_back(self.forms, m["ratio"], self.target, self.predicted, self.trial_whole)
+            if chosen is None:
+                break
+            kept = (self.forms, self.current, self.refitted)
+            self.take(chosen, step="back")
+            lighter_m = self.measure()
+            if lighter_m["ratio"] > self.target * (1 + TOLERANCE):
+                self.path[-1]["kept"] = False
+                self.forms, self.current, self.refitted = kept
+                break
+            m = lighter_m
+        return m
+
+    def run(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        while self.predicted(self.forms) > self.target and self.advance(finish=True):
+            pass
+        if not self.path:
+            raise TvsError(f"{self.loaded.spec.spec}: no block replacement saves measurable time on "
+                           f"{self.opts.latency_backend}")
+        for _ in range(MAX_EXTRA_STEPS + 1):
+            m = self.measure()
+            if m["ratio"] <= self.target * (1 + TOLERANCE) or not self.advance():
+                break
+        m = self.back(m)
+        (model, replaced, kl), opts = self.current, self.opts
+        record = {"backend": opts.latency_backend, "batch": opts.latency_batch, "precision": opts.latency_precision,
+                  "structure": "blocks", "target": self.target, "predicted": round(self.predicted(self.forms), 4),
+                  "measured": round(m["ratio"], 4), "speedup": round(m["speedup"], 4),
+                  "measured_range": [round(1 / m["speedup_max"], 4), round(1 / m["speedup_min"], 4)],
+                  "hit": m["ratio"] <= self.target * (1 + TOLERANCE),
+                  "attempts": sum("measured" in p for p in self.path),
+                  "saved_alone": {f"{n}:{f}": round(v, 4) for (n, f), v in self.saved.items()}, "path": self.path,
+                  "refitted": self.refitted}
+        return {"model": model, "replaced": replaced, "kl": kl}, record
+
+
+def replace_blocks(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[str, nn.Module | Any], dict[str, Any]]:
+    """The network ``--structure blocks`` makes for ``opts.target_latency``, and its latency record."""
+    return _Walk(loaded, opts, calib, input_shape).run()
+
+
+def blocks_chosen(loaded, opts, calib, input_shape: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`replace_blocks` in the shape prune's one-shot path takes (a plan with no channel
+    groups: the replaced blocks are in its ``replaced`` field), and the latency record."""
+    from ..models.costs import count_params_macs
+    from .plan import Plan
+
+    result, record = replace_blocks(loaded, opts, calib, input_shape)
+    record["replaced"] = {n: r["form"] for n, r in result["replaced"].items()}
+    (p0, m0), (p1, m1) = count_params_macs(loaded.module, input_shape), count_params_macs(result["model"], input_shape)
+    plan = Plan([], {"allocation": "blocks", "replaced": result["replaced"],
+                     "budget": {"metric": "latency", "target": 1 - opts.target_latency, "threshold": None},
+                     "params": {"before": p0, "after": p1, "removed_frac": 1 - p1 / p0},
+                     "macs": {"before": m0, "after": m1, "removed_frac": 1 - m1 / m0 if m0 else 0.0}})
+    return {"plan": plan, "model": result["model"], "report": {"blocks": result["replaced"]}, "scores": {},
+            "combine": None, "compensation": "none"}, record
