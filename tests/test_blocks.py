@@ -156,13 +156,13 @@ def test_a_blocks_prune_measured_far_under_its_target_steps_back_and_measures_ag
     monkeypatch.setattr(on_backend, "measure_speedup", faster)
     loaded, _, _, (report, pruned, _) = _tiny_blocks_prune(tmp_path, image_folder)
     lat, measured = report["latency"], 0.7 * _fake_ms(pruned) / _fake_ms(loaded.module)
-    # every network that predicts 0.55 or less measures under 0.385, more than 10 % under: the walk steps back
+    # every network that predicts 0.55 or less measures under 0.385, more than 5 % under: the walk steps back
     walked = [p for p in lat["path"] if "step" not in p]
-    assert walked[-1]["predicted"] <= 0.55 and walked[-1]["measured"] < 0.495
+    assert walked[-1]["predicted"] <= 0.55 and walked[-1]["measured"] < 0.5225
     backs = [p for p in lat["path"] if p.get("step") == "back"]
     assert backs and all(p["predicted"] * 0.7 <= 0.55 + 1e-3 for p in backs)
-    # the kept network is the last step back that measured within 10 % of the target (this fake's are exact)
-    assert lat["measured"] == pytest.approx(measured, abs=1e-3) and 0.55 * 0.9 <= measured <= 0.55 * 1.1
+    # the kept network is the last step back, which measured within 5 % of the target (this fake's are exact)
+    assert lat["measured"] == pytest.approx(measured, abs=1e-3) and 0.55 * 0.95 <= measured <= 0.55 * 1.05
     assert lat["replaced"] == backs[-1]["replaced"] and lat["attempts"] == 1 + len(backs)
 
 def test_blocks_without_a_latency_budget_is_one_error_line(tiny_calibrated, tmp_path):

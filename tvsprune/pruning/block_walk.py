@@ -4,12 +4,13 @@ Each form of each block (pruning/blocks.py) is priced by the fraction of the bas
 saves alone on the latency backend, measured (pooled over blocks alike); a network's predicted
 latency is one minus the sum of its changes' savings. Each step takes the change that raises
 the held-out KL least per unit of time saved; the last one, the change that reaches the target
-for the least KL. The chosen network is then measured against the base: while it misses the
-target by more than 10 % the walk goes on. Where it lands more than 10 % under the target (a
-step is a whole block: up to a seventh of ResNet-20's time), the walk steps back: of the
-networks one block lighter (one replaced block in a dearer form, or back as it was) whose
-prediction, scaled by what the measurement showed, still meets the target, the one with the
-least KL is built and measured, and kept where it is within 10 % of the target.
+for the least KL. The chosen network is then measured against the base: while it is more than
+10 % over the target the walk goes on. Where it lands more than 5 % under the target (a step
+is a whole block: up to a seventh of ResNet-20's time), the walk steps back: of the networks
+one block lighter (one replaced block in a dearer form, or back as it was) whose prediction,
+scaled by what the measurement showed, still meets the target, the one with the least KL is
+built and measured, and kept where it is at most 5 % over the target (the tolerance of the
+channel path's re-plan: a network that met the target is traded only for one within it).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .refit import FIT_IMAGES, TRIAL_IMAGES, module_io, refittable
 
 log = logging.getLogger(__name__)
 MAX_EXTRA_STEPS = 3  # steps taken past the predicted target while the measurement misses it, and steps back
-TOLERANCE = 0.1  # a measured network within 10 % of the target is where the walk stops
+TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the walk stops going on
+BACK_TOLERANCE = 0.05  # more than 5 % under: a step back, kept if it is at most 5 % over (channels' re-plan tolerance)
 
 
 def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
@@ -200,10 +202,10 @@ class _Walk:
         return m
 
     def back(self, m: dict[str, float]) -> dict[str, float]:
-        """While the measured network is more than 10 % under the target, a step back
-        (:func:`step_back`), measured: kept where it is within 10 % of the target, else undone."""
+        """While the measured network is more than 5 % under the target, a step back
+        (:func:`step_back`), measured: kept where it is at most 5 % over the target, else undone."""
         for _ in range(MAX_EXTRA_STEPS):
-            if m["ratio"] >= self.target * (1 - TOLERANCE):
+            if m["ratio"] >= self.target * (1 - BACK_TOLERANCE):
                 break
             chosen = step_back(self.forms, m["ratio"], self.target, self.predicted, self.trial_whole)
             if chosen is None:
@@ -211,7 +213,7 @@ class _Walk:
             kept = (self.forms, self.current, self.refitted)
             self.take(chosen, step="back")
             lighter_m = self.measure()
-            if lighter_m["ratio"] > self.target * (1 + TOLERANCE):
+            if lighter_m["ratio"] > self.target * (1 + BACK_TOLERANCE):
                 self.path[-1]["kept"] = False
                 self.forms, self.current, self.refitted = kept
                 break
