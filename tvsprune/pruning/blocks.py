@@ -11,8 +11,9 @@ after it, where there are some); every convolution after the first replaced bloc
 re-fitted to what it wrote in the unpruned network (pruning/refit.py), and every BatchNorm
 re-estimated on the repair images.
 
-On ResNet-20 on a 2-core AVX-512 CPU this lost 1.67 points at 1.51x and 6.16 at 2.29x, where
-removing channels lost 18.31 at 1.46x and 65.92 at 2.10x (benchmarks/block_replacement.py).
+On ResNet-20 on a 2-core AVX-512 CPU this lost 1.74 points at 1.49x and 4.82 at 2.06x, where
+removing channels lost 14.90 at 1.42x and 65.92 at 2.12x (benchmarks/block_replacement.py,
+RESULTS.md names the commits).
 """
 from __future__ import annotations
 
