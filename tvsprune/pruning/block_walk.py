@@ -25,12 +25,14 @@ import torch.nn as nn
 from ..console import step
 from ..errors import TvsError
 from .blocks import FORMS, ConvReLU, _overlaps, _set, apply_forms, find_blocks, fit_from, running_units, successors
+from .latency import TOLERANCE as BACK_TOLERANCE
 from .refit import FIT_IMAGES, TRIAL_IMAGES, module_io, refittable
 
 log = logging.getLogger(__name__)
 MAX_EXTRA_STEPS = 3  # steps taken past the predicted target while the measurement misses it, and steps back
 TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the walk stops going on
-BACK_TOLERANCE = 0.05  # more than 5 % under: a step back, kept if it is at most 5 % over (channels' re-plan tolerance)
+# BACK_TOLERANCE, the channel path's re-plan tolerance (5 %): more than it under the target, a step back, kept if
+# it measures at most that over
 
 
 def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
