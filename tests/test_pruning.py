@@ -472,6 +472,37 @@ def test_sensitivity_allocation_cuts_where_the_measured_kl_per_saving_is_lowest(
         make_plan(graph, cost, scores, target=0.2, allocation="sensitivity")
 
 
+def test_sensitivity_prices_each_cut_by_what_it_saves_not_by_the_count():
+    """A measured latency is not linear in the width: a group that saves little until its
+    width reaches the backend's block, then much, is cheap at that cut; priced as the count
+    times one channel's saving, it would look like any other. A cut that saves no more than a
+    smaller one is never taken. For MACs, what a cut saves is exactly the count times one
+    channel's saving, so MAC and parameter plans are unchanged."""
+    from tvsprune.pruning.allocations import Allocator
+    from tvsprune.pruning.budget import _curve_savings
+
+    t = np.linspace(0.1, 1.0, 8)
+    curves = [[(2, 1.0), (4, 2.0), (6, 3.0)]] * 2  # the same KL per channel in both groups
+    guards = Guards(0.0, 1, 1)
+    by_count = Allocator("sensitivity", [t, t], [8, 8], guards, unit_costs=[1.0, 1.0], curves=curves)
+    stepped = Allocator("sensitivity", [t, t], [8, 8], guards, unit_costs=[1.0, 1.0], curves=curves,
+                        savings=[[2.0, 4.0, 6.0], [0.5, 0.4, 12.0]])
+    assert by_count.counts(0.5) == [6, 6]
+    assert stepped.counts(0.5) == [0, 6]  # the stepped group's 6-channel cut: 3 KL for 12 saved
+    assert stepped.rule.steps[1][0].tolist() == [6]  # the 4-channel cut (saving 0.4 < 0.5) is not a hull point
+
+    model = randomize_bn(TinyCNN())
+    example, probe, graph, cost = _setup(model)
+    curves = [None if g.root in graph.rigid else [(n, 0.1 * n) for n in range(1, g.block_size)] for g in graph.groups]
+    base = cost.metric("macs")
+    saved = _curve_savings(graph, cost, "macs", base, curves)
+    one = [base - cost.metric("macs", [g.expand(np.array([0])) if j == i else np.empty(0, dtype=np.int64)
+                                       for j in range(len(graph.groups))]) for i, g in enumerate(graph.groups)]
+    assert any(s is not None for s in saved)
+    for s, c, u in zip(saved, curves, one):
+        assert s is None or s == [n * u for n, _ in c]
+
+
 def test_sensitivity_budget_shrinks_images_then_points_then_gives_up(monkeypatch):
     """The measurement's cost is bounded by the network (cuts x images x MACs), not the machine."""
     from dataclasses import replace

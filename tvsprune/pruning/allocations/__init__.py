@@ -53,7 +53,8 @@ class Allocator:
     def __init__(self, allocation: str, gscores: list[np.ndarray | None], channels: list[int],
                  guards, ldiffs: list[float] | None = None, unit_costs: list[float] | None = None,
                  cost_power: float = 1.0, count_scores: list[np.ndarray | None] | None = None,
-                 curves: list[list[tuple[int, float]] | None] | None = None) -> None:
+                 curves: list[list[tuple[int, float]] | None] | None = None,
+                 savings: list[list[float] | None] | None = None) -> None:
         self.rule: Allocation = ALLOCATIONS.get(allocation)()
         self.allocation = allocation
         self.orders = [None if t is None else removal_order(t) for t in gscores]
@@ -61,6 +62,7 @@ class Allocator:
         self.channels, self.guards = channels, guards
         self.count_scores = count_scores  # a second per-group score some rules count by (magnitude)
         self.curves = curves  # per group, measured (count, KL) points (sensitivity)
+        self.savings = savings  # per group, what each of its curve's cuts saves alone in the budget's metric
         self.means = [float(t.mean()) if t is not None else 0.0 for t in self.gscores]
         self.rule.setup(self, ldiffs, unit_costs, cost_power)
 

@@ -8,12 +8,13 @@ the images the candidates are compared on (calibration images the repairs did no
 use, when there are any). No labels: the same measure the ``auto`` choice uses.
 
 The rule is a Lagrangian one: each curve (made non-decreasing) is replaced by its lower
-convex hull over what the cut saves (count x the group's unit cost in the budget's
-metric); one price ``t`` per unit saved is shared by all groups, and a group loses the
-channels of every hull segment whose KL per unit saved is at most ``t``. Monotone in
-``t``, so ``make_plan`` bisects it like every rule; the criterion still decides *which*
-channels go. In the spirit of Provable Filter Pruning's per-layer sensitivity, measured
-on the network rather than bounded.
+convex hull over what the cut saves alone in the budget's metric (for parameters and
+MACs the count times one channel's saving; a measured latency is not linear in the width,
+so each cut is priced by the cost model); one price ``t`` per unit saved is shared by all
+groups, and a group loses the channels of every hull segment whose KL per unit saved is at
+most ``t``. Monotone in ``t``, so ``make_plan`` bisects it like every rule; the criterion
+still decides *which* channels go. In the spirit of Provable Filter Pruning's per-layer
+sensitivity, measured on the network rather than bounded.
 
 Measured (benchmarks/accuracy_vs_sparsity.py): VGG-11 at 50 % of MACs, where the
 magnitude and global rules drain the MAC-heavy early layers evenly, the measured curves
@@ -57,7 +58,11 @@ class Sensitivity(Allocation):
                 continue
             n = np.array([0] + [c for c, _ in curve], dtype=np.float64)
             kl = np.maximum.accumulate(np.array([0.0] + [max(0.0, float(k)) for _, k in curve]))
-            x = n * max(float(unit_costs[i]), 1e-12)
+            saved = a.savings[i] if a.savings is not None and i < len(a.savings) else None
+            x = np.array([0.0] + list(saved)) if saved else n * max(float(unit_costs[i]), 1e-12)
+            # a cut that saves no more than a smaller one (a width the backend runs no faster) is never worth it
+            useful = [0] + [j for j in range(1, len(x)) if x[j] > x[:j].max()]
+            n, kl, x = n[useful], kl[useful], x[useful]
             hull = lower_hull(x, kl)
             slopes = np.diff(kl[hull]) / np.diff(x[hull])
             self.steps.append((n[hull[1:]].astype(np.int64), slopes))
