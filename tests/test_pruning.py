@@ -477,7 +477,8 @@ def test_sensitivity_prices_each_cut_by_what_it_saves_not_by_the_count():
     width reaches the backend's block, then much, is cheap at that cut; priced as the count
     times one channel's saving, it would look like any other. A cut that saves no more than a
     smaller one is never taken. For MACs, what a cut saves is exactly the count times one
-    channel's saving, so MAC and parameter plans are unchanged."""
+    channel's saving where no layer both reads and writes a group, so such networks' MAC and
+    parameter plans are unchanged."""
     from tvsprune.pruning.allocations import Allocator
     from tvsprune.pruning.budget import _curve_savings
 

@@ -84,9 +84,11 @@ def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, base: in
 def _curve_savings(graph: ChannelGraph, cost: CostModel, metric: str, base: float,
                    curves: list[list[tuple[int, float]] | None] | None) -> list[list[float] | None] | None:
     """Per group, what each cut of its measured curve saves alone in ``metric``. Parameters
-    and MACs are linear in one group's width (the count times one channel's saving, exactly);
-    a measured latency is not (ONNX Runtime CPU, VGG-11: 0.64 to 1.53 times the count times
-    one channel's saving), so the sensitivity allocation prices each cut by what it saves."""
+    and MACs are linear in one group's width (the count times one channel's saving, exactly)
+    unless a layer both reads and writes the group (a convolution from a residual stream back
+    into it costs the square of its width); a measured latency is not linear (ONNX Runtime
+    CPU, VGG-11: 0.64 to 1.53 times the count times one channel's saving). So the
+    sensitivity allocation prices each cut by what it saves."""
     if curves is None:
         return None
     none = np.empty(0, dtype=np.int64)

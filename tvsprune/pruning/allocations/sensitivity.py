@@ -9,12 +9,13 @@ use, when there are any). No labels: the same measure the ``auto`` choice uses.
 
 The rule is a Lagrangian one: each curve (made non-decreasing) is replaced by its lower
 convex hull over what the cut saves alone in the budget's metric (for parameters and
-MACs the count times one channel's saving; a measured latency is not linear in the width,
-so each cut is priced by the cost model); one price ``t`` per unit saved is shared by all
-groups, and a group loses the channels of every hull segment whose KL per unit saved is at
-most ``t``. Monotone in ``t``, so ``make_plan`` bisects it like every rule; the criterion
-still decides *which* channels go. In the spirit of Provable Filter Pruning's per-layer
-sensitivity, measured on the network rather than bounded.
+MACs the count times one channel's saving, unless a layer both reads and writes the group;
+a measured latency is not linear in the width, so each cut is priced by the cost model);
+one price ``t`` per unit saved is shared by all groups, and a group loses the channels of
+every hull segment whose KL per unit saved is at most ``t``. Monotone in ``t``, so
+``make_plan`` bisects it like every rule; the criterion still decides *which* channels go.
+In the spirit of Provable Filter Pruning's per-layer sensitivity, measured on the network
+rather than bounded.
 
 Measured (benchmarks/accuracy_vs_sparsity.py): VGG-11 at 50 % of MACs, where the
 magnitude and global rules drain the MAC-heavy early layers evenly, the measured curves
