@@ -587,6 +587,8 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
     ("artifact-prune-json-not-json", lambda f, t: evaluate(f, t, (lambda a: (write(a / "prune.json", "{x"), a)[1])(
         artifact(f, t))), "prune.json", 1),
     ("artifact-weights-missing", lambda f, t: evaluate(f, t, artifact(f, t, drop="pruned.safetensors")), "art", 1),
+    ("artifact-pruned-again", lambda f, t: ["prune", artifact(f, t), "--moments", f.moments, "--out", t / "out"],
+     "pruning it again", 1),
     # configs
     ("config-round-to-zero", lambda f, t: ["run", config_with(t, "[prune]", "round_to = 0")], "round_to", 1),
     ("config-target-nan", lambda f, t: ["run", config(t, **{"target_params = 0.3": "target_params = nan"})],

@@ -69,6 +69,17 @@ def save_pruned(path: str | Path, model: nn.Module, plan: Plan, base: LoadedMode
                        (meta.get("base_source") or {}).get("sha256"))
 
 
+def refuse_repruning(loaded: LoadedModel) -> LoadedModel:
+    """``loaded``, unless it is a pruned artifact: pruning one again would write an artifact
+    whose base is that artifact, which no loader rebuilds (an artifact is its base model and
+    one plan). Refused before anything runs, naming what to prune instead."""
+    if loaded.plan is not None:
+        base = (loaded.extra.get("base") or {}).get("spec") or "the base model"
+        raise TvsError(f"{loaded.spec.spec} is a pruned artifact: pruning it again is not supported (an artifact is "
+                       f"rebuilt from its base model and one plan); prune {base} with the tighter budget instead")
+    return loaded
+
+
 def read_pruned_meta(path: str | Path) -> dict[str, Any]:
     from ..artifacts import read_safetensors
 

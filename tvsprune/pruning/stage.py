@@ -19,7 +19,7 @@ from ..errors import TvsError
 from ..models import LoadedModel, load_model
 from ..registry import unknown
 from ..version import __version__
-from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, save_pruned
+from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, refuse_repruning, save_pruned
 from .context import Context, calib_options_from, repair_batches  # noqa: F401 (repair_batches re-exported)
 from .criteria import criteria_needing
 from .iterative import _accuracy, iterative
@@ -51,7 +51,7 @@ def _inputs(model: str | LoadedModel, moments_path: str | Path | None, opts: Pru
     """The model, its moments (checked against its weights) and the input shape."""
     if opts.method not in methods():
         raise TvsError(unknown("method", opts.method, methods()))
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = refuse_repruning(model if isinstance(model, LoadedModel) else load_model(model))
     moments = Moments.load(moments_path) if moments_path else None
     needs_moments = opts.method in ("tvs", "iter-tvs", "mean-distance") and opts.structure == "channels"
     if needs_moments and moments is None:
