@@ -81,6 +81,12 @@ def _fill_ties(alloc: Allocator, lo: list[int], hi: list[int], cost_of, base: in
     return list(hi)
 
 
+def alone(graph: ChannelGraph, i: int, local: np.ndarray) -> list[np.ndarray]:
+    """A removal (per group, root channels) that cuts only group ``i``: its block-local ``local`` channels."""
+    none = np.empty(0, dtype=np.int64)
+    return [graph.groups[i].expand(local) if j == i else none for j in range(len(graph.groups))]
+
+
 def _curve_savings(graph: ChannelGraph, cost: CostModel, metric: str, base: float,
                    curves: list[list[tuple[int, float]] | None] | None) -> list[list[float] | None] | None:
     """Per group, what each cut of its measured curve saves alone in ``metric``. Parameters
@@ -91,11 +97,8 @@ def _curve_savings(graph: ChannelGraph, cost: CostModel, metric: str, base: floa
     sensitivity allocation prices each cut by what it saves."""
     if curves is None:
         return None
-    none = np.empty(0, dtype=np.int64)
-    return [None if not c else
-            [float(base - cost.metric(metric, [g.expand(np.arange(n)) if j == i else none
-                                                for j in range(len(graph.groups))])) for n, _ in c]
-            for i, (g, c) in enumerate(zip(graph.groups, curves))]
+    return [None if not c else [float(base - cost.metric(metric, alone(graph, i, np.arange(n)))) for n, _ in c]
+            for i, c in enumerate(curves)]
 
 
 def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray], *,
@@ -135,11 +138,8 @@ def make_plan(graph: ChannelGraph, cost: CostModel, scores: dict[str, np.ndarray
             raise TvsError(f"the budget must be a fraction in [0, 1), got {target}")
         gs = block_scores(graph, group_scores(graph, scores, normalise=normalise))
         gl = [max((ldiffs or {}).get(m, 0.0) for m in g.members) if g.members else 0.0 for g in graph.groups]
-        unit = []
-        for i, g in enumerate(graph.groups):  # what removing one channel of each group saves
-            one = [np.empty(0, dtype=np.int64)] * len(graph.groups)
-            one[i] = g.expand(np.array([0]))
-            unit.append(float(base - cost.metric(metric, one)))
+        # what removing one channel of each group saves
+        unit = [float(base - cost.metric(metric, alone(graph, i, np.array([0])))) for i in range(len(graph.groups))]
         if count_scores is None and getattr(ALLOCATIONS.get(allocation), "counts_by_magnitude", False):
             count_scores = {n: graph.modules[n].weight.detach().double().flatten(1).norm(dim=1).numpy()
                             for n in scores if n in graph.modules}

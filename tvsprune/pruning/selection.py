@@ -88,7 +88,7 @@ def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "Prune
     BatchNorm re-estimation; KL on the first ``images`` of ``xs``. Returns the curves and
     the number of cuts measured."""
     from ..compare.logits import chunks, collect_logits, forward_fn
-    from .budget import block_scores, group_scores
+    from .budget import alone, block_scores, group_scores
 
     fold = "none" if opts.compensation == "none" else "mean" if opts.compensation == "mean" else "ls"
     if fold != "none" and not (moments is not None and moments.inputs):
@@ -98,7 +98,6 @@ def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "Prune
         tuple(np.linspace(SENSITIVITY_FRACTIONS[0], SENSITIVITY_FRACTIONS[-1], points))
     xs, base_logits = xs[:max(1, images)], base_logits[:max(1, images)]
     gs = block_scores(ctx.graph, group_scores(ctx.graph, scores))
-    none = np.empty(0, dtype=np.int64)
     curves: list[list[tuple[int, float]] | None] = []
     cuts = 0
     quiet = logging.getLogger("tvsprune.pruning.compensation")
@@ -117,8 +116,7 @@ def sensitivity_curves(ctx: Context, scores: dict[str, np.ndarray], opts: "Prune
                 n = opts.guards.clamp(len(t), n)  # a cut the plan can make: the kept width aligned (round_to)
                 if n <= (curve[-1][0] if curve else 0):
                     continue
-                cut = [ctx.graph.groups[i].expand(np.sort(order[:n])) if j == i else none
-                       for j in range(len(ctx.graph.groups))]
+                cut = alone(ctx.graph, i, np.sort(order[:n]))
                 model = build_pruned(ctx, Plan(plan_groups(ctx.graph, cut), {}), quick, calib, moments, {})
                 curve.append((n, fidelity(base_logits, collect_logits(forward_fn(model), chunks(xs))[0])["kl"]))
                 cuts += 1
