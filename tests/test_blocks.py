@@ -15,7 +15,8 @@ from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
 from tvsprune.pruning.block_walk import _pick, _savings, lighter, step_back
-from tvsprune.pruning.blocks import ConvReLU, _pre_relu, apply_forms, find_blocks, rebuild, replace_one, successors
+from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, apply_forms, find_blocks, forms_for, rebuild, replace_one,
+                                    successors)
 
 
 class LinearBlock(nn.Module):
@@ -258,6 +259,20 @@ def test_a_walk_that_lands_far_under_its_target_steps_back_to_the_lighter_networ
     assert step_back(forms, 0.75, 0.76, predicted, trial_kl) is None  # each lighter network misses 0.76
 
 
+def test_a_step_back_never_takes_a_network_predicted_faster_than_the_one_it_leaves():
+    """Measured savings can rank a dearer form as the cheaper one (MobileNetV2 at batch 4 on
+    2 cores: a block's 1x1 saved more than its removal): such a 'lighter' network is no step
+    back, however little KL it adds; the slower lighter network is taken instead."""
+    forms = {"a": "identity", "b": "1x1"}
+    saved = {("a", "3x3"): 0.05, ("a", "1x1"): 0.2, ("a", "identity"): 0.15, ("b", "3x3"): 0.05, ("b", "1x1"): 0.1}
+    predicted = lambda f: 1 - sum(saved[(n, v)] for n, v in f.items())  # noqa: E731
+    misordered = {"a": "1x1", "b": "1x1"}
+    kl = {"a:3x3 b:1x1": 0.02, "a:1x1 b:1x1": 0.01, "b:1x1": 0.04, "a:identity b:3x3": 0.03, "a:identity": 0.05}
+    trial_kl = lambda f: kl[" ".join(f"{n}:{v}" for n, v in sorted(f.items()))]  # noqa: E731
+    assert predicted(misordered) < predicted(forms) and min(lighter(forms), key=trial_kl) == misordered
+    assert step_back(forms, 0.6, 0.9, predicted, trial_kl) == {"a": "3x3", "b": "1x1"}  # the least KL of the rest
+
+
 @pytest.mark.parametrize("hub,name,count,first", [("torchvision", "resnet18", 5, "layer1.0"),
                                                   ("torchvision", "mobilenet_v2", 10, "features.3"),
                                                   ("torchvision", "densenet121", 0, None),
@@ -273,3 +288,38 @@ def test_find_blocks_on_hub_models(hub, name, count, first):
              lib.create_model(name, num_classes=10, pretrained=False)).eval()
     blocks = find_blocks(model, torch.zeros(1, 3, 64, 64))
     assert len(blocks) == count and (not blocks or blocks[0] == first), blocks
+
+
+def test_a_form_with_as_many_weights_as_its_block_is_neither_measured_nor_fitted():
+    """A dense 3x3 over a bottleneck (1x1 down, 3x3, 1x1 up: ResNet-50's shape) holds more
+    weights than the block and runs slower: only its 1x1 form and its removal are offered.
+    A basic block (two 3x3) keeps all three forms."""
+    class Bottleneck(nn.Module):
+        def __init__(self, c: int = 64, mid: int = 16):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(c, mid, 1), nn.Conv2d(mid, mid, 3, padding=1), nn.Conv2d(mid, c, 1)
+
+        def forward(self, x):
+            return F.relu(x + self.c(F.relu(self.b(F.relu(self.a(x))))))
+
+    assert forms_for(Bottleneck(), 64) == ("1x1", "identity")
+    assert forms_for(ResBlock(8), 8) == ("3x3", "1x1", "identity")
+    assert forms_for(Bottleneck(64, 4), 64) == ("identity",)  # even a 1x1 holds more weights than this one
+    allowed = {"a": ("1x1", "identity"), "b": ("3x3", "1x1", "identity")}
+    assert lighter({"a": "identity", "b": "1x1"}, allowed) == [{"a": "1x1", "b": "1x1"}, {"b": "1x1"},
+                                                               {"a": "identity", "b": "3x3"}, {"a": "identity"}]
+
+
+def test_the_api_prunes_blocks_of_an_in_memory_module_without_a_moments_file(tmp_path, image_folder):
+    """``tvsprune.prune(module, structure="blocks", ...)``: nothing reads moments, so none is
+    asked for (it was a TypeError), and the input shape comes from a calibration image."""
+    import tvsprune
+
+    torch.manual_seed(0)
+    pruned = tvsprune.prune(TinyRes().eval(), structure="blocks", target_latency=0.55, latency_backend="fake-target",
+                            latency_batch=2, repair_samples_per_class=3, calib_data=str(image_folder),
+                            out=tmp_path / "p")
+    assert pruned.report["latency"]["replaced"] and pruned.input_shape == [3, 16, 16]
+    assert pruned.module(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+    with pytest.raises(TvsError, match="needs --moments"):
+        tvsprune.prune(TinyRes().eval(), calib_data=str(image_folder), out=tmp_path / "q")

@@ -113,9 +113,11 @@ def calibrate(model: Any, data: Any, *, out: str | Path | None = None, weights: 
                       opts.device)
 
 
-def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None = None,
+def prune(model: Any, moments: Moments | str | Path | None = None, *, out: str | Path | None = None,
           weights: str | None = None, calib_data: Any = None, **options: Any) -> Pruned:
     """Prune ``model`` with the moments from :func:`calibrate`; returns the pruned module and its plan.
+    ``moments`` may be None where nothing reads them (``structure="blocks"``, or a method
+    such as ``l1``, with ``calib_data`` for the repairs); the stage says when one is needed.
 
     ``options`` are :class:`PruneOptions` fields (``target_params``, ``target_flops``,
     ``method``, ``allocation``, ``compensation``, ``bn_recalibrate``, ``min_keep_frac``,
@@ -131,15 +133,22 @@ def prune(model: Any, moments: Moments | str | Path, *, out: str | Path | None =
         out_dir.mkdir(parents=True, exist_ok=True)
         moments.save(path)
         mom_meta = moments.meta
+    elif moments is None:
+        path, mom_meta = None, {}
     else:
         path = Path(moments)
         mom_meta = read_safetensors(path, "moments file", FORMATS, tensors=False)[0]
     loaded = as_loaded(model, weights)
     calib = _data(calib_data) if calib_data is not None else None
+    if path is None and calib is not None and not loaded.input_shape:  # no moments file to say it: an image does
+        from .data import take_images
+
+        loaded.input_shape = tuple(take_images(calib.open(loaded), 1)[0].shape[1:])
     report, module, plan = prune_model(loaded, path, out_dir, opts, calib)
     pre = (mom_meta.get("data") or {}).get("preprocess") or {}
     norm = loaded.normalize or ({"mean": pre["mean"], "std": pre["std"]} if pre.get("mean") else None)
-    return Pruned(module.eval(), plan, report, out_dir, norm, mom_meta.get("input_shape"))
+    shape = mom_meta.get("input_shape") or (list(loaded.input_shape) if loaded.input_shape else None)
+    return Pruned(module.eval(), plan, report, out_dir, norm, shape)
 
 
 def export(model: Any, out: str | Path, data: Any, *, label: str = "model", weights: str | None = None,

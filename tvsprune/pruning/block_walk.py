@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from ..console import step
 from ..errors import TvsError
-from .blocks import FORMS, ConvReLU, _overlaps, _set, apply_forms, find_blocks, fit_from, running_units, successors
+from .blocks import (FORMS, ConvReLU, _overlaps, _set, apply_forms, find_blocks, fit_from, forms_for, running_units,
+                     successors)
 from .latency import TOLERANCE as BACK_TOLERANCE
 from .refit import FIT_IMAGES, TRIAL_IMAGES, module_io, refittable
 
@@ -36,9 +37,9 @@ TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the 
 
 
 def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
-             batch: int) -> dict[tuple[str, str], float]:
-    """Each (block, form) alone: the fraction of the base's time it saves, measured (weights do
-    not matter). Blocks alike (class, input shape, parameter shapes) do the same work: their
+             batch: int, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], float]:
+    """Each (block, form) alone (the forms ``allowed`` for it, every one by default): the fraction
+    of the base's time it saves, measured (weights do not matter). Blocks alike (class, input shape, parameter shapes) do the same work: their
     rounds are pooled, which steadies a measurement of a few per cent on a noisy machine."""
     from ..compare.on_backend import time_networks
 
@@ -48,7 +49,7 @@ def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, i
         block, x = base.get_submodule(name), module_io(base, name, torch.zeros(1, *input_shape))[0]
         alike[name] = (type(block).__name__, tuple(x.shape),
                        tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
-        for f in FORMS:
+        for f in (allowed or {}).get(name, FORMS):
             m = copy.deepcopy(base)
             k = int(f[0]) if f != "identity" else 0
             _set(m, name, ConvReLU(nn.Conv2d(x.shape[1], x.shape[1], k, padding=k // 2), True) if k else nn.Identity())
@@ -73,22 +74,27 @@ def _pick(cands: list[tuple[float, float, dict[str, str]]], gap: float | None) -
     return min((c for c in cands if c[1] >= gap), key=lambda c: c[0])[2]
 
 
-def lighter(forms: dict[str, str]) -> list[dict[str, str]]:
+def lighter(forms: dict[str, str], allowed: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, str]]:
     """The networks one block lighter than ``forms``: one replaced block in any dearer form
-    (3x3 is the dearest), or back as it was."""
+    (3x3 is the dearest) ``allowed`` for it, or back as it was."""
     out = []
     for name, form in forms.items():
         for dearer in FORMS[:FORMS.index(form)]:
-            out.append({**forms, name: dearer})
+            if allowed is None or dearer in allowed.get(name, FORMS):
+                out.append({**forms, name: dearer})
         out.append({n: f for n, f in forms.items() if n != name})
     return out
 
 
-def step_back(forms: dict[str, str], measured: float, target: float, predicted, kl) -> dict[str, str] | None:
+def step_back(forms: dict[str, str], measured: float, target: float, predicted, kl,
+              allowed: dict[str, tuple[str, ...]] | None = None) -> dict[str, str] | None:
     """Of the networks :func:`lighter` than ``forms`` whose prediction, scaled by ``measured``
-    over ``forms``' own, meets ``target``, the one with the least ``kl(forms)``; None if none."""
-    scale = measured / predicted(forms)
-    return min((t for t in lighter(forms) if predicted(t) * scale <= target), key=kl, default=None)
+    over ``forms``' own, meets ``target``, the one with the least ``kl(forms)``; None if none.
+    A lighter network predicted no slower than ``forms`` is no step back (where a dearer form
+    was measured saving more, as on MobileNetV2 at batch 4: it would land further under)."""
+    scale, now = measured / predicted(forms), predicted(forms)
+    return min((t for t in lighter(forms, allowed) if now < predicted(t) and predicted(t) * scale <= target), key=kl,
+               default=None)
 
 
 class _Walk:
@@ -111,10 +117,12 @@ class _Walk:
             raise TvsError(f"{loaded.spec.spec}: no block whose input and output have the same shape (a residual "
                            "block without downsampling, with two convolutions or more): --structure blocks has "
                            "nothing to replace; prune channels (--structure channels)")
-        step(f"measuring {len(self.blocks) * len(FORMS)} block replacements on {opts.latency_backend} at batch "
-             f"{opts.latency_batch}")
+        self.allowed = {b: forms_for(self.base.get_submodule(b), module_io(self.base, b, example)[0].shape[1])
+                        for b in self.blocks}
+        step(f"measuring {sum(map(len, self.allowed.values()))} block replacements on {opts.latency_backend} at "
+             f"batch {opts.latency_batch}")
         self.saved = _savings(self.base, self.blocks, opts.latency_backend, opts.latency_precision, input_shape,
-                              opts.latency_batch)
+                              opts.latency_batch, self.allowed)
         self.after = successors(self.base, self.blocks)
         self.before = {b: a for a, b in self.after.items()}
         refit = opts.compensation not in ("none", "mean")  # the later convolutions re-fitted: ls-seq's repair
@@ -181,6 +189,8 @@ class _Walk:
             if any(_overlaps(name, o) for o in forms if o != name):
                 continue
             for f in FORMS[FORMS.index(forms[name]) + 1 if name in forms else 0:]:
+                if f not in self.allowed[name]:
+                    continue
                 trial = {**forms, name: f}
                 if self.predicted(trial) < self.predicted(forms):
                     cands.append((self.trial_kl(name, f) - self.current[2],
@@ -209,7 +219,7 @@ class _Walk:
         for _ in range(MAX_EXTRA_STEPS):
             if m["ratio"] >= self.target * (1 - BACK_TOLERANCE):
                 break
-            chosen = step_back(self.forms, m["ratio"], self.target, self.predicted, self.trial_whole)
+            chosen = step_back(self.forms, m["ratio"], self.target, self.predicted, self.trial_whole, self.allowed)
             if chosen is None:
                 break
             kept = (self.forms, self.current, self.refitted)
