@@ -39,8 +39,9 @@ TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the 
 def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
              batch: int, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], float]:
     """Each (block, form) alone (the forms ``allowed`` for it, every one by default): the fraction
-    of the base's time it saves, measured (weights do not matter). Blocks alike (class, input shape, parameter shapes) do the same work: their
-    rounds are pooled, which steadies a measurement of a few per cent on a noisy machine."""
+    of the base's time it saves, measured (weights do not matter). Blocks alike (class, input
+    shape, parameter shapes) do the same work: their rounds are pooled, which steadies a
+    measurement of a few per cent on a noisy machine."""
     from ..compare.on_backend import time_networks
 
     nets: dict[str, nn.Module] = {"base": base}
