@@ -2,14 +2,14 @@
 for a latency budget (read by PruneOptions and the latency table; imports nothing of pruning)."""
 from __future__ import annotations
 
-import torch
-
 CPU_BACKENDS = ("ort-cpu", "torch-cpu")
 
 
 def cpu_capability() -> str:
     """The vector instruction set PyTorch dispatches to here (AVX512, AVX2, DEFAULT, ...)."""
     try:
+        import torch  # here, not above: ONNX Runtime's memory probe imports this module and needs no torch
+
         return str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # older builds
         return "DEFAULT"

@@ -25,7 +25,7 @@ def forward_fn(model: Any) -> Forward:
     return lambda x: np.asarray(model.infer(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)))
 
 
-def chunks(x: torch.Tensor, size: int = 256) -> Iterator[tuple[torch.Tensor, None]]:
+def chunks(x: torch.Tensor, size: int = 64) -> Iterator[tuple[torch.Tensor, None]]:
     """A tensor of inputs as batches of at most ``size`` (no labels)."""
     for i in range(0, len(x), size):
         yield x[i:i + size], None
