@@ -14,7 +14,7 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.block_walk import _pick, _savings, lighter, step_back
+from tvsprune.pruning.block_walk import _pick, _savings, cheaper_sets, lighter, step_back
 from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, apply_forms, find_blocks, forms_for, rebuild, replace_one,
                                     successors)
 
@@ -323,3 +323,21 @@ def test_the_api_prunes_blocks_of_an_in_memory_module_without_a_moments_file(tmp
     assert pruned.module(torch.randn(2, 3, 16, 16)).shape == (2, 3)
     with pytest.raises(TvsError, match="needs --moments"):
         tvsprune.prune(TinyRes().eval(), calib_data=str(image_folder), out=tmp_path / "q")
+
+
+def test_the_last_step_may_make_several_replaced_blocks_cheaper_at_once():
+    """Three 1x1s whose removals together close the gap, where no single removal does: the sets
+    of two or more cheaper forms that save the gap, fewest changes first, least saved next."""
+    forms = {"a": "1x1", "b": "3x3", "c": "1x1"}
+    saved = {("a", "1x1"): 0.10, ("a", "identity"): 0.11, ("b", "3x3"): 0.05, ("b", "1x1"): 0.09,
+             ("b", "identity"): 0.10, ("c", "1x1"): 0.10, ("c", "identity"): 0.12}
+    predicted = lambda f: 1 - sum(saved[(n, v)] for n, v in f.items())  # noqa: E731
+    # a: +0.01 to go, b: +0.04 or +0.05, c: +0.02; 0.045 needs two changes at least
+    sets = cheaper_sets(forms, None, predicted, 0.045)
+    assert sets[0] == {"a": "identity", "b": "1x1", "c": "1x1"}  # two changes saving 0.05: the least of the pairs
+    assert {"a": "identity", "b": "3x3", "c": "identity"} not in sets  # two changes saving 0.03: short of the gap
+    assert sets[-1] == {"a": "identity", "b": "identity", "c": "identity"}  # three changes come last
+    assert all(sum(f[n] != forms[n] for n in f) >= 2 and predicted(forms) - predicted(f) >= 0.045 for f in sets)
+    assert len(cheaper_sets(forms, None, predicted, 0.045, limit=2)) == 2
+    assert cheaper_sets(forms, None, predicted, 0.09) == []  # all three as cheap as they go save 0.08
+    assert cheaper_sets(forms, {"a": ("1x1",), "b": ("3x3",), "c": ("1x1",)}, predicted, 0.0) == []  # none allowed
