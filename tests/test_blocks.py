@@ -223,7 +223,7 @@ def test_the_savings_of_blocks_alike_are_pooled_and_others_kept_apart(monkeypatc
     base = nn.Sequential(nn.Conv2d(3, 4, 1), ResBlock(4), ResBlock(4), nn.Conv2d(4, 8, 1), ResBlock(8)).eval()
     times = {"1": 9.0, "2": 8.0, "4": 7.0}  # ms with the block in any form; the base takes 10
 
-    def fake(backend, precision, nets, shape, batch):
+    def fake(backend, precision, nets, shape, batch, *timing):
         return {k: [10.0] * 5 if k == "base" else [times[k.split("|")[0]]] * 5 for k in nets}
 
     monkeypatch.setattr(on_backend, "time_networks", fake)
