@@ -341,3 +341,7 @@ def test_the_last_step_may_make_several_replaced_blocks_cheaper_at_once():
     assert len(cheaper_sets(forms, None, predicted, 0.045, limit=2)) == 2
     assert cheaper_sets(forms, None, predicted, 0.09) == []  # all three as cheap as they go save 0.08
     assert cheaper_sets(forms, {"a": ("1x1",), "b": ("3x3",), "c": ("1x1",)}, predicted, 0.0) == []  # none allowed
+    # at most three blocks change at once: twelve 1x1s give 66 pairs and 220 triples, not 4,095 sets
+    many = {f"n{i}": "1x1" for i in range(12)}
+    even = lambda f: 1 - sum(0.1 if v == "1x1" else 0.11 for v in f.values())  # noqa: E731
+    assert len(cheaper_sets(many, None, even, 0.0, limit=10_000)) == 66 + 220

@@ -4,7 +4,7 @@ Each form of each block (pruning/blocks.py) is priced by the fraction of the bas
 saves alone on the latency backend, measured (pooled over blocks alike); a network's predicted
 latency is one minus the sum of its changes' savings. Each step takes the change that raises
 the held-out KL least per unit of time saved; the last one, the change that reaches the target
-for the least KL (where two or more replaced blocks each made cheaper reach it, those too). The
+for the least KL (where two or three replaced blocks each made cheaper reach it, those too). The
 chosen network is then measured against the base: while it is more than 10 % over the target
 the walk goes on. Where it lands more than 5 % under the target (a step is a whole block: up to
 a seventh of ResNet-20's time), the walk steps back: of the networks one block lighter (one
@@ -16,6 +16,7 @@ a network that met the target is traded only for one within it).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Any
 
@@ -94,20 +95,21 @@ def lighter(forms: dict[str, str], allowed: dict[str, tuple[str, ...]] | None = 
 
 def cheaper_sets(forms: dict[str, str], allowed: dict[str, tuple[str, ...]] | None, predicted, gap: float,
                  limit: int = MAX_SETS) -> list[dict[str, str]]:
-    """The networks with two or more of ``forms``' replaced blocks each in a cheaper form (the
+    """The networks with two or three of ``forms``' replaced blocks each in a cheaper form (the
     last step's other moves: three 1x1s that all go can close a gap that no single block
     closes, for less KL than a fourth block replaced). Of those that save at least ``gap``, the
-    ``limit`` that change fewest blocks and, among those, save least."""
-    import itertools
-
-    names = list(forms)
-    options = [[None] + [f for f in FORMS[FORMS.index(forms[n]) + 1:] if allowed is None or f in allowed.get(n, FORMS)]
-               for n in names]
+    ``limit`` that change fewest blocks and, among those, save least. Three at most: the sets
+    grow as the cube of the replaced blocks, not exponentially."""
+    cheaper = {n: [f for f in FORMS[FORMS.index(forms[n]) + 1:] if allowed is None or f in allowed.get(n, FORMS)]
+               for n in forms}
     now, out = predicted(forms), []
-    for choice in itertools.product(*options):
-        changed = {n: f for n, f in zip(names, choice) if f is not None}
-        if len(changed) >= 2 and now - predicted({**forms, **changed}) >= gap:
-            out.append((len(changed), now - predicted({**forms, **changed}), {**forms, **changed}))
+    for k in (2, 3):
+        for names in itertools.combinations([n for n in forms if cheaper[n]], k):
+            for choice in itertools.product(*(cheaper[n] for n in names)):
+                trial = {**forms, **dict(zip(names, choice))}
+                saved = now - predicted(trial)
+                if saved >= gap:
+                    out.append((k, saved, trial))
     return [f for _, _, f in sorted(out, key=lambda c: c[:2])[:limit]]
 
 
