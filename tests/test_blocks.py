@@ -14,7 +14,7 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.block_walk import _pick, _savings, cheaper_sets, lighter, step_back
+from tvsprune.pruning.block_walk import _pick, _savings, cheaper_sets, lighter, near_misses, step_back
 from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, apply_forms, find_blocks, forms_for, rebuild, replace_one,
                                     successors)
 
@@ -103,9 +103,10 @@ def test_a_malformed_replacement_record_is_refused():
         rebuild(TinyRes(), {"block1": {"form": "3x3", "relu": True}}, {}, "f.safetensors")
 
 
-def _tiny_blocks_prune(tmp_path, image_folder):
-    """TinyRes (loaded from its file) pruned by --structure blocks to 0.55 of the fake backend's
-    latency, with the default method (tvs) and no moments file: blocks read no channel scores."""
+def _tiny_blocks_prune(tmp_path, image_folder, target: float = 0.55):
+    """TinyRes (loaded from its file) pruned by --structure blocks to ``target`` of the fake
+    backend's latency, with the default method (tvs) and no moments file: blocks read no channel
+    scores."""
     from tvsprune.calibration import DataOptions
     from tvsprune.models import LoadedModel, ModelSpec
     from tvsprune.pruning import PruneOptions
@@ -115,7 +116,7 @@ def _tiny_blocks_prune(tmp_path, image_folder):
     shutil.copy(REPO / "tests" / "tiny_resnet.py", src)
     torch.manual_seed(0)
     loaded = LoadedModel(TinyRes().eval(), ModelSpec(spec=f"{src}:TinyRes"), input_shape=(3, 16, 16))
-    opts = PruneOptions.build(structure="blocks", target_latency=0.55, latency_backend="fake-target",
+    opts = PruneOptions.build(structure="blocks", target_latency=target, latency_backend="fake-target",
                               latency_batch=2, repair_samples_per_class=3)
     data = DataOptions(path=str(image_folder))
     return loaded, opts, data, prune_model(loaded, None, tmp_path / "p", opts, data)
@@ -143,6 +144,35 @@ def test_blocks_prune_meets_the_fake_latency_and_its_artifact_loads_back(tmp_pat
         replay(loaded, tmp_path / "p" / "plan.json")
     none = opts.model_copy(update={"compensation": "none"})
     assert prune_model(loaded, None, tmp_path / "q", none, data)[0]["latency"]["refitted"] == []
+
+
+@pytest.mark.parametrize("target", [0.75, 0.745, 0.64, 0.633])
+def test_a_near_miss_is_measured_before_a_last_step_that_costs_more(tmp_path, image_folder, monkeypatch, target):
+    """TinyRes on the fake backend (exact, additive savings): {down.3: 3x3} is 0.7647 of the time,
+    with block1 in a 3x3 or 1x1 form too 0.6471, with either block gone 0.5294. The candidates'
+    KL are set, so that the walk takes {down.3: 3x3} first and then covers the gap to 0.64 by
+    removing block1 (KL per time saved lower than block1's 3x3, more KL added)."""
+    from tvsprune.pruning.block_walk import _Walk
+
+    kl = {("down.3", "3x3"): 0.001, ("down.3", "1x1"): 0.002, ("down.3", "identity"): 0.05,
+          ("block1", "3x3"): 0.001, ("block1", "1x1"): 0.0012, ("block1", "identity"): 0.0015}
+    monkeypatch.setattr(_Walk, "trial_kl", lambda self, name, form: self.current[2] + kl[(name, form)])
+    lat = _tiny_blocks_prune(tmp_path, image_folder, target)[3][0]["latency"]
+    path = [(p["replaced"], p.get("step"), p.get("kept"), p.get("measured")) for p in lat["path"]]
+    first, b3, b1 = {"down.3": "3x3"}, {"down.3": "3x3", "block1": "3x3"}, {"down.3": "3x3", "block1": "1x1"}
+    at = lambda v: pytest.approx(v, abs=1e-3)  # noqa: E731
+    if target == 0.75:  # the network so far is 2.0 % over: measured and kept, the step to 0.6471 not taken
+        assert path == [(first, None, None, at(0.7647))]
+    elif target == 0.745:  # 2.6 % over: measured, not kept; the step to 0.6471 taken
+        assert path == [(first, None, None, at(0.7647)), (b3, None, None, at(0.6471))]
+    elif target == 0.64:  # block1 3x3 (1.1 % over, +0.001 against the removal's +0.0015) built, measured, kept
+        assert path == [(first, None, None, None), (b3, "near", None, at(0.6471))]
+    else:  # 2.2 % over 0.633: both near misses built, measured and undone; then block1 removed
+        assert path == [(first, None, None, None), (b3, "near", False, at(0.6471)), (b1, "near", False, at(0.6471)),
+                        ({"down.3": "3x3", "block1": "identity"}, None, None, at(0.5294))]
+    final = [p for p in path if p[2] is not False][-1]
+    assert lat["replaced"] == final[0] and lat["measured"] == final[3] and lat["hit"]
+    assert lat["measured"] <= target * 1.02
 
 
 @pytest.mark.parametrize("slower_when_lighter", [False, True])
@@ -345,3 +375,25 @@ def test_the_last_step_may_make_several_replaced_blocks_cheaper_at_once():
     many = {f"n{i}": "1x1" for i in range(12)}
     even = lambda f: 1 - sum(0.1 if v == "1x1" else 0.11 for v in f.values())  # noqa: E731
     assert len(cheaper_sets(many, None, even, 0.0, limit=10_000)) == 66 + 220
+
+
+def test_a_last_step_that_costs_more_than_a_near_miss_has_the_near_misses_measured_first():
+    """The network so far predicted 0.667 for a 0.65 target: the step that reaches it replaces a
+    fourth block (0.04 of KL); networks within 3 % over the target for less KL come first."""
+    forms = {"a": "1x1", "b": "identity"}
+    saved = {("a", "1x1"): 0.15, ("a", "identity"): 0.163, ("b", "identity"): 0.183, ("c", "3x3"): 0.067,
+             ("c", "1x1"): 0.01}
+    predicted = lambda f: 1 - sum(saved[(n, v)] for n, v in f.items())  # noqa: E731
+    assert predicted(forms) == pytest.approx(0.667)
+    gone, fourth, small = {**forms, "a": "identity"}, {**forms, "c": "3x3"}, {**forms, "c": "1x1"}
+    cands = [(0.01, 0.013, gone), (0.04, 0.067, fourth), (0.008, 0.01, small)]  # (KL added, saved, forms)
+    assert [predicted(f) for f in (gone, fourth, small)] == pytest.approx([0.654, 0.6, 0.657])
+    assert _pick(cands, 0.017) is fourth  # the least KL per time saved, and the only step that reaches 0.65
+    # least KL first: the network so far (none added), then `small`; two at most
+    assert near_misses(cands, fourth, forms, 0.65, predicted) == [forms, small]
+    assert near_misses(cands, fourth, forms, 0.65, predicted, limit=3) == [forms, small, gone]
+    assert near_misses(cands, fourth, forms, 0.655, predicted, limit=3) == [forms, small]  # `gone` reaches 0.655
+    assert near_misses(cands, fourth, forms, 0.63, predicted) == []  # 0.654 is 3.8 % over 0.63: none is near
+    assert near_misses(cands, fourth, forms, 0.645, predicted, limit=3) == [small, gone]  # 0.667 is 3.4 % over
+    dear = [(0.05, 0.013, gone), *cands[1:]]  # `gone` adding more KL than the fourth block: not a near miss
+    assert near_misses(dear, fourth, forms, 0.65, predicted, limit=3) == [forms, small]
