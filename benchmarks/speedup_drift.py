@@ -1,7 +1,8 @@
 """How far one network's measured speedup moves between measurements on this machine.
 
 ResNet-20 with residual blocks 0, 2 and 5 removed (the network ``--structure blocks`` chose at
-1.53-1.54x, weights do not change its time) is measured against the unpruned ResNet-20 with
+1.53-1.54x; ``--forms`` gives another, e.g. ``0:1x1,2:identity,5:identity``; weights do not
+change its time) is measured against the unpruned ResNet-20 with
 prune's own check (``measure_speedup``: A/B interleaved on the latency backend, its default
 rounds) again and again, each time beside an A/A pair (the base against a copy of itself). The
 script prints every measurement, the range of the ratio, and the fit of the pruned network's
@@ -10,7 +11,8 @@ both alike; an offset means something per call or per operator (which the smalle
 pays nearly as often) moved, and then the ratio itself moves with the machine.
 
     python benchmarks/speedup_drift.py [--repeats 12] [--batch 32] [--backend ort-cpu]
-        [--rounds 5] [--iters 10] [--out results/speedup_drift.json]
+        [--forms 0:identity,2:identity,5:identity] [--rounds 5] [--iters 10]
+        [--out results/speedup_drift.json]
 """
 from __future__ import annotations
 
@@ -29,8 +31,7 @@ from _common import machine  # noqa: E402
 
 from tvsprune.compare.on_backend import measure_speedup  # noqa: E402
 from tvsprune.models import build_module  # noqa: E402
-
-REMOVED = (0, 2, 5)
+from tvsprune.pruning.blocks import ConvReLU  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--forms", default="0:identity,2:identity,5:identity",
+                    help="BLOCK:FORM,...: ResNet-20's blocks (0-8) removed (identity) or one 3x3 / 1x1 convolution")
     ap.add_argument("--rounds", type=int, default=5, help="A/B rounds per measurement (prune's default: 5)")
     ap.add_argument("--iters", type=int, default=10, help="timed runs per network per round (prune's default: 10)")
     ap.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
@@ -45,12 +48,15 @@ def main() -> None:
 
     base = build_module("resnet20").eval()
     pruned = copy.deepcopy(base)
-    for i in REMOVED:
-        pruned.layers[i] = nn.Identity()
+    forms = {int(b): f for b, f in (item.split(":") for item in args.forms.split(","))}
+    for i, form in forms.items():
+        c = pruned.layers[i].conv1.in_channels
+        k = {"identity": 0, "1x1": 1, "3x3": 3}[form]
+        pruned.layers[i] = ConvReLU(nn.Conv2d(c, c, k, padding=k // 2), True) if k else nn.Identity()
     twin = copy.deepcopy(base)
     shape = [3, 32, 32]
     print(f"# {machine()}; {args.backend}, batch {args.batch}, {args.rounds} rounds x {args.iters} runs; "
-          f"ResNet-20 without blocks {', '.join(map(str, REMOVED))} vs ResNet-20, and an A/A pair", flush=True)
+          f"ResNet-20 with {args.forms} vs ResNet-20, and an A/A pair", flush=True)
     print("| # | base ms | pruned ms | ratio | speedup | A/A ratio | s |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -77,7 +83,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                                        "removed": list(REMOVED), "rows": rows, "summary": summary}, indent=1))
+                                        "forms": forms, "rows": rows, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":
