@@ -6,8 +6,8 @@ latency is one minus the sum of its changes' savings. Each step takes the change
 the held-out KL least per unit of time saved; the last one, the change that reaches the target
 for the least KL (where two or three replaced blocks each made cheaper reach it, those too); but where networks
 predicted at most 3 % over the target cost less KL than that step, two of them are built and measured first, and
-the first that measures at most 2 % over is kept (a near miss: the savings are each measured alone, on a noisy machine). The
-chosen network is then measured against the base: while it is more than 10 % over the target
+the first that measures at most 2 % over is kept (a near miss: the savings are each measured alone, on a noisy
+machine). The chosen network is then measured against the base: while it is more than 10 % over the target
 the walk goes on. Where it lands more than 5 % under the target (a step is a whole block: up to
 a seventh of ResNet-20's time), the walk steps back: of the networks one block lighter (one
 replaced block in a dearer form, or back as it was) whose prediction, scaled by what the
@@ -41,8 +41,8 @@ MAX_SETS = 8  # the last step also tries at most this many sets of replaced bloc
 SAVINGS_ROUNDS, SAVINGS_ROUND_S = 15, 0.2
 TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the walk stops going on
 # the last step's near misses: networks predicted at most NEAR over the target, for less KL than the step that
-# reaches it, are built and measured first (NEAR_TRIES at most), the first at most NEAR_MET over kept (on this 2-core AMD EPYC one
-# ResNet-20 pair measured 0.644-0.670 in 30 calls, A/A pairs 0.973-1.009: benchmarks/speedup_drift.py)
+# reaches it, are built and measured first (NEAR_TRIES at most), the first at most NEAR_MET over kept (on this
+# 2-core AMD EPYC one ResNet-20 pair measured 0.644-0.670 in 30 calls, A/A pairs 0.973-1.009: speedup_drift.py)
 NEAR, NEAR_MET, NEAR_TRIES = 0.03, 0.02, 2
 # BACK_TOLERANCE, the channel path's re-plan tolerance (5 %): more than it under the target, a step back, kept if
 # it measures at most that over
