@@ -258,18 +258,26 @@ class _Walk:
         """The last step's :func:`near_misses` in turn, each built (unless it is the network so
         far) and measured: the first at most ``NEAR_MET`` over the target is kept, with its
         measurement in ``self.met``; the others are undone. False where none is kept."""
-        kept = (self.forms, self.current, self.refitted)
         for forms in near_misses(cands, chosen, self.forms, self.target, self.predicted):
-            if forms is not kept[0]:
-                self.take(forms, step="near")
-            m = self.measure()
-            if m["ratio"] <= self.target * (1 + NEAR_MET):
-                self.met = m
+            self.met = self.tried(forms, "near", NEAR_MET)
+            if self.met:
                 return True
-            if forms is not kept[0]:
-                self.path[-1]["kept"] = False
-                self.forms, self.current, self.refitted = kept
         return False
+
+    def tried(self, forms: dict[str, str], step: str, over: float) -> dict[str, float] | None:
+        """``forms`` built (unless it is the network so far) and measured: kept where it is at
+        most ``over`` above the target, and its measurement returned; else undone (the path
+        marks it ``kept: false``) and None."""
+        kept, built = (self.forms, self.current, self.refitted), forms is not self.forms
+        if built:
+            self.take(forms, step=step)
+        m = self.measure()
+        if m["ratio"] <= self.target * (1 + over):
+            return m
+        if built:
+            self.path[-1]["kept"] = False
+            self.forms, self.current, self.refitted = kept
+        return None
 
     def measure(self) -> dict[str, float]:
         """The current network against the base on the latency backend; ``ratio``: its fraction
@@ -292,12 +300,8 @@ class _Walk:
             chosen = step_back(self.forms, m["ratio"], self.target, self.predicted, self.trial_whole, self.allowed)
             if chosen is None:
                 break
-            kept = (self.forms, self.current, self.refitted)
-            self.take(chosen, step="back")
-            lighter_m = self.measure()
-            if lighter_m["ratio"] > self.target * (1 + BACK_TOLERANCE):
-                self.path[-1]["kept"] = False
-                self.forms, self.current, self.refitted = kept
+            lighter_m = self.tried(chosen, "back", BACK_TOLERANCE)
+            if lighter_m is None:
                 break
             m = lighter_m
         return m
