@@ -14,7 +14,8 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.block_walk import _pick, _savings, cheaper_sets, lighter, near_misses, step_back
+from tvsprune.pruning.block_walk import (_pick, _savings, cheaper_sets, lighter, near_misses, near_sets,
+                                         step_back)
 from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, apply_forms, find_blocks, forms_for, rebuild, replace_one,
                                     successors)
 
@@ -397,3 +398,50 @@ def test_a_last_step_that_costs_more_than_a_near_miss_has_the_near_misses_measur
     assert near_misses(cands, fourth, forms, 0.645, predicted, limit=3) == [small, gone]  # 0.667 is 3.4 % over
     dear = [(0.05, 0.013, gone), *cands[1:]]  # `gone` adding more KL than the fourth block: not a near miss
     assert near_misses(dear, fourth, forms, 0.65, predicted, limit=3) == [forms, small]
+
+
+def _three_1x1s():
+    """Blocks a, b, c each a 1x1 (0.10 of the time saved each, 0.106 removed) and d as it was
+    (0.05 as a 1x1, 0.06 removed): predicted 0.70."""
+    saved = {**{(n, "1x1"): 0.10 for n in "abc"}, **{(n, "identity"): 0.106 for n in "abc"},
+             ("d", "1x1"): 0.05, ("d", "identity"): 0.06}
+    return {"a": "1x1", "b": "1x1", "c": "1x1"}, saved, lambda f: 1 - sum(saved[(n, v)] for n, v in f.items())
+
+
+def test_near_sets_are_the_cheaper_sets_just_over_the_target_nearest_first():
+    forms, _, predicted = _three_1x1s()
+    gone = lambda *ns: {**forms, **{n: "identity" for n in ns}}  # noqa: E731
+    # all three removed 0.682 (1.8 % over 0.67), two 0.688 (2.7 %); one alone 0.694 is no set
+    assert near_sets(forms, None, predicted, 0.67) == [gone("a", "b", "c"), gone("a", "b"), gone("a", "c"),
+                                                      gone("b", "c")]
+    assert near_sets(forms, None, predicted, 0.67, limit=2) == [gone("a", "b", "c"), gone("a", "b")]
+    # 0.682 meets 0.685: all three removed are no near set there
+    assert near_sets(forms, None, predicted, 0.685) == [gone("a", "b"), gone("a", "c"), gone("b", "c")]
+    assert near_sets(forms, None, predicted, 0.66) == []  # 0.682 is 3.3 % over 0.66
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_the_last_step_measures_a_near_set_before_replacing_another_block(monkeypatch, kept):
+    """From three 1x1s (0.70) to 0.67: replacing block d reaches it (+0.04 KL); removing two of
+    the 1x1s (0.688, +0.01) or all three (0.682, +0.015) reaches it by no prediction, but is
+    near: the least KL is measured first, two at most."""
+    from tvsprune.pruning.block_walk import _Walk
+
+    forms, saved, _ = _three_1x1s()
+    walk = object.__new__(_Walk)
+    walk.blocks, walk.allowed, walk.saved, walk.target = list("abcd"), {n: ("1x1", "identity") for n in "abcd"}, \
+        saved, 0.67
+    walk.forms, walk.current, walk.met = forms, (None, {}, 0.06), None
+    step_kl = {("a", "identity"): 0.03, ("b", "identity"): 0.03, ("c", "identity"): 0.03, ("d", "1x1"): 0.04,
+               ("d", "identity"): 0.05}
+    monkeypatch.setattr(_Walk, "trial_kl", lambda self, n, f: self.current[2] + step_kl[(n, f)])
+    monkeypatch.setattr(_Walk, "trial_whole", lambda self, f: self.current[2] + 0.005 * sum(v == "identity"
+                                                                                           for v in f.values()))
+    tried, taken = [], []
+    monkeypatch.setattr(_Walk, "tried", lambda self, f, step, over: tried.append(f) or ({"ratio": 0.68} if kept
+                                                                                       else None))
+    monkeypatch.setattr(_Walk, "take", lambda self, f, **note: taken.append(f))
+    assert walk.advance(finish=True) is (not kept)
+    pairs = [{**forms, **{n: "identity" for n in ns}} for ns in ("ab", "ac")]
+    assert tried == (pairs[:1] if kept else pairs)
+    assert taken == ([] if kept else [{**forms, "d": "1x1"}])

@@ -5,15 +5,15 @@ saves alone on the latency backend, measured (pooled over blocks alike); a netwo
 latency is one minus the sum of its changes' savings. Each step takes the change that raises
 the held-out KL least per unit of time saved; the last one, the change that reaches the target
 for the least KL (where two or three replaced blocks each made cheaper reach it, those too); but where networks
-predicted at most 3 % over the target cost less KL than that step, two of them are built and measured first, and
-the first that measures at most 2 % over is kept (a near miss: the savings are each measured alone, on a noisy
-machine). The chosen network is then measured against the base: while it is more than 10 % over the target
-the walk goes on. Where it lands more than 5 % under the target (a step is a whole block: up to
-a seventh of ResNet-20's time), the walk steps back: of the networks one block lighter (one
-replaced block in a dearer form, or back as it was) whose prediction, scaled by what the
-measurement showed, still meets the target, the one with the least KL is built and measured,
-and kept where it is at most 5 % over the target (the tolerance of the channel path's re-plan:
-a network that met the target is traded only for one within it).
+predicted at most 3 % over the target cost less KL than that step (one change, or two or three replaced blocks made
+cheaper together), two of them are built and measured first, least KL first, and the first that measures at most
+2 % over is kept (a near miss: the savings are each measured alone, on a noisy machine). The chosen network is
+then measured against the base: while it is more than 10 % over the target the walk goes on. Where it lands more
+than 5 % under the target (a step is a whole block: up to a seventh of ResNet-20's time), the walk steps back: of
+the networks one block lighter (one replaced block in a dearer form, or back as it was) whose prediction, scaled by
+what the measurement showed, still meets the target, the one with the least KL is built and measured, and kept where
+it is at most 5 % over the target (the tolerance of the channel path's re-plan: a network that met the target is
+traded only for one within it).
 """
 from __future__ import annotations
 
@@ -98,6 +98,17 @@ def near_misses(cands: list[tuple[float, float, dict[str, str]]], chosen: dict[s
     near = [(k, f) for k, _, f in [(0.0, 0.0, forms), *cands]
             if k < added and target < predicted(f) <= target * (1 + NEAR)]
     return [f for _, f in sorted(near, key=lambda c: c[0])[:limit]]
+
+
+def near_sets(forms: dict[str, str], allowed: dict[str, tuple[str, ...]] | None, predicted, target: float,
+              limit: int = NEAR_TRIES + 2) -> list[dict[str, str]]:
+    """The :func:`cheaper_sets` of ``forms`` predicted over ``target`` by at most ``NEAR``, the
+    nearest ``limit`` (fewest blocks changed among equals), to be scored as near misses that no
+    single step makes: e.g. two 1x1 blocks removed together, for less KL than a fourth block
+    replaced."""
+    sets = cheaper_sets(forms, allowed, predicted, predicted(forms) - target * (1 + NEAR), limit=10_000)
+    near = [t for t in sets if predicted(t) > target]
+    return sorted(near, key=lambda t: (predicted(t), sum(t[n] != forms[n] for n in forms)))[:limit]
 
 
 def lighter(forms: dict[str, str], allowed: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, str]]:
@@ -249,8 +260,11 @@ class _Walk:
         chosen = _pick(cands, gap)
         if chosen is None:
             return False
-        if gap is not None and gap > 0 and self.predicted(chosen) <= self.target and self.near(cands, chosen):
-            return False
+        if gap is not None and gap > 0 and self.predicted(chosen) <= self.target:
+            sets = [(self.trial_whole(t) - self.current[2], self.predicted(forms) - self.predicted(t), t)
+                    for t in near_sets(forms, self.allowed, self.predicted, self.target)]
+            if self.near(cands + sets, chosen):
+                return False
         self.take(chosen)
         return True
 
