@@ -255,18 +255,21 @@ class _Walk:
                                   self.predicted(forms) - self.predicted(trial), trial))
         gap = self.predicted(forms) - self.target if finish else None
         if gap is not None and gap > 0:  # the last step: several replaced blocks made cheaper at once, fitted whole
-            cands += [(self.trial_whole(t) - self.current[2], self.predicted(forms) - self.predicted(t), t)
-                      for t in cheaper_sets(forms, self.allowed, self.predicted, gap)]
+            cands += self.whole(cheaper_sets(forms, self.allowed, self.predicted, gap))
         chosen = _pick(cands, gap)
         if chosen is None:
             return False
         if gap is not None and gap > 0 and self.predicted(chosen) <= self.target:
-            sets = [(self.trial_whole(t) - self.current[2], self.predicted(forms) - self.predicted(t), t)
-                    for t in near_sets(forms, self.allowed, self.predicted, self.target)]
-            if self.near(cands + sets, chosen):
+            if self.near(cands + self.whole(near_sets(forms, self.allowed, self.predicted, self.target)), chosen):
                 return False
         self.take(chosen)
         return True
+
+    def whole(self, sets: list[dict[str, str]]) -> list[tuple[float, float, dict[str, str]]]:
+        """Networks that change several blocks at once as the last step's candidates: (KL added,
+        time saved, forms), each scored whole (:meth:`trial_whole`)."""
+        now = self.predicted(self.forms)
+        return [(self.trial_whole(t) - self.current[2], now - self.predicted(t), t) for t in sets]
 
     def near(self, cands: list[tuple[float, float, dict[str, str]]], chosen: dict[str, str]) -> bool:
         """The last step's :func:`near_misses` in turn, each built (unless it is the network so
