@@ -335,6 +335,23 @@ def test_the_verdict_recommends_the_fastest_model_within_max_drop():
     assert gate_failures(s, {"max_drop": 2.0}) == ["70.33 points lost > 2"]
 
 
+def test_a_model_that_scored_higher_reads_gained_with_the_interval_of_its_gain():
+    """The drop's interval negated where the words say gained: the figure always inside it."""
+    from tvsprune.bench.verdict import summarize
+
+    sp = lambda m: {"speedup_median": m, "speedup_min": m - 0.05, "speedup_max": m + 0.05}  # noqa: E731
+    report = {"models": [{"label": "base"}, {"label": "pruned"}, {"label": "base.int8"}],
+              "latency": {"ort-cpu": {"32": {"speedup_vs_base": {"pruned": sp(1.2), "base.int8": sp(2.0)}}}},
+              "accuracy": {"models": {"pruned": {"drop_points": -0.5, "drop_ci95": [-1.1, 0.1], "samples": 1000},
+                                      "base.int8": {"drop_points": -0.3, "drop_ci95": [-0.89, 0.29],
+                                                    "samples": 1000}}}}
+    s = summarize(report)["sentence"]
+    assert "0.30 points top-1 gained (95 % CI -0.29 to +0.89, n=1000)" in s
+    assert "the fastest pruned model, pruned, is 1.20x, 0.50 points gained: pruning does not pay" in s
+    report["accuracy"]["models"]["base.int8"].update(drop_points=1.2, drop_ci95=[0.4, 2.0])
+    assert "1.20 points top-1 lost (95 % CI +0.40 to +2.00, n=1000)" in summarize(report)["sentence"]
+
+
 def test_run_says_to_keep_the_base_when_every_pruned_model_lost_too_much(tmp_path, capsys):
     import json
     from types import SimpleNamespace

@@ -126,6 +126,12 @@ def _pct(x: float | None) -> str | None:
     return None if x is None or not math.isfinite(x) else f"{x * 100:.0f} %"
 
 
+def _points(drop: float, of: str = "") -> str:
+    """'1.20 points lost', or '0.30 points gained' where the model scored higher than the base
+    (``of``: 'top-1 ' reads '0.30 points top-1 gained')."""
+    return f"{abs(drop):.2f} points {of}{'lost' if drop >= 0 else 'gained'}"
+
+
 def sentence(s: dict[str, Any]) -> str:
     best = s.get("best")
     if not best:
@@ -137,9 +143,9 @@ def sentence(s: dict[str, Any]) -> str:
              f"(per-round range {lo:.2f}-{hi:.2f})"]
     if best.get("drop_points") is not None:
         d, ci = best["drop_points"], best.get("drop_ci95") or [float("nan")] * 2
-        word = "lost" if d >= 0 else "gained"
-        parts.append(f"{abs(d):.2f} points top-1 {word} (95 % CI {ci[0]:+.2f} to {ci[1]:+.2f}, "
-                     f"n={best['samples']})")
+        if d < 0:  # the interval of what was gained, as the words say: the drop's, negated
+            ci = [-ci[1], -ci[0]]
+        parts.append(f"{_points(d, 'top-1 ')} (95 % CI {ci[0]:+.2f} to {ci[1]:+.2f}, n={best['samples']})")
     else:
         parts.append("accuracy not measured (give --data)")
     saved = [f"{_pct(s.get(k))} fewer {w}" for k, w in (("macs_saved", "MACs"), ("params_saved", "parameters"))
@@ -154,7 +160,7 @@ def sentence(s: dict[str, Any]) -> str:
             f"{r['model']} ({r['speedup']:.2f}x, {r['drop_points']:.2f} points)" for r in best["rejected"]))
     if best.get("pruned"):
         p = best["pruned"]
-        lost = f", {p['drop_points']:.2f} points lost" if p.get("drop_points") is not None else ""
+        lost = f", {_points(p['drop_points'])}" if p.get("drop_points") is not None else ""
         parts.append(f"the fastest pruned model, {p['model']}, is {p['speedup']:.2f}x{lost}: pruning does not pay "
                      f"on {best['backend']} beyond INT8")
     slower = [(v, b, k) for b, per in (s.get("int8") or {}).items() for k, v in per.items() if v < 1]
