@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 from tvsprune.compare.on_backend import measure_speedup  # noqa: E402
 from tvsprune.models import build_module  # noqa: E402
-from tvsprune.pruning.blocks import ConvReLU  # noqa: E402
+from tvsprune.pruning.blocks import unfitted  # noqa: E402
 
 
 def main() -> None:
@@ -50,9 +49,7 @@ def main() -> None:
     pruned = copy.deepcopy(base)
     forms = {int(b): f for b, f in (item.split(":") for item in args.forms.split(","))}
     for i, form in forms.items():
-        c = pruned.layers[i].conv1.in_channels
-        k = {"identity": 0, "1x1": 1, "3x3": 3}[form]
-        pruned.layers[i] = ConvReLU(nn.Conv2d(c, c, k, padding=k // 2), True) if k else nn.Identity()
+        pruned.layers[i] = unfitted(pruned.layers[i].conv1.in_channels, form)
     twin = copy.deepcopy(base)
     shape = [3, 32, 32]
     print(f"# {machine()}; {args.backend}, batch {args.batch}, {args.rounds} rounds x {args.iters} runs; "

@@ -28,8 +28,8 @@ import torch.nn as nn
 
 from ..console import step
 from ..errors import TvsError
-from .blocks import (FORMS, ConvReLU, _overlaps, _set, apply_forms, find_blocks, fit_from, forms_for, running_units,
-                     successors)
+from .blocks import (FORMS, _overlaps, _set, apply_forms, find_blocks, fit_from, forms_for, running_units, successors,
+                     unfitted)
 from .latency import TOLERANCE as BACK_TOLERANCE
 from .refit import FIT_IMAGES, TRIAL_IMAGES, module_io, refittable
 
@@ -64,8 +64,7 @@ def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, i
                        tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
         for f in (allowed or {}).get(name, FORMS):
             m = copy.deepcopy(base)
-            k = int(f[0]) if f != "identity" else 0
-            _set(m, name, ConvReLU(nn.Conv2d(x.shape[1], x.shape[1], k, padding=k // 2), True) if k else nn.Identity())
+            _set(m, name, unfitted(x.shape[1], f))
             nets[f"{name}|{f}"] = m.eval()
     ms = time_networks(backend, precision, nets, input_shape, batch, SAVINGS_ROUNDS, SAVINGS_ROUND_S)
     base_ms = np.asarray(ms.pop("base"))
@@ -254,14 +253,15 @@ class _Walk:
                     cands.append((self.trial_kl(name, f) - self.current[2],
                                   self.predicted(forms) - self.predicted(trial), trial))
         gap = self.predicted(forms) - self.target if finish else None
-        if gap is not None and gap > 0:  # the last step: several replaced blocks made cheaper at once, fitted whole
+        last = gap is not None and gap > 0
+        if last:  # the last step: several replaced blocks made cheaper at once, fitted whole
             cands += self.whole(cheaper_sets(forms, self.allowed, self.predicted, gap))
         chosen = _pick(cands, gap)
         if chosen is None:
             return False
-        if gap is not None and gap > 0 and self.predicted(chosen) <= self.target:
-            if self.near(cands + self.whole(near_sets(forms, self.allowed, self.predicted, self.target)), chosen):
-                return False
+        if last and self.predicted(chosen) <= self.target and self.near(
+                cands + self.whole(near_sets(forms, self.allowed, self.predicted, self.target)), chosen):
+            return False
         self.take(chosen)
         return True
 

@@ -43,6 +43,13 @@ class ConvReLU(nn.Module):
         return F.relu(y) if self.relu else y
 
 
+def unfitted(channels: int, form: str) -> nn.Module:
+    """A block in ``form`` with its weights unset (what its time is measured on): the
+    convolution and ReLU of a 3x3 or 1x1, or nothing (identity)."""
+    k = int(form[0]) if form != "identity" else 0
+    return ConvReLU(nn.Conv2d(channels, channels, k, padding=k // 2), True) if k else nn.Identity()
+
+
 class _ChildrenAsLeaves(torch.fx.Tracer):
     """Traces one module's own forward: its submodules stay calls."""
 
