@@ -135,6 +135,26 @@ def test_tutorial_cnn_calibrates_from_the_command_line(tmp_path):
     assert out.is_file()
 
 
+def test_a_warning_repeated_in_one_command_is_shown_once_and_logged_every_time(tmp_path, monkeypatch):
+    from tvsprune.calibration import collector
+
+    add, calls = collector.CoMoments.add, []
+
+    def warns(self, x):
+        calls.append(1)
+        logging.getLogger("tvsprune.calibration").warning("the same fit warning")
+        logging.getLogger("tvsprune.calibration").warning("call %d", min(len(calls), 2))
+        return add(self, x)
+
+    monkeypatch.setattr(collector.CoMoments, "add", warns)
+    log = tmp_path / "run.log"
+    code, lines, out = _calibrate_cli(tmp_path, "--log-file", str(log))
+    assert code == 0 and len(calls) > 2, lines
+    assert sum("the same fit warning" in l for l in lines) == 1, lines
+    assert sum(l.endswith("call 1") for l in lines) == 1 and sum(l.endswith("call 2") for l in lines) == 1, lines
+    assert log.read_text().count("the same fit warning") == len(calls)
+
+
 def test_fault_in_a_hook_is_an_internal_error_exit_70(tmp_path, monkeypatch):
     from tvsprune.calibration import collector
 

@@ -93,11 +93,33 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+class _Once(logging.Filter):
+    """A warning already shown on the terminal during this command is not shown again: a prune's
+    candidate networks each fit the same layers, and each fit warned about the same layer (one
+    torchvision MobileNetV2 prune printed every 'the fit leans on its ridge' line twice). The log
+    file keeps every one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
-    """-q: errors only; default: warnings; -v: info; -vv: debug; --log-file: everything, to a file."""
+    """-q: errors only; default: warnings (each once); -v: info; -vv: debug; --log-file:
+    everything, to a file."""
     level = logging.ERROR if args.quiet else logging.WARNING - 10 * min(args.verbose, 2)
     handlers: list[logging.Handler] = [_CurrentStderr()]
     handlers[0].setLevel(level)
+    handlers[0].addFilter(_Once())
     if args.log_file:
         try:
             fh = logging.FileHandler(args.log_file)
