@@ -295,3 +295,23 @@ def test_plots_show_the_speedup_with_sentences_for_captions(tiny_report):
     summary = md.split("## Summary", 1)[1]
     assert "| :---|" in summary.replace("|:---|", "| :---|") and "---:|" in summary  # text left, numbers right
     assert 'class="text"' in html_text and 'class="num"' in html_text
+
+
+def test_the_report_says_a_blocks_prune_was_fitted_not_uncompensated():
+    """A blocks prune records compensation 'none' (nothing is folded), yet its replacements and
+    the convolutions after them are fitted by least squares: the report says that."""
+    from tvsprune.bench.report import provenance_rows
+
+    def model(label, allocation, latency):
+        return {"label": label, "spec": label, "prune": {
+            "method": "tvs", "allocation": allocation, "budget": {"in_words": "keep 65 % of the latency"},
+            "repairs": {"compensation": "none" if allocation == "blocks" else "ls", "bn_recalibrate": True},
+            **({"latency": latency} if latency else {})}}
+
+    rows = provenance_rows({"models": [{"label": "base", "spec": "resnet20"},
+                                       model("blocks", "blocks", {"refitted": ["l.1.conv1", "l.1.conv2"]}),
+                                       model("channels", "sensitivity", {"measured": 0.66})]})
+    repairs = {r["model"]: r.get("repairs") for r in rows}
+    assert repairs["blocks"] == ("blocks fitted by least squares, 2 later convolutions re-fitted, "
+                                 "BatchNorm re-estimated"), repairs
+    assert repairs["channels"] == "compensation ls, BatchNorm re-estimated" and repairs["base"] is None, repairs

@@ -341,11 +341,17 @@ def test_a_form_with_as_many_weights_as_its_block_is_neither_measured_nor_fitted
                                                                {"a": "identity", "b": "3x3"}, {"a": "identity"}]
 
 
-def test_the_api_prunes_blocks_of_an_in_memory_module_without_a_moments_file(tmp_path, image_folder):
+def test_the_api_prunes_blocks_of_an_in_memory_module_without_a_moments_file(tmp_path, image_folder, monkeypatch):
     """``tvsprune.prune(module, structure="blocks", ...)``: nothing reads moments, so none is
-    asked for (it was a TypeError), and the input shape comes from a calibration image."""
+    asked for (it was a TypeError), and the input shape comes from a calibration image. The
+    channel path's per-layer latency table is not measured: the walk times whole networks."""
     import tvsprune
+    from tvsprune.pruning import latency
 
+    def no_table(*a, **k):
+        raise AssertionError("a blocks prune measured the channel latency table")
+
+    monkeypatch.setattr(latency, "measure_table", no_table)
     torch.manual_seed(0)
     pruned = tvsprune.prune(TinyRes().eval(), structure="blocks", target_latency=0.55, latency_backend="fake-target",
                             latency_batch=2, repair_samples_per_class=3, calib_data=str(image_folder),

@@ -52,3 +52,22 @@ def test_calibrate_heartbeat_carries_counts_and_rate(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert re.search(r"\d+/180 img at \d+ img/s", r.stderr), r.stderr
+
+
+def test_timing_networks_names_the_timing_not_the_last_export(caplog):
+    """The blocks walk's savings and every A/B check export their networks first (each export
+    names its own steps: the heartbeat said 'parity on ONNX Runtime' through minutes of timing)."""
+    import logging
+
+    import torch.nn as nn
+
+    from tvsprune.compare.on_backend import measure_speedup, time_networks
+
+    nets = {"a": nn.Conv2d(3, 4, 3).eval(), "b": nn.Conv2d(3, 2, 3).eval()}
+    with caplog.at_level(logging.INFO, logger="tvsprune.progress"):
+        time_networks("ort-cpu", "fp32", nets, [3, 8, 8], 2, rounds=1, min_time_s=0.001)
+        steps = [r.getMessage() for r in caplog.records if r.name == "tvsprune.progress"]
+        assert any("parity" in s for s in steps) and steps[-1] == "timing 2 networks on ort-cpu at batch 2", steps
+        measure_speedup("ort-cpu", nets["a"], nets["b"], [3, 8, 8], 2, rounds=1, iters=1)
+    steps = [r.getMessage() for r in caplog.records if r.name == "tvsprune.progress"]
+    assert steps[-1] == "timing the pruned network against the base on ort-cpu at batch 2", steps

@@ -112,8 +112,10 @@ def provenance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             row["budget"] = b.get("in_words") or (f"{b['target']:g} of {b['metric']} removed" if b.get("target") is not None
                              else f"threshold {b.get('threshold')}") if b else "-"
             row["allocation"] = str(p.get("allocation") or "-")
-            row["repairs"] = ", ".join(filter(None, [f"compensation {r.get('compensation', 'none')}",
-                                                     "BatchNorm re-estimated" if r.get("bn_recalibrate") else None]))
+            refitted = len((p.get("latency") or {}).get("refitted") or [])  # blocks: always fitted, not folded
+            fits = (f"blocks fitted by least squares, {refitted} later convolutions re-fitted"
+                    if p.get("allocation") == "blocks" else f"compensation {r.get('compensation', 'none')}")
+            row["repairs"] = ", ".join([fits, "BatchNorm re-estimated"] if r.get("bn_recalibrate") else [fits])
             row["removed"] = (f"{p['params']['removed_frac'] * 100:.1f} % params, "
                               f"{p['macs']['removed_frac'] * 100:.1f} % MACs") if p.get("params") else "-"
         rows.append(row)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..backends import backend_kind, make_runner
+from ..console import step
 
 if TYPE_CHECKING:
     from ..pruning.layer_latency import LayerShape
@@ -161,6 +162,7 @@ def measure_speedup(backend: str, base: nn.Module, pruned: nn.Module, input_shap
             for label, m in (("base", base), ("pruned", pruned)):
                 art = network_artifact(backend, m, input_shape, batch, precision, Path(d), label)
                 runners[label] = make_runner(backend, art).activate()
+            step(f"timing the pruned network against the base on {backend} at batch {batch}")  # not the export's
             x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
             res = measure_interleaved(runners, x, LatencyConfig(rounds=rounds, iters=iters))
     finally:
@@ -182,6 +184,7 @@ def time_networks(backend: str, precision: str, modules: dict[str, nn.Module], i
             for label, m in modules.items():
                 art = network_artifact(backend, m, input_shape, batch, precision, Path(d), label, "torchscript")
                 runners[label] = make_runner(backend, art).activate()
+            step(f"timing {len(runners)} networks on {backend} at batch {batch}")  # the last export's step was shown
             return time_runners(runners, {k: x for k in runners}, rounds, min_time_s, per_round=True)
     finally:
         for r in runners.values():

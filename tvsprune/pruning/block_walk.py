@@ -212,6 +212,7 @@ class _Walk:
 
     def take(self, forms: dict[str, str], **note: Any) -> None:
         """``forms`` built (fitted on all the fit images, in running order) as the current network."""
+        step(f"fitting the network with {len(forms)} blocks replaced on {len(self.xfit)} images")
         model, record, self.refitted = apply_forms(self.base, forms, self.units, self.xfit, self.opts.ridge, self.fix,
                                                    self.after, self.inner)
         self.forms, self.current = forms, (model, record, self.faithful(model))
@@ -242,6 +243,7 @@ class _Walk:
     def advance(self, finish: bool = False) -> bool:
         """One greedy step (:func:`_pick`); ``finish``: the step may reach the target."""
         forms, cands = self.forms, []
+        step(f"scoring one more replaced block for the network with {len(forms)} replaced")
         for name in self.blocks:
             if any(_overlaps(name, o) for o in forms if o != name):
                 continue

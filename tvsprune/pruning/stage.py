@@ -224,7 +224,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     target, metric = opts.budget()
     if target is None and opts.threshold is None:
         raise TvsError("give a budget (--keep-params F or --keep-macs F) or --threshold ETA")
-    if metric == "latency":
+    if metric == "latency" and opts.structure == "channels":  # the blocks walk times whole networks instead
         from .latency import measure_table
 
         ctx.cost.table.latency = measure_table(loaded.module, ctx.cost.table, ctx.graph, input_shape,
