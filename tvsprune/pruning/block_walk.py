@@ -73,6 +73,10 @@ def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, i
             for n, f in saved}
 
 
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
+
+
 def _pick(cands: list[tuple[float, float, dict[str, str]]], gap: float | None) -> dict[str, str] | None:
     """The greedy's step among (KL added, time saved, forms) candidates: the least KL per unit
     of time saved; but where that step saves the ``gap`` left to the target, the step that
@@ -212,7 +216,7 @@ class _Walk:
 
     def take(self, forms: dict[str, str], **note: Any) -> None:
         """``forms`` built (fitted on all the fit images, in running order) as the current network."""
-        step(f"fitting the network with {len(forms)} blocks replaced on {len(self.xfit)} images")
+        step(f"fitting the network with {_blocks(len(forms))} replaced on {len(self.xfit)} images")
         model, record, self.refitted = apply_forms(self.base, forms, self.units, self.xfit, self.opts.ridge, self.fix,
                                                    self.after, self.inner)
         self.forms, self.current = forms, (model, record, self.faithful(model))
@@ -243,7 +247,7 @@ class _Walk:
     def advance(self, finish: bool = False) -> bool:
         """One greedy step (:func:`_pick`); ``finish``: the step may reach the target."""
         forms, cands = self.forms, []
-        step(f"scoring one more replaced block for the network with {len(forms)} replaced")
+        step(f"scoring one more replaced block for the network with {_blocks(len(forms))} replaced")
         for name in self.blocks:
             if any(_overlaps(name, o) for o in forms if o != name):
                 continue
@@ -303,7 +307,7 @@ class _Walk:
         of the base's time. Recorded on the path's last entry."""
         from ..compare.on_backend import measure_speedup
 
-        step(f"measuring the network with {len(self.forms)} blocks replaced against the base")
+        step(f"measuring the network with {_blocks(len(self.forms))} replaced against the base")
         m = measure_speedup(self.opts.latency_backend, self.base, self.current[0], self.input_shape,
                             self.opts.latency_batch, self.opts.latency_precision)
         m["ratio"] = 1 / m["speedup"]
