@@ -47,6 +47,14 @@ def test_torchscript_exporter_switch(tmp_path):
     assert rep["exporter"] == "torchscript" and rep["parity"]["within_tolerance"]
 
 
+def test_a_parity_miss_names_the_file(tmp_path, caplog):
+    """A prune's latency checks export networks of their own: the warning says which file missed."""
+    rep = export_onnx(_tiny_loaded(), tmp_path / "pruned.onnx", exporter="torchscript", tolerance=-1.0)
+    assert not rep["parity"]["within_tolerance"]
+    assert any(r.levelname == "WARNING" and r.getMessage().startswith("parity outside tolerance (pruned.onnx): ")
+               for r in caplog.records), caplog.records
+
+
 def test_parity_shape_mismatch_is_fatal_and_leaves_no_file(tmp_path, monkeypatch):
     from tvsprune.errors import TvsError
     from tvsprune.exporters import onnx_export

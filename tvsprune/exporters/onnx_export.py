@@ -236,8 +236,8 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
         report["parity"] = parity.to_dict() | {"inputs": "calibration images" if parity_inputs is not None else
                                                "random normal inputs"}
         if not parity.ok:
-            log.warning("parity outside tolerance: max |diff| %.3g for logits up to %.3g (scaled %.3g, tolerance "
-                        "%.1g), top-1 agreement %.4f", parity.max_abs_diff, parity.max_abs_logit,
+            log.warning("parity outside tolerance (%s): max |diff| %.3g for logits up to %.3g (scaled %.3g, tolerance "
+                        "%.1g), top-1 agreement %.4f", out.name, parity.max_abs_diff, parity.max_abs_logit,
                         parity.max_scaled_diff, tolerance, parity.top1_agreement)
             report["warnings"] = [f"parity outside tolerance: max abs diff {parity.max_abs_diff:.3g} "
                                   f"(scaled {parity.max_scaled_diff:.3g})"]
