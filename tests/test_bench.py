@@ -299,19 +299,33 @@ def test_plots_show_the_speedup_with_sentences_for_captions(tiny_report):
 
 def test_the_report_says_a_blocks_prune_was_fitted_not_uncompensated():
     """A blocks prune records compensation 'none' (nothing is folded), yet its replacements and
-    the convolutions after them are fitted by least squares: the report says that."""
-    from tvsprune.bench.report import provenance_rows
+    the convolutions after them are fitted by least squares: the report says that, from the
+    prune.json it is given (the bench keeps its latency record; it once dropped it and said '0
+    later convolutions'), lists the blocks replaced and draws no channels-per-layer plot."""
+    from tvsprune.bench.report import _details, make_plots, provenance_rows
+    from tvsprune.pruning.artifact import prune_record
 
     def model(label, allocation, latency):
-        return {"label": label, "spec": label, "prune": {
-            "method": "tvs", "allocation": allocation, "budget": {"in_words": "keep 65 % of the latency"},
-            "repairs": {"compensation": "none" if allocation == "blocks" else "ls", "bn_recalibrate": True},
-            **({"latency": latency} if latency else {})}}
+        layers = [{"layer": "conv1", "channels_before": 16, "channels_after": 16 if latency.get("replaced") else 8,
+                   "ldiff": None}]
+        prune_json = {"method": "tvs", "allocation": allocation, "budget": {"in_words": "keep 65 % of the latency"},
+                      "repairs": {"compensation": "none" if allocation == "blocks" else "ls", "bn_recalibrate": True},
+                      "layers": layers, "elapsed_s": 3.0, "latency": latency}
+        return {"label": label, "spec": label, "prune": prune_record(prune_json)}
 
-    rows = provenance_rows({"models": [{"label": "base", "spec": "resnet20"},
-                                       model("blocks", "blocks", {"refitted": ["l.1.conv1", "l.1.conv2"]}),
-                                       model("channels", "sensitivity", {"measured": 0.66})]})
-    repairs = {r["model"]: r.get("repairs") for r in rows}
+    blocks = {"measured": 0.68, "saved_alone": {"l.0:1x1": 0.1}, "path": [{"replaced": {}}],
+              "replaced": {"l.0": "1x1", "l.2": "identity"}, "refitted": ["l.1.conv1", "l.1.conv2"]}
+    report = {"models": [{"label": "base", "spec": "resnet20"}, model("blocks", "blocks", blocks),
+                         model("one", "blocks", {**blocks, "refitted": ["l.1.conv1"]}),
+                         model("channels", "sensitivity", {"measured": 0.66})]}
+    assert set(report["models"][1]["prune"]["latency"]) == {"measured", "replaced", "refitted"}  # no timing tables
+    repairs = {r["model"]: r.get("repairs") for r in provenance_rows(report)}
     assert repairs["blocks"] == ("blocks fitted by least squares, 2 later convolutions re-fitted, "
                                  "BatchNorm re-estimated"), repairs
+    assert repairs["one"].startswith("blocks fitted by least squares, 1 later convolution re-fitted,"), repairs
     assert repairs["channels"] == "compensation ls, BatchNorm re-estimated" and repairs["base"] is None, repairs
+    table = dict(_details(report))
+    rows = next(rows for title, rows in table.items() if title.startswith("Blocks replaced"))
+    assert [(r["model"], r["block"], r["replaced by"]) for r in rows][:2] == [("blocks", "l.0", "1x1"),
+                                                                             ("blocks", "l.2", "identity")]
+    assert [n for n in make_plots(report) if n.startswith("channels_")] == ["channels_channels"]

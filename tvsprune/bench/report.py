@@ -112,8 +112,8 @@ def provenance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             row["budget"] = b.get("in_words") or (f"{b['target']:g} of {b['metric']} removed" if b.get("target") is not None
                              else f"threshold {b.get('threshold')}") if b else "-"
             row["allocation"] = str(p.get("allocation") or "-")
-            refitted = len((p.get("latency") or {}).get("refitted") or [])  # blocks: always fitted, not folded
-            fits = (f"blocks fitted by least squares, {refitted} later convolutions re-fitted"
+            n = len((p.get("latency") or {}).get("refitted") or [])  # blocks: always fitted, not folded
+            fits = (f"blocks fitted by least squares, {n} later convolution{'' if n == 1 else 's'} re-fitted"
                     if p.get("allocation") == "blocks" else f"compensation {r.get('compensation', 'none')}")
             row["repairs"] = ", ".join([fits, "BatchNorm re-estimated"] if r.get("bn_recalibrate") else [fits])
             row["removed"] = (f"{p['params']['removed_frac'] * 100:.1f} % params, "
@@ -250,7 +250,7 @@ def make_plots(report: dict[str, Any]) -> dict[str, bytes]:
         save(fig, "accuracy_vs_params")
     for m in models[1:]:
         layers = ((m.get("prune") or {}).get("layers")) or []
-        if not layers:
+        if not layers or m["prune"].get("allocation") == "blocks":  # no channel removed: the blocks table says it
             continue
         fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(layers)), 3.8))
         idx = range(len(layers))
@@ -299,6 +299,11 @@ def _details(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
                              "h2d ms": _fmt(st["h2d_ms"], 3) if st.get("h2d_ms") else "-",
                              "d2h ms": _fmt(st["d2h_ms"], 3) if st.get("d2h_ms") else "-"})
         sections.append((f"Latency: {backend}", rows))
+    blocks = [{"model": m["label"], "block": name, "replaced by": form} for m in report["models"]
+              for name, form in (((m.get("prune") or {}).get("latency") or {}).get("replaced") or {}).items()]
+    if blocks:
+        sections.append(("Blocks replaced (identity: removed; each fitted by least squares, no channel removed)",
+                         blocks))
     mem_rows = []
     for backend, per in report.get("memory", {}).items():
         for label, m in per.items():

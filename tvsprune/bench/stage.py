@@ -20,7 +20,7 @@ from ..data.options import DataOptions
 from ..data import take_images
 from ..errors import MissingDependencyError, TvsError
 from ..models import LoadedModel, load_model
-from ..pruning.artifact import read_prune_report
+from ..pruning.artifact import prune_record, read_prune_report
 from ..compare.latency import measure_interleaved
 from .advice import report_warnings  # noqa: F401 (re-exported)
 from .options import BenchOptions
@@ -346,8 +346,7 @@ def _bench(specs: list[str | LoadedModel], out: Path, data: DataOptions | None, 
         if e.loaded is not None:
             m["params"], m["macs"] = count_params_macs(e.loaded.module, shape)
         if e.prune_report:
-            m["prune"] = {k: e.prune_report.get(k) for k in ("method", "params", "macs", "layers", "accuracy",
-                                                               "per_class", "repairs", "allocation", "budget")}
+            m["prune"] = prune_record(e.prune_report)
         report["models"].append(m)
     rng = np.random.default_rng(opts.seed)
     evaluation = _eval_images(entries, data, opts) if data is not None and entries[0].loaded is not None else None

@@ -230,3 +230,19 @@ class PrunedArtifact(ModelSource):
 
     def load(self, spec: str, base: ModelSpec | None = None) -> LoadedModel:
         return load_pruned(spec, base)
+
+
+LATENCY_KEYS = ("backend", "batch", "precision", "structure", "target", "predicted", "measured", "speedup", "hit",
+                "attempts", "replaced", "refitted")
+
+
+def prune_record(prune_report: dict[str, Any]) -> dict[str, Any]:
+    """What the report keeps of a model's prune.json: how it was pruned and, for a latency budget, the
+    target, the predicted and measured ratios and (blocks) what was replaced and re-fitted; not the
+    per-layer timing tables."""
+    record = {k: prune_report.get(k) for k in ("method", "params", "macs", "layers", "accuracy", "per_class",
+                                               "repairs", "allocation", "budget")}
+    latency = prune_report.get("latency")
+    if isinstance(latency, dict):
+        record["latency"] = {k: latency[k] for k in LATENCY_KEYS if k in latency}
+    return record
