@@ -14,9 +14,12 @@ Modules are imported on the first lookup, so importing a registry stays cheap.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import importlib.util
 import pkgutil
+from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import TvsError
@@ -91,6 +94,31 @@ class Registry(Generic[T]):
         self._load()
         return tuple(sorted(self._entries)) if self._package or self._also else tuple(self._entries)
 
+    def declared(self) -> tuple[str, ...]:
+        """``names()``, read without importing the package's modules where they are not imported
+        yet: every ``REGISTRY.entry("name")`` / ``REGISTRY.register("name", ...)`` with a literal
+        name in their source, where REGISTRY is the name the package's ``__init__`` gives this
+        registry. The CLI's parser lists the criteria so without importing torch; a test checks
+        that it equals ``names()`` for every package registry. Falls back to ``names()`` (a
+        registry with ``also=``, a name computed at run time, a package it cannot read)."""
+        spec = None if self._loaded or self._also or not self._package else importlib.util.find_spec(self._package)
+        if spec is None or not spec.origin or not spec.submodule_search_locations:
+            return self.names()
+        init = Path(spec.origin)
+        var = next((t.id for node in ast.walk(ast.parse(init.read_text()))
+                    for t in _assigned(node, "Registry", self.kind)), None)
+        files = [init] + [Path(m.module_finder.path) / (f"{m.name}/__init__.py" if m.ispkg else f"{m.name}.py")
+                          for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.name.startswith("_")]
+        found = set(self._entries)
+        for node in (n for f in files if var for n in ast.walk(ast.parse(f.read_text()))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("entry", "register") and getattr(node.func.value, "id", None) == var):
+                name = node.args[0] if node.args else None
+                if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                    return self.names()
+                found.add(name.value)
+        return tuple(sorted(found)) if var else self.names()
+
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries
@@ -100,3 +128,13 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return [(n, self._entries[n]) for n in self.names()]
+
+
+def _assigned(node: ast.AST, factory: str, kind: str) -> list[ast.Name]:
+    """The names ``node`` binds to ``factory("kind", ...)`` (``X = Registry("criterion")``)."""
+    if not isinstance(node, (ast.Assign, ast.AnnAssign)) or not isinstance(node.value, ast.Call):
+        return []
+    call = node.value
+    if getattr(call.func, "id", None) != factory or not call.args or getattr(call.args[0], "value", None) != kind:
+        return []
+    return [t for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]

@@ -5,7 +5,26 @@ from pydantic import field_validator
 
 from ..errors import TvsError
 from ..options import Options, one_of
-from .resolution import parse_resolution
+
+RESOLUTIONS = ("global", "pool:K", "full")
+POOL_MAX = 64  # pool:K: at most 64 x 64 windows per filter
+
+
+def parse_resolution(resolution: str) -> tuple[str, int]:
+    """``global`` -> ("global", 1); ``pool:K`` -> ("pool", K); ``full`` -> ("full", 0)."""
+    if resolution in ("global", "full"):
+        return resolution, 1 if resolution == "global" else 0
+    if resolution.startswith("pool:"):
+        try:
+            k = int(resolution[5:])
+        except ValueError:
+            k = 0
+        if 1 <= k <= POOL_MAX:
+            return "pool", k
+        if k > POOL_MAX:
+            raise TvsError(f"resolution {resolution!r}: K is at most {POOL_MAX} ({POOL_MAX * POOL_MAX} features per "
+                           "filter); use a smaller K or full")
+    raise TvsError(f"unknown resolution {resolution!r} (use global, pool:K or full)")
 
 
 class CalibrateOptions(Options):

@@ -7,29 +7,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..errors import TvsError
 from ..models.probe import LayerInfo
+from .options import POOL_MAX, RESOLUTIONS, parse_resolution  # noqa: F401 (pure: the parser reads them)
 
-RESOLUTIONS = ("global", "pool:K", "full")
 POOL_GEMM_MAX = 256  # maps of at most this many positions are pooled by one GEMM (faster on small maps)
-POOL_MAX = 64  # pool:K: at most 64 x 64 windows per filter
-
-
-def parse_resolution(resolution: str) -> tuple[str, int]:
-    """``global`` -> ("global", 1); ``pool:K`` -> ("pool", K); ``full`` -> ("full", 0)."""
-    if resolution in ("global", "full"):
-        return resolution, 1 if resolution == "global" else 0
-    if resolution.startswith("pool:"):
-        try:
-            k = int(resolution[5:])
-        except ValueError:
-            k = 0
-        if 1 <= k <= POOL_MAX:
-            return "pool", k
-        if k > POOL_MAX:
-            raise TvsError(f"resolution {resolution!r}: K is at most {POOL_MAX} ({POOL_MAX * POOL_MAX} features per "
-                           "filter); use a smaller K or full")
-    raise TvsError(f"unknown resolution {resolution!r} (use global, pool:K or full)")
 
 
 def _repeat_index(h: int, w: int, resolution: str) -> torch.Tensor | None:

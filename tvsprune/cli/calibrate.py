@@ -14,7 +14,7 @@ log = logging.getLogger("tvsprune")
 
 def _resolution(text: str) -> str:
     """global, pool:K (1 <= K <= 64) or full; anything else is a usage error."""
-    from ..calibration.resolution import parse_resolution
+    from ..calibration.options import parse_resolution
     from ..errors import TvsError
 
     try:

@@ -44,7 +44,7 @@ _count, _nonneg = _int_at_least(1), _int_at_least(0)
 
 def _side(text: str) -> int:
     """An image side in pixels: 1 .. MAX_SIDE (a resize to 100,000 would ask for 120 GB per image)."""
-    from ..data.sources import MAX_SIDE
+    from ..data.options import MAX_SIDE
 
     value = _count(text)
     if value > MAX_SIDE:

@@ -145,7 +145,7 @@ def _budget_args(p: Any) -> None:
     b.add_argument("--latency-model", choices=["network", "layer"],
                    help="how the latency table is measured: layer (each layer alone, summed) or network (the "
                         "whole network with one coupled group narrowed at a time); default %(default)s")
-    b.add_argument("--allocation", choices=allocation_choices(),
+    b.add_argument("--allocation", choices=allocation_choices(declared=True),
                    help="how the budget is spread over layers: auto (default: try the allocations that suit the "
                         "budget and keep the pruned network most faithful to the unpruned one on calibration "
                         "images the repairs did not use, see prune.json 'selection'; without images: cost for "
@@ -174,7 +174,7 @@ def _register_prune(sub: Any) -> None:
     p = sub.add_parser("prune", help="remove non-discriminative filters (TVSPrune) or baseline-ranked ones")
     add_model_args(p, optional="default: the model, kwargs and weights the --moments file was collected from")
     p.add_argument("--moments", help="moments file from calibrate (needed by tvs, iter-tvs, mean-distance)")
-    p.add_argument("--method", choices=methods(), help="tvs (default), iter-tvs, or a baseline criterion")
+    p.add_argument("--method", choices=methods(declared=True), help="tvs (default), iter-tvs, or a baseline criterion")
     p.add_argument("--out", required=True, help="output directory (plan.json, pruned.safetensors, prune.json)")
     _budget_args(p)
     p.add_argument("--pair-reduce", choices=["min", "mean"], help="reduction over class pairs (default %(default)s)")

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator
 
 from ..errors import TvsError
 from ..options import Options
-from .sources import MAX_SIDE, Preprocess, Source, open_source
+
+if TYPE_CHECKING:  # sources imports torch: read on first use, so the CLI's parser does not
+    from .sources import Preprocess, Source
+
+MAX_SIDE = 4096  # --resize / --crop: pixels per side
 
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 
@@ -52,6 +56,8 @@ class DataOptions(ReadOptions):
     def preprocess(self, model: Any = None) -> Preprocess:
         """Normalisation: what the user gave, each of mean/std completed from the checkpoint
         (``model``: a LoadedModel or None). A bad value is blamed on where it came from."""
+        from .sources import Preprocess
+
         saved = (model.normalize if model is not None else None) or {}
         if not isinstance(saved, dict):
             saved = {"mean": saved, "std": saved}
@@ -77,6 +83,8 @@ class DataOptions(ReadOptions):
                           [float(v) for v in std] if std else None)
 
     def open(self, model: Any = None) -> Source:
+        from .sources import open_source
+
         return open_source(self.path, self.preprocess(model), self.split)
 
 

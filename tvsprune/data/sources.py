@@ -134,7 +134,6 @@ class ImageFolderSource(Source):
         return self.preprocess(x)
 
 
-MAX_SIDE = 4096           # --resize / --crop: pixels per side
 MAX_PIXELS = 64 * 1024 * 1024  # an image is refused before decoding beyond this many pixels
 
 

@@ -1,5 +1,11 @@
-"""The whole pipeline from one config: config schema, stage runner with manifest, demo."""
-from .config import RunConfig, load_config, resolve_paths
-from .run import STAGES, Pipeline
+"""The whole pipeline from one config: config schema, stage runner with manifest, demo (names
+import on first use)."""
+from __future__ import annotations
 
-__all__ = ["Pipeline", "RunConfig", "STAGES", "load_config", "resolve_paths"]
+from ..lazy import lazy
+
+_WHERE = {"RunConfig": ".config", "load_config": ".config", "resolve_paths": ".config", "STAGES": ".run",
+          "Pipeline": ".run"}
+__getattr__ = lazy(__name__, _WHERE)
+
+__all__ = sorted(_WHERE)

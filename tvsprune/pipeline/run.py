@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from ..version import __version__
 from ..artifacts import TMP_SUFFIX, content_digest, output_lock, sha256_file, sha256_json, versions, write_json
-from ..models.sources.code import user_file
 from ..console import step
 from ..errors import TvsError
 from .config import RunConfig
@@ -75,6 +74,8 @@ class Pipeline:
         write_json(self.manifest_path, self.manifest)
 
     def _inputs(self, stage: str) -> dict[str, Any]:
+        from ..models.sources.code import user_file  # imports torch: not when the CLI's parser reads STAGES
+
         c = self.cfg
         ups = {s: self.manifest["stages"].get(s, {}).get("outputs", {}) for s in STAGES[:STAGES.index(stage)]}
         source = user_file(c.model.spec)

@@ -1,12 +1,17 @@
-"""The prune stage: scores -> plan -> surgery, the iterative driver, repairs and report."""
-from .artifact import load_pruned, save_pruned
-from .budget import make_plan
-from .options import Guards, PruneOptions, methods
-from .plan import Plan
-from .scores import CRITERIA, hellinger_pairs, layer_scores, ldiff, mean_distance, spearman
-from .stage import prune, replay
-from .surgery import apply_plan
+"""The prune stage: scores -> plan -> surgery, the iterative driver, repairs and report.
 
-__all__ = ["CRITERIA", "Guards", "Plan", "PruneOptions", "apply_plan", "hellinger_pairs",
-           "layer_scores", "ldiff", "load_pruned", "make_plan", "mean_distance", "methods", "prune", "replay",
-           "save_pruned", "spearman"]
+Names are imported on first use, so ``pruning.options`` (read by the CLI's parser) does not
+import the stage and torch with it."""
+from __future__ import annotations
+
+from ..lazy import lazy
+
+_WHERE = {"load_pruned": ".artifact", "save_pruned": ".artifact", "make_plan": ".budget", "Guards": ".options",
+          "PruneOptions": ".options", "methods": ".options", "Plan": ".plan", "CRITERIA": ".scores",
+          "hellinger_pairs": ".scores", "layer_scores": ".scores", "ldiff": ".scores", "mean_distance": ".scores",
+          "spearman": ".scores", "prune": ".stage", "replay": ".stage", "apply_plan": ".surgery"}
+
+__getattr__ = lazy(__name__, _WHERE)
+
+
+__all__ = sorted(_WHERE)

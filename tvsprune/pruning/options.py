@@ -84,14 +84,16 @@ class Guards:
         return n
 
 
-def methods() -> tuple[str, ...]:
+def methods(declared: bool = False) -> tuple[str, ...]:
     """tvs, iter-tvs, then every other registered criterion (read when asked: a criterion
-    registered later is a method too)."""
-    return ("tvs", "iter-tvs") + tuple(c for c in CRITERIA.names() if c != "tvs")
+    registered later is a method too). ``declared``: read from the criteria's source without
+    importing them (the CLI's parser: no torch for --help)."""
+    names = CRITERIA.declared() if declared else CRITERIA.names()
+    return ("tvs", "iter-tvs") + tuple(c for c in names if c != "tvs")
 
 
-def allocation_choices() -> tuple[str, ...]:
-    return ("auto",) + ALLOCATIONS.names()
+def allocation_choices(declared: bool = False) -> tuple[str, ...]:
+    return ("auto",) + (ALLOCATIONS.declared() if declared else ALLOCATIONS.names())
 
 
 # how the TV score is combined before allocation: "none" (the TV score alone), "ls" (times the
