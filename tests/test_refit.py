@@ -64,3 +64,62 @@ def test_the_convolutions_after_a_removed_block_are_refitted_to_what_they_wrote(
         want = base(fresh)
         assert torch.allclose(model(fresh), want, atol=1e-3)
         assert (plain(fresh) - want).abs().max() > 1e-2
+
+
+def _normal_equations(pairs, k, ridge):
+    """The ridge fit by the normal equations over every row (float64), as [unknowns, out]."""
+    cols = [nn.functional.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
+            for x, _ in pairs]
+    a = torch.cat([torch.cat([c, torch.ones(len(c), 1)], 1) for c in cols]).double()
+    b = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) for _, z in pairs]).double()
+    g = a.T @ a
+    g += ridge * g.diagonal()[:-1].mean() * torch.eye(len(g), dtype=g.dtype)
+    return torch.linalg.solve(g, a.T @ b)
+
+
+def test_a_fit_with_fewer_rows_than_unknowns_is_the_same_ridge_solution():
+    """A 1x1 fit of 64 channels (65 unknowns) on 1x1 maps (one row per image: every row is read)
+    is solved for the rows (a^T (a a^T + lam I)^-1 b) when there are 40 images, and by the
+    normal equations when there are 100. Both equal the normal equations' ridge solution."""
+    gen = torch.Generator().manual_seed(0)
+    for images in (40, 100):  # 40 rows < 65 unknowns; 100 rows > 65
+        pairs = [(torch.randn(images // 2, 64, 1, 1, generator=gen),
+                  torch.randn(images // 2, 8, 1, 1, generator=gen)) for _ in range(2)]
+        conv = fit_conv(pairs, 1, ridge=1e-3)
+        want = _normal_equations(pairs, 1, 1e-3)
+        got = torch.cat([conv.weight.reshape(8, -1).T, conv.bias[None]]).double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (images, (got - want).abs().max())
+
+
+def test_a_walks_kept_targets_give_the_same_fits_and_run_the_base_once_per_chunk(monkeypatch):
+    """The blocks walk fits every candidate to the same base on the same images: its Targets keep
+    the base's outputs. Fits through them are identical to fits through the base, and a second
+    candidate, or a trial on the first chunks, runs the base no more; with no budget it runs it
+    every time."""
+    from tvsprune.pruning import refit
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 1), Linear1x1Block(), Linear1x1Block(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(250, 3, 8, 8)  # three chunks
+    blocks, convs = ["1", "2"], refittable(base, x[:1])
+    units, inner = running_units(base, blocks, convs, x[:1]), {b: [c for c in convs if c.startswith(b + ".")]
+                                                               for b in blocks}
+    calls, real = [], refit.module_io
+    monkeypatch.setattr(refit, "module_io", lambda m, *a, **k: calls.append(m is base) or real(m, *a, **k))
+
+    def fit(through, forms, images):
+        calls.clear()
+        model = apply_forms(through, forms, units, images, 1e-6, lambda m: None, successors(base, blocks), inner)[0]
+        return model, calls.count(True)
+
+    kept = refit.Targets(base)
+    plain, runs = fit(base, {"1": "identity"}, x)
+    assert runs == 3 * 3  # 2.a, 2.b and 3, each on three chunks
+    first, runs = fit(kept, {"1": "identity"}, x)
+    assert runs == 9 and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                                  first.state_dict().values()))
+    again, runs = fit(kept, {"1": "identity"}, x)
+    assert runs == 0 and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                                  again.state_dict().values()))
+    assert fit(kept, {"1": "identity"}, x[:200])[1] == 0  # a trial's images: the same first chunks
+    assert fit(refit.Targets(base, budget=0), {"1": "identity"}, x)[1] == 9

@@ -31,7 +31,7 @@ from ..errors import TvsError
 from .blocks import (FORMS, _overlaps, _set, apply_forms, find_blocks, fit_from, forms_for, running_units, successors,
                      unfitted)
 from .latency import TOLERANCE as BACK_TOLERANCE
-from .refit import FIT_IMAGES, TRIAL_IMAGES, module_io, refittable
+from .refit import FIT_IMAGES, TRIAL_IMAGES, Targets, module_io, refittable
 
 log = logging.getLogger(__name__)
 MAX_EXTRA_STEPS = 3  # steps taken past the predicted target while the measurement misses it, and steps back
@@ -189,6 +189,7 @@ class _Walk:
         convs = refittable(self.base, example) if refit else []
         self.units = running_units(self.base, self.blocks, convs, example)
         self.inner = {b: [c for c in convs if _overlaps(c, b)] for b in self.blocks}
+        self.targets = Targets(self.base)  # the base's outputs, kept for every candidate's fits
         self.repair = list(repair_batches(calib, loaded, opts.repair_samples_per_class)[1])
         self.xfit = torch.cat([x for x, _ in self.repair])[:FIT_IMAGES]
         xs, _ = fidelity_images(calib, loaded, opts)
@@ -217,8 +218,8 @@ class _Walk:
     def take(self, forms: dict[str, str], **note: Any) -> None:
         """``forms`` built (fitted on all the fit images, in running order) as the current network."""
         step(f"fitting the network with {_blocks(len(forms))} replaced on {len(self.xfit)} images")
-        model, record, self.refitted = apply_forms(self.base, forms, self.units, self.xfit, self.opts.ridge, self.fix,
-                                                   self.after, self.inner)
+        model, record, self.refitted = apply_forms(self.targets, forms, self.units, self.xfit, self.opts.ridge,
+                                                   self.fix, self.after, self.inner)
         self.forms, self.current = forms, (model, record, self.faithful(model))
         self.path.append({"replaced": dict(forms), "predicted": round(self.predicted(forms), 4),
                           "kl": round(self.current[2], 5), **note})
@@ -233,7 +234,7 @@ class _Walk:
         while head in trial and trial[head] == "identity":
             head = self.before.get(head)
         start = head if form == "identity" and head in trial else name
-        fit_from(model, self.base, trial, self.units, start, self.xfit[:TRIAL_IMAGES], self.opts.ridge, self.after,
+        fit_from(model, self.targets, trial, self.units, start, self.xfit[:TRIAL_IMAGES], self.opts.ridge, self.after,
                  self.inner)
         self.fix(model)
         return self.faithful(model.eval())
@@ -241,7 +242,7 @@ class _Walk:
     def trial_whole(self, forms: dict[str, str]) -> float:
         """``forms`` scored as a greedy trial, fitted from the base (a block put back as it was
         changes what the convolutions before the next replaced one read)."""
-        return self.faithful(apply_forms(self.base, forms, self.units, self.xfit[:TRIAL_IMAGES], self.opts.ridge,
+        return self.faithful(apply_forms(self.targets, forms, self.units, self.xfit[:TRIAL_IMAGES], self.opts.ridge,
                                          self.fix, self.after, self.inner)[0])
 
     def advance(self, finish: bool = False) -> bool:

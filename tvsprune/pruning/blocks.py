@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TvsError
-from .refit import FIT_CHUNK, fit_conv, module_io as _io, refit_conv, run_hooked
+from .refit import FIT_CHUNK, Targets, as_targets, fit_conv, module_io as _io, refit_conv, run_hooked
 
 FORMS = ("3x3", "1x1", "identity")  # cheaper to the right
 
@@ -162,16 +162,16 @@ def run_end(name: str, forms: dict[str, str], after: dict[str, str]) -> str:
     return name
 
 
-def replace_one(model: nn.Module, base: nn.Module, name: str, form: str, xfit: torch.Tensor,
+def replace_one(model: nn.Module, base: nn.Module | Targets, name: str, form: str, xfit: torch.Tensor,
                 ridge: float, fit_to: str | None = None) -> dict[str, Any]:
     """Block ``name`` of ``model`` (in place) in ``form``, fitted to ``base``'s block ``fit_to``
     (``name`` by default: a later one where the blocks between are removed); its record."""
     if form == "identity":
         _set(model, name, nn.Identity())
         return {"form": "identity", "relu": False}
-    fit_to = fit_to or name
-    pre = _pre_relu(base.get_submodule(fit_to))
-    pairs = ((_io(model, name, x)[0], _io(base, fit_to, x, pre)[1]) for x in xfit.split(FIT_CHUNK))
+    fit_to, targets = fit_to or name, as_targets(base)
+    pre = _pre_relu(targets.base.get_submodule(fit_to))
+    pairs = ((_io(model, name, x)[0], targets.output(fit_to, x, pre)) for x in xfit.split(FIT_CHUNK))
     _set(model, name, ConvReLU(fit_conv(pairs, int(form[0]), ridge), pre is not None))
     return {"form": form, "relu": pre is not None, "fitted_to": fit_to}
 
@@ -185,31 +185,34 @@ def running_units(base: nn.Module, blocks: list[str], convs: list[str], example:
     return list(dict.fromkeys(order))
 
 
-def fit_from(model: nn.Module, base: nn.Module, forms: dict[str, str], units: list[str], start: str, xfit: torch.Tensor,
-             ridge: float, after: dict[str, str], inner: dict[str, list[str]]) -> tuple[dict[str, Any], list[str]]:
+def fit_from(model: nn.Module, base: nn.Module | Targets, forms: dict[str, str], units: list[str], start: str,
+             xfit: torch.Tensor, ridge: float, after: dict[str, str], inner: dict[str, list[str]]
+             ) -> tuple[dict[str, Any], list[str]]:
     """``model`` fitted in place, in running order from unit ``start`` on: each block of ``forms``
     replaced (fitted to the end of the removed blocks right after it, by ``after``); every other
     convolution that runs after the first replaced block (``inner``: a block's own) re-fitted.
-    The records of the replaced blocks and the re-fitted convolutions."""
+    The records of the replaced blocks and the re-fitted convolutions. ``base``: the unpruned
+    network, or its :class:`Targets` (which keep its outputs for the next candidate)."""
     first, record, refitted = min((units.index(b) for b in forms), default=len(units)), {}, []
+    base = as_targets(base)
     for i in range(units.index(start), len(units)):
         u = units[i]
         if u in forms:
             record[u] = replace_one(model, base, u, forms[u], xfit, ridge, run_end(u, forms, after))
         elif i > first:
-            for c in inner.get(u, [u] if isinstance(base.get_submodule(u), nn.Conv2d) else []):
+            for c in inner.get(u, [u] if isinstance(base.base.get_submodule(u), nn.Conv2d) else []):
                 refit_conv(model, base, c, xfit, ridge)
                 refitted.append(c)
     return record, refitted
 
 
-def apply_forms(base: nn.Module, forms: dict[str, str], units: list[str], xfit: torch.Tensor, ridge: float, repair,
-                after: dict[str, str] | None = None, inner: dict[str, list[str]] | None = None
+def apply_forms(base: nn.Module | Targets, forms: dict[str, str], units: list[str], xfit: torch.Tensor, ridge: float,
+                repair, after: dict[str, str] | None = None, inner: dict[str, list[str]] | None = None
                 ) -> tuple[nn.Module, dict[str, dict[str, Any]], list[str]]:
     """A copy of ``base`` fitted by :func:`fit_from` (``units``: :func:`running_units`; only the
     convolutions among them and in ``inner`` are re-fitted), its BatchNorms re-estimated by
     ``repair(model)``; the record the artifact keeps, and the re-fitted convolutions."""
-    model = copy.deepcopy(base).eval()
+    model = copy.deepcopy(as_targets(base).base).eval()
     record, refitted = fit_from(model, base, forms, units, units[0], xfit, ridge, after or {}, inner or {})
     repair(model)
     return model.eval(), record, refitted

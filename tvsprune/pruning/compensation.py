@@ -34,7 +34,7 @@ from ..errors import TvsError
 from .graph import ChannelGraph
 from .options import COMPENSATIONS, DEFAULT_RIDGE  # noqa: F401 (re-exported)
 from .plan import Plan
-from .refit import module_io, run_hooked
+from .refit import StopPass, module_io, run_hooked
 
 log = logging.getLogger(__name__)
 ROWS_BYTES = 256 * 2**20  # ls-seq holds at most this much of the unpruned network's input rows at once
@@ -176,10 +176,6 @@ def _check_conditioning(name: str, cov: torch.Tensor, rows: int, report: FoldRep
         report.warnings.append(msg)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _original_rows(original: nn.Module, names: list[str], batches: list, budget: int | None = None
                    ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """The unpruned network's sampled input rows of each consumer in ``names``, per batch, for
@@ -204,14 +200,14 @@ def _original_rows(original: nn.Module, names: list[str], batches: list, budget:
             if len(rows[n]) == k:  # its first call in this pass
                 rows[n].append(input_rows(a[0], isinstance(m, nn.Linear), REFIT_POSITIONS).clone())
             if n == part[-1]:
-                raise _Stop
+                raise StopPass
 
         hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: grab(m, a, n)) for n in part]
         try:
             for k, (x, _) in enumerate(batches):
                 try:
                     original(x)
-                except _Stop:
+                except StopPass:
                     pass
         finally:
             for h in hooks:
