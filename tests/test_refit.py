@@ -123,3 +123,14 @@ def test_a_walks_kept_targets_give_the_same_fits_and_run_the_base_once_per_chunk
                                                                   again.state_dict().values()))
     assert fit(kept, {"1": "identity"}, x[:200])[1] == 0  # a trial's images: the same first chunks
     assert fit(refit.Targets(base, budget=0), {"1": "identity"}, x)[1] == 9
+
+
+def test_a_last_small_chunk_joins_the_normal_equations_of_the_chunks_before_it():
+    """Rows past the unknowns go to the normal equations; a last chunk with fewer rows than the
+    unknowns joins them (it was once solved alone, for its own rows, dropping the rest)."""
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(m, 64, 1, 1, generator=gen), torch.randn(m, 8, 1, 1, generator=gen)) for m in (40, 40, 10)]
+    conv = fit_conv(pairs, 1, ridge=1e-3)  # 65 unknowns: 40 held, 80 added, then 10
+    want = _normal_equations(pairs, 1, 1e-3)
+    got = torch.cat([conv.weight.reshape(8, -1).T, conv.bias[None]]).double()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got - want).abs().max()

@@ -82,7 +82,7 @@ def fit_conv(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], like: nn.Conv2d
         geo = {"kernel_size": like.kernel_size, "stride": like.stride, "padding": like.padding,
                "dilation": like.dilation}
         bias = like.bias is not None
-    gen, g, r, held = torch.Generator().manual_seed(seed), 0.0, 0.0, []
+    gen, g, r, held, rows = torch.Generator().manual_seed(seed), 0.0, 0.0, [], 0
     for x, z in pairs:
         n, c = x.shape[:2]
         cols = F.unfold(x, **geo)
@@ -91,14 +91,17 @@ def fit_conv(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], like: nn.Conv2d
         b = torch.gather(z.reshape(n, z.shape[1], -1), 2, sel.expand(-1, z.shape[1], -1))
         a = torch.cat([a, torch.ones(len(a), 1)], 1).double() if bias else a.double()
         held.append((a, b.permute(0, 2, 1).reshape(-1, z.shape[1]).double()))
-        if sum(len(h[0]) for h in held) >= a.shape[1]:  # as many rows as unknowns: the normal equations
+        rows += len(a)
+        if rows >= a.shape[1]:  # as many rows as unknowns: the normal equations, from here on
             for a, b in held:
                 g, r = g + a.T @ a, r + a.T @ b
             held = []
-    if held and ridge > 0:  # fewer rows than unknowns: the same ridge solution, solved for the rows
+    # rows only grow: once as many as the unknowns, every later chunk is added at once, so rows are
+    # held at the end only when they are fewer than the unknowns, every one of them held
+    if held and ridge > 0:  # solved for the rows: the same ridge solution
         sol = _dual_ridge(torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]), ridge, bias).float()
     else:
-        for a, b in held:
+        for a, b in held:  # no ridge: the normal equations as they are
             g, r = g + a.T @ a, r + a.T @ b
         g += ridge * g.diagonal()[:len(g) - bias].mean() * torch.eye(len(g), dtype=g.dtype)
         sol = torch.linalg.solve(g, r).float()
