@@ -18,6 +18,7 @@ from .defaults import TOLERANCE
 from ..console import step
 from ..errors import TvsError
 from ..models import LoadedModel
+from ..models.probe import run_forward
 
 log = logging.getLogger(__name__)
 TWO_GB = 2 * 1024 ** 3
@@ -174,11 +175,8 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int | None = None, 
     n = 2 if dynamic else int(batch)
     model = loaded.module.eval()
     example = torch.randn(n, *shape)
-    try:
-        with torch.no_grad():
-            model(example)
-    except RuntimeError as e:
-        raise TvsError(f"input of shape {shape} does not fit the model: {str(e).splitlines()[0]}") from None
+    with torch.no_grad():
+        run_forward(model, example, f"model {loaded.spec.spec}")
     t0 = time.perf_counter()
     fallback_reason = None
     used = exporter

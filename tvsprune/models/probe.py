@@ -74,7 +74,7 @@ def run_forward(model: nn.Module, x: torch.Tensor, what: str = "model") -> torch
     model's own (a shape that does not fit, or a bug in its code), never tvsprune's.
     """
     try:
-        return model(x)
+        out = model(x)
     except RuntimeError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TvsError(f"input of shape {list(x.shape[1:])} does not fit {what}: {first}") from None
@@ -83,6 +83,10 @@ def run_forward(model: nn.Module, x: torch.Tensor, what: str = "model") -> torch
         first = (str(e).strip().splitlines() or [""])[0]
         raise TvsError(f"{what}'s forward raised {type(e).__name__} on an input of shape "
                        f"{list(x.shape[1:])}: {first}") from None
+    if not isinstance(out, torch.Tensor):
+        raise TvsError(f"{what} returns {type(out).__name__}; tvsprune needs a model that returns one logits tensor "
+                       f"(give a model file whose build() wraps it, returning out[0] or out['logits'])")
+    return out
 
 
 _MULTI_INPUT = ("Add", "Sub", "Cat", "Stack", "Mm", "Bmm", "Matmul", "Addmm", "Convolution", "Einsum")
@@ -184,8 +188,6 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
         for h in handles:
             h.remove()
         model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise TvsError(f"{what} returns {type(out).__name__}; tvsprune needs a model that returns one logits tensor")
     heads = _walk_back(out.grad_fn, produced, through_multi=True) if out.grad_fn is not None else set()
     heads = {m for m in heads if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d)}
     if len(heads) == 1:
