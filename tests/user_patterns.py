@@ -172,6 +172,92 @@ class GroupNormNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+class PReLUNet(nn.Module):
+    """PReLU with one slope per channel (a parameter pruned with its channels), LeakyReLU, no BatchNorm first."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.PReLU(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.act2 = nn.PReLU(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.act1(self.conv1(x))
+        x = F.max_pool2d(self.act2(self.bn2(self.conv2(x))), 2)
+        return self.fc(F.leaky_relu(self.conv3(x), 0.1).mean((2, 3)))
+
+
+class DepthMultiplierNet(nn.Module):
+    """A depthwise convolution with channel multiplier 2 (groups=8, 16 outputs), ReLU6, a 1x1 conv classifier."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.head = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.dw(self.stem(x))))
+        return self.head(self.pw(x)).mean((2, 3))
+
+
+class LayerScaleNet(nn.Module):
+    """A residual branch scaled by a free per-channel parameter (``x + gamma * f(x)``), as ConvNeXt does."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((16, 1, 1), 0.5))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.gamma * self.conv2(F.relu(self.conv1(x)))
+        return self.head(x.mean((-2, -1)))
+
+
+class HandWrittenSENet(nn.Module):
+    """Squeeze-excitation written inline: mean over the map, two Linears, sigmoid, broadcast product."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.squeeze = nn.Linear(16, 4)
+        self.excite = nn.Linear(4, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.conv2(F.relu(self.conv1(x)))))
+        s = torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3))))))
+        return self.fc((x * s[:, :, None, None]).mean((2, 3)))
+
+
+class UpsampleConcatNet(nn.Module):
+    """A strided branch upsampled (nearest) and concatenated with the full-resolution map."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.dec = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        a = self.enc1(x)
+        b = F.interpolate(self.enc2(a), scale_factor=2, mode="nearest")
+        return self.fc(self.dec(torch.cat([a, b], 1)).mean((2, 3)))
+
+
 PATTERNS = {
     "tutorial": (TutorialNet, {}),
     "softmax-temperature": (SoftmaxTemperatureNet, {}),
@@ -184,6 +270,11 @@ PATTERNS = {
     "nn-flatten": (FlattenNet, {"how": "module"}),
     "no-norm-dropout": (NoNormNet, {}),
     "groupnorm": (GroupNormNet, {}),
+    "prelu": (PReLUNet, {}),
+    "depth-multiplier": (DepthMultiplierNet, {}),
+    "layer-scale": (LayerScaleNet, {}),
+    "inline-se": (HandWrittenSENet, {}),
+    "upsample-concat": (UpsampleConcatNet, {}),
 }
 
 
