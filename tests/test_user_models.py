@@ -107,6 +107,63 @@ def test_pattern_calibrates_prunes_and_exports_with_parity(name, pattern_images,
         assert side["parity"]["within_tolerance"], (method, budget, side["parity"])
 
 
+def _grey_folder(root: Path, colour: bool = False) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(6):
+            shape = (28, 28, 3) if colour else (28, 28)
+            Image.fromarray((rng.random(shape) * 90 + 70 * k).astype(np.uint8)).save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+def test_a_greyscale_network_goes_through_calibrate_prune_and_export(tmp_path):
+    """A model whose first convolution reads one channel gets luma images (grey files stay as they are,
+    colour files are converted as Pillow's "L"), from calibrate to the INT8 export of its ONNX file."""
+    import onnx
+    from helpers import run_cli
+
+    src = tmp_path / "user_patterns.py"
+    src.write_text((REPO / "tests" / "user_patterns.py").read_text())
+    spec, weights = f"{src}:MnistNet", tmp_path / "w.pt"
+    torch.manual_seed(0)
+    torch.save({"state_dict": user_patterns.MnistNet().state_dict()}, weights)
+    grey = _grey_folder(tmp_path / "grey")
+    norm = ("--mean", "0.5", "--std", "0.25")
+    steps = [("calibrate", spec, "--weights", weights, "--data", grey, *norm, "--out", tmp_path / "m.safetensors"),
+             ("prune", spec, "--weights", weights, "--moments", tmp_path / "m.safetensors", "--target-params", "0.3",
+              "--calib-data", _grey_folder(tmp_path / "colour", colour=True), "--out", tmp_path / "p"),
+             ("export", "onnx", tmp_path / "p", "--out", tmp_path / "p.onnx", "--data", grey),
+             ("export", "int8", tmp_path / "p.onnx", "--out", tmp_path / "q.onnx", "--calib-data", grey)]
+    for argv in steps:
+        r = run_cli(*argv)
+        assert r.returncode == 0, (argv[0], r.stderr)
+    dims = onnx.load(str(tmp_path / "p.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", grey, "--mean", "0.5,0.5,0.5", "--std", "0.25",
+                "--out", tmp_path / "m3.safetensors")
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert r.returncode == 1 and len(errors) == 1 and "one channel" in errors[0], r.stderr
+
+
+def test_luma_equals_pillows_greyscale_conversion(tmp_path):
+    from PIL import Image
+
+    from tvsprune.data.sources import Preprocess, _pixels
+
+    colour = _grey_folder(tmp_path / "colour", colour=True) / "c1" / "0.png"
+    with Image.open(colour) as im:
+        luma = Preprocess(channels=1)(_pixels(im))
+        pillow = np.asarray(im.convert("L"), dtype=np.float32) / 255
+    assert luma.shape == (1, 28, 28)
+    assert float((luma[0] - torch.from_numpy(pillow)).abs().max()) <= 1 / 255 + 1e-6  # Pillow rounds to 8 bits
+    with Image.open(_grey_folder(tmp_path / "grey") / "c2" / "3.png") as im:
+        np.testing.assert_allclose(Preprocess(channels=1)(_pixels(im))[0].numpy(),
+                                   np.asarray(im, dtype=np.float32) / 255, atol=1e-6)
+
+
 # ---- internal errors are never the input's fault ------------------------------------------------------
 
 def _calibrate_cli(tmp_path: Path, *global_flags: str) -> tuple[int, list[str], Path]:

@@ -258,6 +258,24 @@ class UpsampleConcatNet(nn.Module):
         return self.fc(self.dec(torch.cat([a, b], 1)).mean((2, 3)))
 
 
+class MnistNet(nn.Module):
+    """PyTorch's MNIST example, narrowed: one input channel (greyscale), dropout, log_softmax. Not
+    in PATTERNS, whose tests feed three channels; tests/test_user_models.py runs it on its own."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3)
+        self.conv2 = nn.Conv2d(8, 16, 3)
+        self.dropout = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(16 * 12 * 12, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = F.relu(self.fc1(torch.flatten(self.dropout(x), 1)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
 PATTERNS = {
     "tutorial": (TutorialNet, {}),
     "softmax-temperature": (SoftmaxTemperatureNet, {}),

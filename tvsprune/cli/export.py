@@ -25,6 +25,12 @@ def _onnx_data(args: argparse.Namespace, path: str, meta: dict[str, str]):
     return DataOptions.from_args(args, path=path, mean=mean, std=std, samples_per_class=None, seed=0)
 
 
+def _onnx_channels(meta: dict[str, str]) -> int | None:
+    """The channels an ONNX model tvsprune wrote reads (its ``input_shape`` metadata)."""
+    shape = meta.get("input_shape", "").split(",")
+    return int(shape[0]) if shape[0].isdigit() else None
+
+
 def _export_options(args: argparse.Namespace):
     """The ExportOptions the flags of an export subcommand describe (its other fields at their defaults)."""
     from ..exporters.options import ExportOptions
@@ -67,12 +73,12 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
 
     opts = _export_options(args)
     meta = onnx_metadata(args.model)
-    src = _onnx_data(args, args.calib_data, meta).open()
+    src = _onnx_data(args, args.calib_data, meta).open(channels=_onnx_channels(meta))
     x, _ = take_images(src, opts.int8_samples, seed=args.seed)
     rep = quantize_int8(args.model, calibration_batches(x), args.out, opts.int8_method, per_channel=not args.per_tensor,
                         activations=opts.activations, reduce_range=opts.int8_reduce_range)
     if args.eval_data:
-        esrc = _onnx_data(args, args.eval_data, meta).open()
+        esrc = _onnx_data(args, args.eval_data, meta).open(channels=_onnx_channels(meta))
         rep["evaluation"] = e = compare_int8(args.model, args.out, esrc, args.eval_samples)
         if e["latency_ratio_int8_over_fp32"] > 1.0:
             rep.setdefault("warnings", []).append(

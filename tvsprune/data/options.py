@@ -53,10 +53,13 @@ class DataOptions(ReadOptions):
 
     path: str
 
-    def preprocess(self, model: Any = None) -> Preprocess:
+    def preprocess(self, model: Any = None, channels: int | None = None) -> Preprocess:
         """Normalisation: what the user gave, each of mean/std completed from the checkpoint
-        (``model``: a LoadedModel or None). A bad value is blamed on where it came from."""
-        from .sources import Preprocess
+        (``model``: a LoadedModel or None). A bad value is blamed on where it came from. Images
+        get luma where the model reads one channel (``channels``, else ``model``'s)."""
+        from .sources import Preprocess, model_channels
+
+        channels = 1 if (channels or model_channels(model)) == 1 else None
 
         saved = (model.normalize if model is not None else None) or {}
         if not isinstance(saved, dict):
@@ -79,13 +82,18 @@ class DataOptions(ReadOptions):
                     raise TvsError(f"{where[key]} {_show(values)}: give 1 or 3 finite values (R,G,B)")
             if any(v <= 0 for v in std):
                 raise TvsError(f"{where['std']} {_show(std)}: every value must be positive")
+            for key, values in (("mean", mean), ("std", std)):
+                if channels == 1 and len(values) != 1:
+                    raise TvsError(f"{where[key]} {_show(values)}: the model reads one channel (greyscale): "
+                                   "give one value")
         return Preprocess(self.resize, self.crop, [float(v) for v in mean] if mean else None,
-                          [float(v) for v in std] if std else None)
+                          [float(v) for v in std] if std else None, channels)
 
-    def open(self, model: Any = None) -> Source:
+    def open(self, model: Any = None, channels: int | None = None) -> Source:
+        """The source, its images preprocessed for ``model`` (or with ``channels``: an ONNX file's)."""
         from .sources import open_source
 
-        return open_source(self.path, self.preprocess(model), self.split)
+        return open_source(self.path, self.preprocess(model, channels), self.split)
 
 
 def _show(values: Any) -> str:

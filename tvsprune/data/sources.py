@@ -22,6 +22,7 @@ from ..errors import TvsError
 
 log = logging.getLogger(__name__)
 
+LUMA = (0.299, 0.587, 0.114)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -33,9 +34,12 @@ class Preprocess:
     crop: int | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    channels: int | None = None  # 1: RGB images become luma (a greyscale network); None: as decoded
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: float CHW in [0, 1]."""
+        if self.channels == 1 and x.shape[0] == 3:  # ITU-R 601 luma, as Pillow's "L" conversion
+            x = torch.tensordot(torch.tensor(LUMA, dtype=x.dtype), x, dims=1)[None]
         if self.resize:
             h, w = x.shape[-2:]
             s = self.resize / min(h, w)
@@ -57,7 +61,21 @@ class Preprocess:
     def to_dict(self) -> dict[str, Any]:
         return {"resize": self.resize, "crop": self.crop,
                 "mean": list(self.mean) if self.mean is not None else None,
-                "std": list(self.std) if self.std is not None else None}
+                "std": list(self.std) if self.std is not None else None} | (
+                    {"channels": self.channels} if self.channels else {})
+
+
+def model_channels(model: Any) -> int | None:
+    """1 where the model reads one channel (a greyscale network, such as PyTorch's MNIST example):
+    its first convolution reads one (a hub's recorded input size may still say 3, as timm's with
+    in_chans=1), or its recorded input shape says so; else its recorded channels, or None."""
+    module = getattr(model, "module", model)
+    if isinstance(module, torch.nn.Module):
+        first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        if first is not None and first.in_channels == 1:
+            return 1
+    shape = getattr(model, "input_shape", None)
+    return int(shape[0]) if shape else None
 
 
 class BadSample(Exception):
