@@ -343,3 +343,19 @@ def test_a_data_file_replaced_with_its_size_and_mtime_kept_changes_the_digest(tm
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
     assert content_digest(root) != before
+
+
+def test_one_image_per_class_gives_no_tv_scores_but_still_prunes_by_l1(tiny_setup, tmp_path):
+    """One calibration image per class has no class variance: the TV bound would have ranked filters on
+    the variance floor alone (every filter 'dead'). calibrate warns, a TV prune is one error line and no
+    output, and a criterion that needs no variance still prunes."""
+    spec, weights, _ = tiny_setup
+    data = write_image_folder(tmp_path / "one", classes=3, per_class=1)
+    moments = tmp_path / "m.safetensors"
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", data, "--out", moments)
+    assert r.returncode == 0 and "3 of 3 classes have one calibration image" in r.stderr, r.stderr
+    base = ("prune", spec, "--weights", weights, "--moments", moments, "--target-params", "0.3", "--calib-data", data)
+    _one_error(run_cli(*base, "--out", tmp_path / "tv"), "2 calibration images each")
+    assert not (tmp_path / "tv").exists()
+    r = run_cli(*base, "--method", "l1", "--out", tmp_path / "l1")
+    assert r.returncode == 0 and (tmp_path / "l1" / "plan.json").is_file(), r.stderr

@@ -24,6 +24,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def tv_bound(moments: Moments, layers: list[str], pair_reduce: str, device: str, required: bool
+             ) -> dict[str, np.ndarray]:
+    """Every layer's TV bound. Where the moments cannot give one (fewer than two classes with two
+    images) and the criterion does not rank by it, none: LDIFF and the report use its scores."""
+    from ..errors import TvsError
+
+    try:
+        return layer_scores("tvs", None, moments, layers, pair_reduce=pair_reduce, device=device)
+    except TvsError as e:
+        if required:
+            raise
+        log.warning("no TV bound beside the criterion's scores: %s", e)
+        return {}
+
+
 def ldiff(scores: np.ndarray) -> float:
     """LDIFF = 1 - mean(s / max s): 0 when every filter is equally discriminative."""
     s = np.asarray(scores, dtype=np.float64)

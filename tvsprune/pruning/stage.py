@@ -27,7 +27,7 @@ from .options import (LARGE_LOSS_POINTS, NEEDS_IMAGES, PruneOptions, allocation_
                       methods)
 from .plan import Plan
 from .repairs import build_pruned, repairs_of
-from .scores import layer_scores, ldiff, spearman, tvs_scores
+from .scores import layer_scores, ldiff, spearman, tv_bound, tvs_scores
 from .selection import select_plan
 from .surgery import apply_plan
 
@@ -84,8 +84,7 @@ def _scores(ctx: Context, moments: Moments | None, opts: PruneOptions, criterion
     """The TV bound (when there are moments), the criterion's scores, and LDIFF per layer."""
     layers = [l.name for l in ctx.probe.layers]
     step("scoring filters")
-    tv = layer_scores("tvs", None, moments, layers, pair_reduce=opts.pair_reduce, device=opts.device) \
-        if moments else {}
+    tv = tv_bound(moments, layers, opts.pair_reduce, opts.device, required=criterion == "tvs") if moments else {}
     if criterion == "tvs":
         scores = tvs_scores(ctx, moments, opts, tv)
     else:

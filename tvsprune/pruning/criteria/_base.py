@@ -77,11 +77,14 @@ def flat_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().double().flatten(1)
 
 
-def class_pairs(lm: LayerMoments, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Both members of every pair of classes that have calibration samples."""
-    present = torch.nonzero(lm.count > 0).flatten().cpu().numpy()
+def class_pairs(lm: LayerMoments, what: str, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Both members of every pair of classes that have at least ``min_count`` calibration samples
+    (2 where a score needs the classes' variances: one image has none)."""
+    present = torch.nonzero(lm.count >= min_count).flatten().cpu().numpy()
     if len(present) < 2:
-        raise TvsError(f"{what} scores need calibration samples of at least two classes")
+        need = "calibration samples" if min_count == 1 else f"{min_count} calibration images each (a variance)"
+        raise TvsError(f"{what} scores need {need} of at least two classes; the moments have "
+                       f"{sorted(lm.count.tolist(), reverse=True)[:8]} per class: give more images per class")
     ia, ib = np.triu_indices(len(present), k=1)
     return present[ia], present[ib]
 

@@ -25,7 +25,7 @@ def hellinger_pairs(lm: LayerMoments, reduce: str = "min", var_floor_rel: float 
     """
     if reduce not in ("min", "mean"):
         raise TvsError(f"unknown pair reduction {reduce!r} (min or mean)")
-    present = torch.as_tensor(np.unique(np.concatenate(class_pairs(lm, "TV"))), device=device)
+    present = torch.as_tensor(np.unique(np.concatenate(class_pairs(lm, "TV", min_count=2))), device=device)
     mu = lm.mean.to(device)[present]
     var = lm.var.to(device)
     positive = var[var > 0]
