@@ -307,16 +307,14 @@ def collect_moments(model: nn.Module, probe: ModelProbe, batches: Iterable[tuple
         "world_size": dist.get_world_size() if distributed else 1,
         "input_positions_max": POSITIONS_MAX,
     })
+    from ..console import short_list
+
     empty = [c for c, n in zip(classes, out_meta["class_counts"]) if n == 0]
     if empty:
-        from ..console import short_list
-
         log.warning("%d of %d classes have no calibration samples: %s (they are left out of the class pairs)",
                     len(empty), len(classes), short_list(empty))
     single = [c for c, n in zip(classes, out_meta["class_counts"]) if n == 1]
     if single:
-        from ..console import short_list
-
         log.warning("%d of %d classes have one calibration image: %s (TV scores leave them out of the class pairs: "
                     "a variance needs two)", len(single), len(classes), short_list(single))
     out_meta["empty_classes"] = empty
