@@ -560,6 +560,8 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
     ("val-data-other-classes", lambda f, t: prune(f, t, "--val-data", write_image_folder(t / "v", classes=4,
                                                                                          per_class=2)), "class", 1),
     ("calib-data-missing", lambda f, t: prune(f, t, "--calib-data", t / "nocalib"), "nocalib", 1),
+    ("val-data-is-every-calibration-image", lambda f, t: prune(f, t, "--calib-data", f.images, "--val-data",
+                                                               f.images), "no validation images left", 1),
     # plans
     ("plan-deeply-nested", lambda f, t: replay(f, t, write(t / "plan.json", NESTED)), "plan.json", 1),
     ("plan-a-list", lambda f, t: replay(f, t, write(t / "plan.json", "[1, 2]")), "plan.json", 1),

@@ -116,8 +116,9 @@ def _validation(val: DataOptions | None, calib: DataOptions | None, loaded: Load
         log.info("validation data is the calibration folder: excluding its %d calibration images", len(exclude))
     vidx = stratified_indices(vsrc.labels, val.samples_per_class, val.seed, exclude)
     if len(vidx) == 0:
-        raise TvsError(f"no validation images left in {val.path} once the {len(exclude or [])} calibration "
-                       "images are excluded: give --val-data a held-out folder")
+        n = 0 if exclude is None else len(exclude)
+        raise TvsError(f"no validation images left in {val.path} once its {n} calibration images are excluded: give "
+                       "a held-out folder (prune --val-data, run's [data] evaluation) or calibrate on fewer per class")
     return list(BatchStream(vsrc, vidx, val.batch_size, val.workers, val.skip_bad)), vsrc.classes
 
 
