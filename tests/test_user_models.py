@@ -142,6 +142,10 @@ def test_a_greyscale_network_goes_through_calibrate_prune_and_export(tmp_path):
         assert r.returncode == 0, (argv[0], r.stderr)
     dims = onnx.load(str(tmp_path / "p.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    arrays = tmp_path / "mnist.npz"  # MNIST's own layout: N,H,W uint8
+    np.savez(arrays, x=np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8), y=np.arange(12) % 3)
+    r = run_cli("calibrate", spec, "--weights", weights, "--data", arrays, *norm, "--out", tmp_path / "n.safetensors")
+    assert r.returncode == 0, r.stderr
     r = run_cli("calibrate", spec, "--weights", weights, "--data", grey, "--mean", "0.5,0.5,0.5", "--std", "0.25",
                 "--out", tmp_path / "m3.safetensors")
     errors = [l for l in r.stderr.splitlines() if "error:" in l]
@@ -334,3 +338,16 @@ def _top1(model, folder: Path) -> float:
     from tvsprune.data.options import DataOptions
 
     return evaluate(as_loaded(model), DataOptions(path=str(folder), samples_per_class=300))["top1"]
+
+
+def test_greyscale_arrays_are_read_as_rgb_or_as_one_channel_as_the_model_reads():
+    """(N, H, W) arrays (MNIST's layout) are one channel: repeated to RGB as a grey image file is read,
+    or kept as one channel for a network whose first convolution reads one."""
+    from tvsprune.data.sources import ArraySource, Preprocess
+
+    x = np.random.default_rng(0).integers(0, 256, (4, 8, 8), dtype=np.uint8)
+    rgb = ArraySource("a", x, np.arange(4) % 2, None, Preprocess()).load(1)
+    grey = ArraySource("a", x, np.arange(4) % 2, None, Preprocess(channels=1)).load(1)
+    assert rgb.shape == (3, 8, 8) and grey.shape == (1, 8, 8)
+    np.testing.assert_allclose(rgb.numpy(), np.repeat(x[1][None] / 255, 3, 0), atol=1e-6)
+    np.testing.assert_allclose(grey[0].numpy(), x[1] / 255, atol=1e-6)

@@ -193,18 +193,23 @@ def array_layout(name: str, x: np.ndarray) -> str:
 
 
 class ArraySource(Source):
-    """In-memory arrays: ``x`` as (N, H, W, C) or (N, C, H, W), uint8 0..255 or float 0..1; ``y`` labels."""
+    """In-memory arrays: ``x`` as (N, H, W, C) or (N, C, H, W), or (N, H, W) greyscale (MNIST's layout),
+    uint8 0..255 or float 0..1; ``y`` labels."""
 
     def __init__(self, name: str, x: np.ndarray, y: np.ndarray, classes: list[str] | None,
                  preprocess: Preprocess) -> None:
         self.name, self.preprocess = name, preprocess
+        grey = x.ndim == 3
+        if grey:
+            x = x[:, None]
         if x.ndim != 4:
-            raise TvsError(f"{name}: x must have 4 dimensions (N,H,W,C uint8 or N,C,H,W float), got shape {x.shape}")
+            raise TvsError(f"{name}: x must have 4 dimensions (N,H,W,C uint8 or N,C,H,W float) or 3 (N,H,W "
+                           f"greyscale), got shape {x.shape}")
         if len(x) != len(y):
             raise TvsError(f"{name}: x has {len(x)} samples but y has {len(y)}")
         if len(x) == 0:
             raise TvsError(f"{name}: holds no samples")
-        self.channels_last = array_layout(name, x) == "NHWC"
+        self.channels_last = array_layout(name, x) == "NHWC" and not grey
         self.scale = 255.0 if x.dtype == np.uint8 else 1.0
         self.x = x
         y = np.asarray(y).reshape(-1)
@@ -228,6 +233,8 @@ class ArraySource(Source):
             x = x.permute(2, 0, 1).contiguous()
         if self.scale != 1.0:
             x.div_(self.scale)
+        if x.shape[0] == 1 and self.preprocess.channels != 1:  # RGB, as a grey image file is read
+            x = x.expand(3, *x.shape[1:])
         return self.preprocess(x)
 
 
