@@ -60,8 +60,9 @@ class Timm(_Hub):
         mean, std = cfg.get("mean"), cfg.get("std")
         loaded.normalize = ({"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
                             if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) else None)
-        first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-        if first is not None and first.in_channels == 1:  # in_chans=1: the config still describes RGB
+        from ...data.sources import model_channels
+
+        if model_channels(module) == 1:  # in_chans=1: the config still describes RGB
             loaded.input_shape = (1, *loaded.input_shape[1:]) if loaded.input_shape else None
             if loaded.normalize:
                 loaded.normalize = {k: [sum(v) / len(v)] for k, v in loaded.normalize.items()}
