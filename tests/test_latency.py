@@ -285,6 +285,28 @@ def test_the_verdict_says_when_int8_is_slower_and_what_to_deploy():
     assert "the fastest pruned model, pruned, is 1.60x: pruning does not pay on ort-cpu beyond INT8" in s["sentence"]
 
 
+def test_the_verdict_is_stated_on_the_backend_the_model_was_pruned_for():
+    """A model pruned for ort-cpu's latency gets its verdict on ort-cpu, although torch-cpu
+    measured it faster; without a latency budget the fastest stable backend is stated, and an
+    unstable timing on the target gives way to a stable one."""
+    from tvsprune.bench.verdict import summarize
+
+    sp = lambda m: {"speedup_median": m, "speedup_min": m - 0.05, "speedup_max": m + 0.05}  # noqa: E731
+    pruned = {"label": "pruned", "macs": 50, "params": 5,
+              "prune": {"latency": {"backend": "ort-cpu", "batch": 32, "target": 0.6}}}
+    report = {"models": [{"label": "base", "macs": 100, "params": 10}, pruned],
+              "latency": {"torch-cpu": {"32": {"speedup_vs_base": {"pruned": sp(2.0)}}},
+                          "ort-cpu": {"32": {"speedup_vs_base": {"pruned": sp(1.6)}}}}}
+    s = summarize(report)
+    assert s["target_backend"] == "ort-cpu" and s["best"]["backend"] == "ort-cpu"
+    assert s["sentence"].startswith("pruned: 1.60x faster than the base on ort-cpu at batch 32")
+    report["latency"]["ort-cpu"]["32"]["warnings"] = ["timings unstable: ..."]
+    assert summarize(report)["best"]["backend"] == "torch-cpu"
+    del report["latency"]["ort-cpu"]["32"]["warnings"], pruned["prune"]
+    s = summarize(report)
+    assert s["target_backend"] is None and s["best"]["backend"] == "torch-cpu"
+
+
 def test_the_next_ask_interpolates_between_attempts_on_either_side():
     from tvsprune.pruning.latency import _next_ask
 

@@ -17,8 +17,9 @@ the ``--fail-if`` gate CI scripts check it with.
   model lost more (``model`` is then the fastest of all); ``rejected``: the faster models
   passed over for losing more (``model``, ``speedup``, ``drop_points``), fastest first.
 - ``best``: the backend entry with the highest speedup among those whose timings were
-  stable (among all when none was), one within ``max_drop`` before one that is not, with its
-  ``backend`` name.
+  stable (among all when none was), one within ``max_drop`` before one that is not, and the
+  backend a pruned model's latency budget was measured on (``prune --latency-backend``;
+  ``target_backend``) before any other, with its ``backend`` name.
 - ``macs_saved``, ``params_saved``, ``weights_bytes_saved``: fractions saved by that
   model (null when unknown, e.g. an .onnx file without its PyTorch model).
 - ``trustworthy``: the timings behind the verdict (the best entry's) were stable;
@@ -90,8 +91,10 @@ def summarize(report: dict[str, Any], max_drop: float | None = None) -> dict[str
         out["all_stable"] = out["all_stable"] and entry["stable"]
     if out["backends"]:
         stable = {k: v for k, v in out["backends"].items() if v["stable"]} or out["backends"]
-        # a stable timing before a faster one, a model within max_drop before one that lost more
-        name, best = max(stable.items(), key=lambda kv: (kv[1]["within_max_drop"], kv[1]["speedup"]))
+        out["target_backend"] = target = _target_backend(report["models"])
+        # a stable timing before a faster one, a model within max_drop before one that lost more, the backend the
+        # models were pruned for before a faster one
+        name, best = max(stable.items(), key=lambda kv: (kv[1]["within_max_drop"], kv[0] == target, kv[1]["speedup"]))
         out["best"] = {"backend": name, **best}
         out["trustworthy"] = best["stable"]
         m = models.get(best["model"], {})
@@ -104,6 +107,12 @@ def summarize(report: dict[str, Any], max_drop: float | None = None) -> dict[str
         out["int8"] = _int8_vs_fp32(report, batch)
     out["sentence"] = sentence(out)
     return out
+
+
+def _target_backend(models: list[dict[str, Any]]) -> str | None:
+    """The backend the first pruned model with a latency budget was pruned for, or None."""
+    return next((lat["backend"] for m in models for lat in [((m.get("prune") or {}).get("latency") or {})]
+                 if lat.get("backend")), None)
 
 
 def _brief(label: str, speedups: dict[str, Any], drops: dict[str, float | None]) -> dict[str, Any]:
