@@ -397,6 +397,10 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
      "features.0.weight", 1),
     ("weights-unexpected-keys", lambda f, t: calibrate(f, t, weights=(torch.save(
         {**state(), "extra.weight": torch.zeros(3)}, t / "w.pt"), t / "w.pt")[1]), "extra.weight", 1),
+    ("weights-two-state-dicts", lambda f, t: calibrate(f, t, weights=(torch.save(
+        {"student": state(), "teacher": state()}, t / "w.pt"), t / "w.pt")[1]), "several state_dicts", 1),
+    ("weights-numpy-array-beside", lambda f, t: calibrate(f, t, weights=(torch.save(
+        {"net": state(), "history": __import__("numpy").zeros(3)}, t / "w.pt"), t / "w.pt")[1]), "numpy.ndarray", 1),
     ("weights-safetensors-truncated", lambda f, t: calibrate(f, t, weights=(
         __import__("safetensors.torch").torch.save_file(state(), str(t / "full.safetensors")),
         write(t / "w.safetensors", (t / "full.safetensors").read_bytes()[:300]))[1]), "w.safetensors", 1),

@@ -301,6 +301,71 @@ def test_checkpoint_loading_keeps_module_versions(tmp_path, wrapped):
     load_state_dict_strict(Versioned(), loaded, "w.pt")  # raises if the versions were dropped
 
 
+class _Holder(nn.Module):
+    """What a training script saves around the network: a LightningModule's ``model``, torch.compile's
+    ``_orig_mod``, an EMA copy beside it."""
+
+    def __init__(self, name: str, extra: bool):
+        super().__init__()
+        setattr(self, name, Versioned())
+        if extra:
+            self.loss = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("name, extra", [("model", True), ("_orig_mod", False), ("inner", False)])
+def test_checkpoint_keys_under_one_prefix_are_the_models(tmp_path, name, extra, caplog):
+    """A checkpoint whose tensors are the model's under one prefix (Lightning's ``model.``,
+    torch.compile's ``_orig_mod.``), with other modules' beside them or not, loads with its
+    module versions; so does the model wrapped in a module of its own. Two modules that both fit
+    are refused: which to use is the user's call."""
+    from tvsprune.errors import TvsError
+    from tvsprune.models.spec import load_state_dict_strict
+
+    holder = _Holder(name, extra)
+    torch.save({"state_dict": holder.state_dict()}, tmp_path / "w.pt")
+    sd = torch.load(tmp_path / "w.pt", weights_only=True)["state_dict"]
+    model = Versioned()
+    with caplog.at_level("INFO"):
+        load_state_dict_strict(model, sd, "w.pt")  # raises if the versions were dropped
+    assert torch.equal(model.conv.weight, getattr(holder, name).conv.weight)
+    assert f"under '{name}.'" in caplog.text and ("2 others left out" in caplog.text) == extra
+    wrapped = _Holder("net", False)
+    load_state_dict_strict(wrapped, Versioned().state_dict(), "w.pt")
+    twice = {**{f"a.{k}": v for k, v in sd.items()}, **{f"b.{k}": v for k, v in sd.items()}}
+    with pytest.raises(TvsError, match="several modules fit the model"):
+        load_state_dict_strict(Versioned(), twice, "w.pt")
+
+
+def test_checkpoints_as_training_scripts_save_them_are_read(tmp_path):
+    """The state_dict under the keys training scripts use, beside what they save with it
+    (argparse's Namespace, numpy scalars), is read with weights_only; a numpy array beside it
+    is refused in one line naming it, as is a checkpoint with two state_dicts."""
+    import argparse
+
+    import numpy as np
+
+    from tvsprune.errors import TvsError
+    from tvsprune.models.spec import read_checkpoint
+
+    sd = Versioned().state_dict()
+    layouts = {"net": {"net": sd, "acc": np.float64(93.1), "epoch": np.int64(200)},  # kuangliu/pytorch-cifar
+               "model": {"model": sd, "args": argparse.Namespace(lr=0.1, arch="resnet18"), "epoch": 3},
+               "model_state_dict": {"model_state_dict": sd, "loss": torch.tensor(0.2),
+                                    "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1}]}},
+               "state_dict": {"state_dict": sd, "state_dict_ema": sd},  # timm: the model's own first
+               "weights": {"weights": sd, "note": "mine"}}  # the only dict of tensors
+    for key, obj in layouts.items():
+        torch.save(obj, tmp_path / f"{key}.pt")
+        got, extras = read_checkpoint(tmp_path / f"{key}.pt")
+        assert got.keys() == sd.keys() and key not in extras
+    torch.save({"net": sd, "history": np.zeros(3)}, tmp_path / "array.pt")
+    with pytest.raises(TvsError, match=r"array.pt cannot be loaded safely .*numpy.ndarray"):
+        read_checkpoint(tmp_path / "array.pt")
+    torch.save({"student": sd, "teacher": sd}, tmp_path / "two.pt")
+    with pytest.raises(TvsError, match=r"several state_dicts \('student', 'teacher'\)"):
+        read_checkpoint(tmp_path / "two.pt")
+
+
 # ---- a trained tutorial CNN: tvs keeps at least l1's accuracy -----------------------------------------
 
 CHECKPOINT = REPO / "tests" / "data" / "tutorial_cnn_cifar10.pt"

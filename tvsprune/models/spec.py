@@ -12,6 +12,7 @@ Spec forms (one registered source each, :mod:`.sources`)
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..artifacts import sha256_file
 from ..errors import TvsError
 from .sources import SOURCES
 from .sources.code import user_file  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,9 +92,11 @@ def build_module(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a checkpoint without unpickling arbitrary objects.
 
-    Accepts a bare state_dict or a dict holding one under ``state_dict`` or ``model``
-    (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``).
-    Returns the state_dict and the other top-level entries (e.g. ``normalize``).
+    Accepts a bare state_dict or a dict holding one under one of :data:`STATE_KEYS` (or as its
+    only dict of tensors: kuangliu's CIFAR scripts save ``net``, PyTorch's tutorial
+    ``model_state_dict``) (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, which also
+    reads the harmless types training scripts save beside it, :func:`_plain_types`, or
+    ``.safetensors``). Returns the state_dict and the other top-level entries (e.g. ``normalize``).
     """
     path = Path(path)
     if path.is_dir():
@@ -107,19 +112,52 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except (SafetensorError, OSError, ValueError) as e:
             raise TvsError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_plain_types()):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, pickle with forbidden globals, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in first:  # torch's first line says nothing: name what it refused
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            except Exception:  # noqa: BLE001 (the names are a courtesy; the refusal stands without them)
+                names = []
+            first = ("it holds objects other than tensors and plain values" +
+                     (f" ({', '.join(names[:4])})" if names else "") +
+                     ": save its state_dict alone (torch.save(model.state_dict(), path))")
         raise TvsError(f"checkpoint {path} cannot be loaded safely (weights_only): {first}") from None
     if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                extras = {k: v for k, v in obj.items() if k != key}
-                return obj[key], extras
+        found = [k for k in STATE_KEYS if _tensors(obj.get(k))] or [k for k, v in obj.items() if _tensors(v)]
+        if len(found) == 1 or found and found[0] in STATE_KEYS:
+            return obj[found[0]], {k: v for k, v in obj.items() if k != found[0]}
+        if found:
+            raise TvsError(f"checkpoint {path} holds several state_dicts ({', '.join(map(repr, found))}): "
+                           "save the one to use alone")
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj, {}
-    raise TvsError(f"checkpoint {path} holds no state_dict (expected a dict of tensors, "
-                   "or a dict with 'state_dict' or 'model')")
+    raise TvsError(f"checkpoint {path} holds no state_dict (expected a dict of tensors, or a dict with one under "
+                   f"{', '.join(map(repr, STATE_KEYS))} or another key)")
+
+
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts put it, first first
+
+
+def _tensors(v: Any) -> bool:
+    """Whether ``v`` is a non-empty dict of tensors with string keys (a state_dict)."""
+    return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                   for k, t in v.items())
+
+
+def _plain_types() -> list[Any]:
+    """What training scripts save beside the weights, allowed to ``torch.load(weights_only=True)``:
+    ``argparse.Namespace`` (torchvision's reference scripts' ``args``) and numpy scalars with
+    their dtypes (a best accuracy as ``np.float64``). Each is rebuilt from plain values; none
+    runs code (no numpy array: its reconstruction is a general function)."""
+    import argparse
+
+    import numpy as np
+
+    kinds = (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_)
+    return [argparse.Namespace, np.dtype, np.float64(0).__reduce__()[0], *{type(np.dtype(k)) for k in kinds}]
 
 
 def _strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
@@ -136,10 +174,59 @@ def _strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> OrderedDict[str
     return sd
 
 
+def _prefixes(keys) -> set[str]:
+    """Every dotted prefix (``a.``, ``a.b.``) of ``keys``."""
+    return {".".join(parts[:i]) + "." for k in keys for parts in [k.split(".")] for i in range(1, len(parts))}
+
+
+def _under_prefix(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``sd`` renamed to ``own``'s keys where a key prefix tells them apart: the tensors under
+    one prefix of the checkpoint (``model.`` of a Lightning module, ``_orig_mod.`` of
+    torch.compile, ``ema.``) or the model's keys under one prefix (a wrapper around the
+    network the checkpoint was saved from), with the same names and shapes. ``sd`` as it is
+    where none fits (the caller's error names the keys); an error where several do."""
+    def fits(renamed: dict[str, Any]) -> bool:
+        return renamed.keys() == own.keys() and all(tuple(renamed[k].shape) == tuple(own[k].shape) for k in own)
+
+    def module_name(m: str, p: str, theirs: bool) -> str | None:  # a module's name in _metadata, renamed alike
+        if not theirs:
+            return p + m if m else p[:-1]
+        return "" if m == p[:-1] else m[len(p):] if m.startswith(p) else None
+
+    found = []  # (prefix, whose: the checkpoint's keys under it (True) or the model's (False), renamed)
+    for p in sorted(_prefixes(sd)):
+        if fits(renamed := {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}):
+            found.append((p, True, renamed))
+    for p in sorted(_prefixes(own)):
+        if all(k.startswith(p) for k in own) and fits(renamed := {p + k: v for k, v in sd.items()}):
+            found.append((p, False, renamed))
+    if len(found) > 1:
+        raise TvsError(f"checkpoint {source}: the weights of several modules fit the model (under "
+                       f"{', '.join(repr(p) for p, _, _ in found)}): save the state_dict of the one to use")
+    if not found:
+        return sd
+    p, theirs, renamed = found[0]
+    out = OrderedDict(renamed)
+    meta = getattr(sd, "_metadata", None)
+    if isinstance(meta, dict):  # module versions (see _strip_data_parallel)
+        out._metadata = OrderedDict((n, v) for m, v in meta.items()  # type: ignore[attr-defined]
+                                    if (n := module_name(m, p, theirs)) is not None)
+    left = len(sd) - len(out)
+    if not theirs:
+        log.info("checkpoint %s: its keys are the model's under %r", source, p)
+    else:
+        log.log(logging.WARNING if left else logging.INFO, "checkpoint %s: using the %d tensors under %r%s", source,
+                len(out), p, f" ({left} other{'' if left == 1 else 's'} left out)" if left else "")
+    return out
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, turning missing / unexpected / mis-shaped keys into one error."""
+    """Load weights, turning missing / unexpected / mis-shaped keys into one error (keys under
+    one prefix, or the model's under one prefix, are renamed first: :func:`_under_prefix`)."""
     own = model.state_dict()
     sd = _strip_data_parallel(state_dict)
+    if sd.keys() != own.keys():
+        sd = _under_prefix(sd, own, source)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shaped = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
