@@ -286,9 +286,9 @@ def test_the_verdict_says_when_int8_is_slower_and_what_to_deploy():
 
 
 def test_the_verdict_is_stated_on_the_backend_the_model_was_pruned_for():
-    """A model pruned for ort-cpu's latency gets its verdict on ort-cpu, although torch-cpu
-    measured it faster; without a latency budget the fastest stable backend is stated, and an
-    unstable timing on the target gives way to a stable one."""
+    """A model pruned for ort-cpu's latency at a batch gets its verdict on ort-cpu at that batch,
+    although torch-cpu measured it faster; without a latency budget the fastest stable backend
+    at the largest batch is stated, and an unstable timing on the target gives way to a stable one."""
     from tvsprune.bench.verdict import summarize
 
     sp = lambda m: {"speedup_median": m, "speedup_min": m - 0.05, "speedup_max": m + 0.05}  # noqa: E731
@@ -300,6 +300,12 @@ def test_the_verdict_is_stated_on_the_backend_the_model_was_pruned_for():
     s = summarize(report)
     assert s["target_backend"] == "ort-cpu" and s["best"]["backend"] == "ort-cpu"
     assert s["sentence"].startswith("pruned: 1.60x faster than the base on ort-cpu at batch 32")
+    report["latency"]["ort-cpu"]["1"] = {"speedup_vs_base": {"pruned": sp(1.2)}}  # batch 32 asked: stated at 32
+    assert summarize(report)["batch"] == 32
+    pruned["prune"]["latency"]["batch"] = 1  # pruned for batch 1 (an edge device): stated at batch 1
+    assert summarize(report)["sentence"].startswith("pruned: 1.20x faster than the base on ort-cpu at batch 1")
+    pruned["prune"]["latency"]["batch"] = 8  # a batch bench did not measure: the largest it did
+    assert summarize(report)["batch"] == 32
     report["latency"]["ort-cpu"]["32"]["warnings"] = ["timings unstable: ..."]
     assert summarize(report)["best"]["backend"] == "torch-cpu"
     del report["latency"]["ort-cpu"]["32"]["warnings"], pruned["prune"]

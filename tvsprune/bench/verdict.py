@@ -5,7 +5,8 @@ the ``--fail-if`` gate CI scripts check it with.
 ``summary`` fields (documented in the README, "Reading the report"):
 
 - ``sentence``: the verdict in words.
-- ``batch``: the batch size it is stated at (the largest one measured).
+- ``batch``: the batch size it is stated at: the one a pruned model's latency budget was
+  measured at (``prune --latency-batch``) where bench measured it, else the largest one measured.
 - ``max_drop``: the points of top-1 a model may lose to be recommended (``--max-drop``;
   null: the fastest model is recommended whatever it lost).
 - ``backends``: per backend, the fastest model at that batch that lost at most ``max_drop``
@@ -61,7 +62,8 @@ def summarize(report: dict[str, Any], max_drop: float | None = None) -> dict[str
     models = {m["label"]: m for m in report["models"]}
     base = report["models"][0]
     batches = [int(b) for per in report.get("latency", {}).values() for b in per]
-    batch = max(batches) if batches else None
+    target = _latency_target(report["models"])
+    batch = target.get("batch") if target.get("batch") in batches else max(batches) if batches else None
     out: dict[str, Any] = {"batch": batch, "max_drop": max_drop, "backends": {}, "best": None, "trustworthy": False,
                            "all_stable": True}
     for backend, per_batch in report.get("latency", {}).items():
@@ -91,10 +93,11 @@ def summarize(report: dict[str, Any], max_drop: float | None = None) -> dict[str
         out["all_stable"] = out["all_stable"] and entry["stable"]
     if out["backends"]:
         stable = {k: v for k, v in out["backends"].items() if v["stable"]} or out["backends"]
-        out["target_backend"] = target = _target_backend(report["models"])
+        out["target_backend"] = target.get("backend")
         # a stable timing before a faster one, a model within max_drop before one that lost more, the backend the
         # models were pruned for before a faster one
-        name, best = max(stable.items(), key=lambda kv: (kv[1]["within_max_drop"], kv[0] == target, kv[1]["speedup"]))
+        name, best = max(stable.items(), key=lambda kv: (kv[1]["within_max_drop"], kv[0] == out["target_backend"],
+                                                         kv[1]["speedup"]))
         out["best"] = {"backend": name, **best}
         out["trustworthy"] = best["stable"]
         m = models.get(best["model"], {})
@@ -109,10 +112,11 @@ def summarize(report: dict[str, Any], max_drop: float | None = None) -> dict[str
     return out
 
 
-def _target_backend(models: list[dict[str, Any]]) -> str | None:
-    """The backend the first pruned model with a latency budget was pruned for, or None."""
-    return next((lat["backend"] for m in models for lat in [((m.get("prune") or {}).get("latency") or {})]
-                 if lat.get("backend")), None)
+def _latency_target(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latency record (``backend``, ``batch``, ...) of the first pruned model pruned for a
+    latency budget; empty where none was."""
+    return next((lat for m in models for lat in [((m.get("prune") or {}).get("latency") or {})]
+                 if lat.get("backend")), {})
 
 
 def _brief(label: str, speedups: dict[str, Any], drops: dict[str, float | None]) -> dict[str, Any]:
