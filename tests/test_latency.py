@@ -259,6 +259,19 @@ def test_run_prunes_for_the_int8_latency_when_it_exports_int8(tmp_path, int8, pr
     assert ident["precision"] == expected and ident["machine"]["cpu"]
 
 
+def test_run_benches_the_backend_and_batch_its_latency_budget_was_measured_on(tmp_path):
+    """The verdict is stated where the model was pruned for: a run whose [bench] leaves that
+    batch or backend out measures it too; a run without a latency budget benches as asked."""
+    from tvsprune.pipeline import load_config
+    from tvsprune.pipeline.run import Pipeline
+
+    cfg, _ = load_config(_latency_config(tmp_path, False, 'latency_backend = "torch-cpu"'))
+    b = Pipeline(cfg).bench_options()
+    assert b.batch_sizes == [1, 4, 32] and b.backends == ["ort-cpu", "torch-cpu"]
+    cfg.prune.target_latency = None
+    assert Pipeline(cfg).bench_options() == cfg.bench
+
+
 def test_the_verdict_says_when_int8_is_slower_and_what_to_deploy():
     from tvsprune.bench.verdict import summarize
 

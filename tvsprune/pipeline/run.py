@@ -88,7 +88,8 @@ class Pipeline:
                    "prune": {"prune": self.prune_options().model_dump(), "evaluation": c.data.evaluation,
                              **calibration, **evaluation, **self._latency_identity()},
                    "export": {"export": c.export.model_dump(), "calibration": c.data.calibration, **calibration},
-                   "bench": {"bench": c.bench.model_dump(), "evaluation": c.data.evaluation, **evaluation}}[stage]
+                   "bench": {"bench": self.bench_options().model_dump(), "evaluation": c.data.evaluation,
+                             **evaluation}}[stage]
         return {**base, **section, "upstream": ups}
 
     def prune_options(self):
@@ -98,6 +99,22 @@ class Pipeline:
         if self.cfg.export.int8 and p.target_latency is not None and "latency_precision" not in p.model_fields_set:
             return p.model_copy(update={"latency_precision": "int8"})
         return p
+
+    def bench_options(self):
+        """The [bench] section, measuring the backend and batch a latency budget was measured on
+        too (the verdict is stated there): a run pruned for batch 32 on ort-cpu is judged there."""
+        b, p = self.cfg.bench, self.prune_options()
+        if p.target_latency is None:
+            return b
+        update = {}
+        if p.latency_batch not in b.batch_sizes:
+            update["batch_sizes"] = sorted({*b.batch_sizes, p.latency_batch})
+        if b.backends is not None and p.latency_backend not in b.backends:
+            update["backends"] = [*b.backends, p.latency_backend]
+        if update:
+            log.info("bench also measures %s: the latency budget was measured on %s at batch %d",
+                     " and ".join(f"{k} {v}" for k, v in update.items()), p.latency_backend, p.latency_batch)
+        return b.model_copy(update=update)
 
     def _latency_identity(self) -> dict[str, Any]:
         """A latency budget's plan depends on the machine it was measured on: another machine re-runs prune."""
@@ -194,7 +211,7 @@ class Pipeline:
         for label in ("base", "pruned"):  # the INT8 models are measured too (ONNX Runtime backends)
             if (exp / f"{label}.int8.onnx").is_file():
                 specs.append(str(exp / f"{label}.int8.onnx"))
-        report = bench(specs, self.out / "report", data, c.model.weights, c.bench, onnx_paths=onnx,
+        report = bench(specs, self.out / "report", data, c.model.weights, self.bench_options(), onnx_paths=onnx,
                        model_kwargs=c.model.kwargs, base_model=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
         self.bench_report = report
         r = self.out / "report"
