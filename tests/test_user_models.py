@@ -349,7 +349,7 @@ def test_checkpoints_as_training_scripts_save_them_are_read(tmp_path):
 
     sd = Versioned().state_dict()
     layouts = {"net": {"net": sd, "acc": np.float64(93.1), "epoch": np.int64(200)},  # kuangliu/pytorch-cifar
-               "model": {"model": sd, "args": argparse.Namespace(lr=0.1, arch="resnet18"), "epoch": 3},
+               "model": {"model": sd, "args": argparse.Namespace(lr=0.1, arch="resnet18", data=Path("/data")), "epoch": 3},
                "model_state_dict": {"model_state_dict": sd, "loss": torch.tensor(0.2),
                                     "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1}]}},
                "state_dict": {"state_dict": sd, "state_dict_ema": sd},  # timm: the model's own first

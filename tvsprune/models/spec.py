@@ -149,15 +149,17 @@ def _tensors(v: Any) -> bool:
 
 def _plain_types() -> list[Any]:
     """What training scripts save beside the weights, allowed to ``torch.load(weights_only=True)``:
-    ``argparse.Namespace`` (torchvision's reference scripts' ``args``) and numpy scalars with
-    their dtypes (a best accuracy as ``np.float64``). Each is rebuilt from plain values; none
-    runs code (no numpy array: its reconstruction is a general function)."""
+    ``argparse.Namespace`` (torchvision's and timm's scripts' ``args``), paths in it, and numpy
+    scalars with their dtypes (a best accuracy as ``np.float64``). Each is rebuilt from plain
+    values; none runs code (no numpy array: its reconstruction is a general function)."""
     import argparse
+    import pathlib
 
     import numpy as np
 
     kinds = (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_)
-    return [argparse.Namespace, np.dtype, np.float64(0).__reduce__()[0], *{type(np.dtype(k)) for k in kinds}]
+    return [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath, np.dtype,
+            np.float64(0).__reduce__()[0], *{type(np.dtype(k)) for k in kinds}]
 
 
 def _strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
