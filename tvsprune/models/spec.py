@@ -162,20 +162,6 @@ def _plain_types() -> list[Any]:
             np.float64(0).__reduce__()[0], *{type(np.dtype(k)) for k in kinds}]
 
 
-def _strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    """The state dict without DataParallel's ``module.`` prefix, its ``_metadata`` (module
-    versions, read by versioned ``_load_from_state_dict`` such as MNASNet's and BatchNorm's)
-    kept and renamed alike."""
-    def strip(k: str) -> str:
-        return k[7:] if k == "module" or k.startswith("module.") else k
-
-    sd = OrderedDict((strip(k), v) for k, v in state_dict.items())
-    meta = getattr(state_dict, "_metadata", None)
-    if isinstance(meta, dict):
-        sd._metadata = OrderedDict((strip(k), v) for k, v in meta.items())  # type: ignore[attr-defined]
-    return sd
-
-
 def _prefixes(keys) -> set[str]:
     """Every dotted prefix (``a.``, ``a.b.``) of ``keys``."""
     return {".".join(parts[:i]) + "." for k in keys for parts in [k.split(".")] for i in range(1, len(parts))}
@@ -183,8 +169,8 @@ def _prefixes(keys) -> set[str]:
 
 def _under_prefix(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """``sd`` renamed to ``own``'s keys where a key prefix tells them apart: the tensors under
-    one prefix of the checkpoint (``model.`` of a Lightning module, ``_orig_mod.`` of
-    torch.compile, ``ema.``) or the model's keys under one prefix (a wrapper around the
+    one prefix of the checkpoint (``module.`` of DataParallel, ``model.`` of a Lightning module,
+    ``_orig_mod.`` of torch.compile, ``ema.``) or the model's keys under one prefix (a wrapper around the
     network the checkpoint was saved from), with the same names and shapes. ``sd`` as it is
     where none fits (the caller's error names the keys); an error where several do."""
     def fits(renamed: dict[str, Any]) -> bool:
@@ -210,7 +196,7 @@ def _under_prefix(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], sou
     p, theirs, renamed = found[0]
     out = OrderedDict(renamed)
     meta = getattr(sd, "_metadata", None)
-    if isinstance(meta, dict):  # module versions (see _strip_data_parallel)
+    if isinstance(meta, dict):  # module versions, read by a versioned _load_from_state_dict (MNASNet's, BatchNorm's)
         out._metadata = OrderedDict((n, v) for m, v in meta.items()  # type: ignore[attr-defined]
                                     if (n := module_name(m, p, theirs)) is not None)
     left = len(sd) - len(out)
@@ -226,9 +212,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     """Load weights, turning missing / unexpected / mis-shaped keys into one error (keys under
     one prefix, or the model's under one prefix, are renamed first: :func:`_under_prefix`)."""
     own = model.state_dict()
-    sd = _strip_data_parallel(state_dict)
-    if sd.keys() != own.keys():
-        sd = _under_prefix(sd, own, source)
+    sd = state_dict if state_dict.keys() == own.keys() else _under_prefix(state_dict, own, source)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shaped = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
