@@ -85,7 +85,8 @@ def run_forward(model: nn.Module, x: torch.Tensor, what: str = "model") -> torch
                        f"{list(x.shape[1:])}: {first}") from None
     if not isinstance(out, torch.Tensor):
         raise TvsError(f"{what} returns {type(out).__name__}; tvsprune needs a model that returns one logits tensor "
-                       f"(give a model file whose build() wraps it, returning out[0] or out['logits'])")
+                       f"(give a model file whose build() wraps it, returning out[0] or out['logits']; its checkpoint "
+                       f"loads into the wrapper as it is)")
     return out
 
 
