@@ -336,6 +336,8 @@ def test_cli_prune_every_criterion(tiny_calibrated, tmp_path, method):
     assert report["params"]["removed_frac"] >= 0.3
     assert "accuracy" in report and len(report["per_class"]) == 3
     assert set(report["spearman_tvs_vs"]) == {"l1", "l2", "random", "bn-scale", "fpgm"}
+    if method not in ("tvs", "l1"):  # eval and replay read the plan, whatever criterion made it: two suffice
+        return
     r = run_cli("eval", out, "--data", data)
     assert r.returncode == 0 and "top-1" in r.stdout, r.stderr
     # replaying the plan on a fresh model redoes the repairs and reproduces the weights exactly
