@@ -111,9 +111,6 @@ class Pipeline:
             update["batch_sizes"] = sorted({*b.batch_sizes, p.latency_batch})
         if b.backends is not None and p.latency_backend not in b.backends:
             update["backends"] = [*b.backends, p.latency_backend]
-        if update:
-            log.info("bench also measures %s: the latency budget was measured on %s at batch %d",
-                     " and ".join(f"{k} {v}" for k, v in update.items()), p.latency_backend, p.latency_batch)
         return b.model_copy(update=update)
 
     def _latency_identity(self) -> dict[str, Any]:
@@ -211,7 +208,12 @@ class Pipeline:
         for label in ("base", "pruned"):  # the INT8 models are measured too (ONNX Runtime backends)
             if (exp / f"{label}.int8.onnx").is_file():
                 specs.append(str(exp / f"{label}.int8.onnx"))
-        report = bench(specs, self.out / "report", data, c.model.weights, self.bench_options(), onnx_paths=onnx,
+        opts = self.bench_options()  # read for the input hash too: said once, here
+        if opts != c.bench:
+            p = self.prune_options()
+            log.info("bench also measures backends %s at batches %s: the latency budget was measured on %s at batch "
+                     "%d", opts.backends or "present", opts.batch_sizes, p.latency_backend, p.latency_batch)
+        report = bench(specs, self.out / "report", data, c.model.weights, opts, onnx_paths=onnx,
                        model_kwargs=c.model.kwargs, base_model=ModelSpec(spec=c.model.spec, kwargs=dict(c.model.kwargs)))
         self.bench_report = report
         r = self.out / "report"
