@@ -437,7 +437,7 @@ MORE_CASES: list[tuple[str, Callable[[Fx, Path], list], str, int]] = [
         t, "class Net(TinyCNN):\n    def forward(self, x):\n        return super().forward(x), x\n"),
         "--weights", f.weights, "--out", t / "m.onnx", "--input-shape", "3,16,16"], "returns tuple", 1),
     ("spec-forward-returns-dict", lambda f, t: ["bench", model_file(
-        t, "class Net(TinyCNN):\n    def forward(self, x):\n        return {'logits': super().forward(x)}\n"),
+        t, "class Net(TinyCNN):\n    def forward(self, x):\n        return {'out': super().forward(x)}\n"),
         "--weights", f.weights, "--out", t / "b", "--backend", "ort-cpu", "--input-shape", "3,16,16"], "returns dict", 1),
     ("spec-kwargs-json-list", lambda f, t: calibrate(f, t, "--model-kwargs", "[1, 2]"), "model-kwargs", 1),
     ("spec-kwargs-deep-json", lambda f, t: calibrate(f, t, "--model-kwargs", "{\"a\": " + NESTED + "}"),

@@ -267,6 +267,44 @@ def test_a_bug_in_the_users_forward_is_blamed_on_the_model_not_tvsprune(tmp_path
         probe_model(Broken(), torch.zeros(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("how", ["dict", "named"])
+def test_logits_beside_a_feature_head_are_what_is_pruned_and_exported(how, pattern_images, tmp_path):
+    """A model file whose forward returns {'features', 'logits'} (or a named tuple with a logits
+    field): every stage reads the logits. The feature head is not pruned (its width is its output's),
+    but its input channels go with the layer that feeds it, so the model's whole output still runs;
+    the head runs before the logits layer, which ls-seq's pass over the consumers once missed."""
+    from tvsprune.models.probe import raw_outputs
+    from tvsprune.models.spec import load_model
+
+    spec = f"{REPO / 'tests' / 'user_patterns.py'}:FeatureHeadNet"
+    model = load_model(spec, kwargs={"how": how})
+    randomize_bn(model.module)
+    images = str(pattern_images[16])
+    moments = tvsprune.calibrate(model, images, mean=[0.5] * 3, std=[0.25] * 3)
+    assert "proj" not in moments.layers and "conv2" in moments.layers
+    pruned = tvsprune.prune(model, moments, calib_data=images, out=tmp_path / "p", target_params=0.3)
+    kept = pruned.plan.layers()
+    assert len(kept["conv2"]) < 32 and len(kept.get("proj", range(8))) == 8, kept
+    x = torch.randn(2, 3, 16, 16)
+    with raw_outputs(pruned.module):
+        whole = pruned.module(x)
+    assert tuple(whole["features"].shape if how == "dict" else whole.features.shape) == (2, 8)
+    assert torch.equal(pruned.module(x), whole["logits"] if how == "dict" else whole.logits)
+    again = load_model(str(tmp_path / "p"))  # rebuilt from the artifact: the logits again
+    assert torch.allclose(again.module(x), pruned.module(x))
+    side = tvsprune.export_onnx(again, tmp_path / "p.onnx", input_shape=[3, 16, 16])
+    assert side["parity"]["within_tolerance"], side["parity"]
+
+
+def test_a_plain_tuple_output_is_refused_in_one_line(pattern_images):
+    from tvsprune.errors import TvsError
+    from tvsprune.models.spec import load_model
+
+    model = load_model(f"{REPO / 'tests' / 'user_patterns.py'}:FeatureHeadNet", kwargs={"how": "tuple"})
+    with pytest.raises(TvsError, match="returns tuple.*'logits' entry"):
+        tvsprune.calibrate(model, str(pattern_images[16]))
+
+
 # ---- checkpoints keep their module versions -----------------------------------------------------------
 
 class Versioned(nn.Module):

@@ -4,6 +4,8 @@ Loaded by path as a user's model file (``user_patterns.py:build``, kwarg ``name`
 small enough that calibrate -> prune -> export takes about a second on 16x16 (or, for the
 tutorial network, 32x32) inputs.
 """
+import collections
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -274,6 +276,32 @@ class MnistNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
         x = F.relu(self.fc1(torch.flatten(self.dropout(x), 1)))
         return F.log_softmax(self.fc2(x), dim=1)
+
+
+class FeatureHeadNet(nn.Module):
+    """Logits beside an embedding head the logits do not read, returned as a dict with a 'logits'
+    key, a named tuple with a ``logits`` field, or a plain tuple (refused). Not in PATTERNS, which
+    are built in memory: the output is unwrapped where tvsprune builds a model from a spec."""
+
+    Out = collections.namedtuple("Out", "features logits")
+
+    def __init__(self, num_classes: int = 3, how: str = "dict") -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.proj = nn.Linear(32, 8)  # runs before the logits: the probe's order is not the ls-seq order
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        f = x.mean((2, 3))
+        features, logits = self.proj(f), self.fc(f)
+        if self.how == "dict":
+            return {"features": features, "logits": logits}
+        return self.Out(features, logits) if self.how == "named" else (features, logits)
 
 
 PATTERNS = {

@@ -1,9 +1,9 @@
 """Find a model's prunable layers by running one forward pass with hooks.
 
 A layer is prunable when it is a ``Conv2d`` or a ``Linear`` that does not produce the
-logits. Its statistic point is the layer itself, or the first BatchNorm its output reaches
-through channel-wise operations only (ReLU and other activations, pooling, dropout,
-reshapes).
+logits and whose output reaches them (a feature head beside the logits keeps its width).
+Its statistic point is the layer itself, or the first BatchNorm its output reaches through
+channel-wise operations only (ReLU and other activations, pooling, dropout, reshapes).
 
 Both answers come from the data flow, not from tensor identity: the probe records
 gradients for its one forward pass, keeps every output alive, and walks the autograd
@@ -13,7 +13,10 @@ flatten or ``view``, a temperature scale) is walked through.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import TvsError
+
+log = logging.getLogger(__name__)
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -84,21 +89,62 @@ def run_forward(model: nn.Module, x: torch.Tensor, what: str = "model") -> torch
         raise TvsError(f"{what}'s forward raised {type(e).__name__} on an input of shape "
                        f"{list(x.shape[1:])}: {first}") from None
     if not isinstance(out, torch.Tensor):
-        raise TvsError(f"{what} returns {type(out).__name__}; tvsprune needs a model that returns one logits tensor "
-                       f"(give a model file whose build() wraps it, returning out[0] or out['logits']; its checkpoint "
-                       f"loads into the wrapper as it is)")
+        raise TvsError(f"{what} returns {type(out).__name__}; tvsprune needs a model that returns one logits tensor, "
+                       f"or a dict or named tuple with a 'logits' entry (give a model file whose build() wraps it, "
+                       f"returning out[0]; its checkpoint loads into the wrapper as it is)")
     return out
+
+
+def logits_of(out: Any) -> Any:
+    """The logits in a model's output: the output itself when it is a tensor, else the tensor
+    its ``logits`` entry names (a dict's key, or a field: HuggingFace's ``ModelOutput``,
+    torchvision's ``GoogLeNetOutputs``), else the output as it is (:func:`run_forward` refuses it).
+    An unnamed tuple stays refused: which of its tensors is the logits is the user's call."""
+    if isinstance(out, torch.Tensor):
+        return out
+    found = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    return found if isinstance(found, torch.Tensor) else out
+
+
+def logits_only(module: nn.Module) -> nn.Module:
+    """``module``, its forward returning :func:`logits_of` its output (so every stage, the
+    dependency graph and the exporters see one tensor). The same object, of a subclass made
+    here: its parameter names, checkpoint and class name are unchanged. Applied where tvsprune
+    builds a model from a spec (not to a module the user passes in: that one stays theirs)."""
+    cls = type(module)
+    if getattr(cls, "_tvs_logits_only", False) or isinstance(module, torch.jit.ScriptModule):
+        return module
+
+    def forward(self, *args, **kwargs):
+        out = cls.forward(self, *args, **kwargs)
+        return out if self.__dict__.get("_tvs_raw") else logits_of(out)
+
+    module.__class__ = type(cls.__name__, (cls,), {"forward": forward, "_tvs_logits_only": True,
+                                                   "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return module
+
+
+@contextlib.contextmanager
+def raw_outputs(module: nn.Module):
+    """Within it, a module made by :func:`logits_only` returns its whole output: the dependency
+    graph then sees every layer the model runs (a feature head beside the logits, whose input
+    channels go with the layer that feeds it)."""
+    module.__dict__["_tvs_raw"] = True
+    try:
+        yield module
+    finally:
+        module.__dict__.pop("_tvs_raw", None)
 
 
 _MULTI_INPUT = ("Add", "Sub", "Cat", "Stack", "Mm", "Bmm", "Matmul", "Addmm", "Convolution", "Einsum")
 
 
-def _walk_back(start, stops: dict, through_multi: bool) -> set:
+def _walk_back(start, stops: dict, through_multi: bool, through_layers: bool = False) -> set:
     """Layers (values of ``stops``, keyed by grad_fn) reachable backwards from ``start``.
 
-    Does not walk past a layer output. Without ``through_multi``, a node that combines two
-    tensors (an addition, a concatenation, a matrix product) ends the walk: the source is
-    then not unique.
+    Does not walk past a layer output unless ``through_layers`` (then: every layer whose output
+    reaches ``start``). Without ``through_multi``, a node that combines two tensors (an
+    addition, a concatenation, a matrix product) ends the walk: the source is then not unique.
     """
     found, seen, todo = set(), set(), [start]
     while todo:
@@ -108,7 +154,8 @@ def _walk_back(start, stops: dict, through_multi: bool) -> set:
         seen.add(fn)
         if fn in stops:
             found.add(stops[fn])
-            continue
+            if not through_layers:
+                continue
         name = type(fn).__name__
         if name == "AccumulateGrad":
             continue
@@ -195,9 +242,13 @@ def probe_model(model: nn.Module, example: torch.Tensor, what: str = "model") ->
         logits = next(iter(heads))
     else:  # several heads feed the output (or none is traced): the last layer executed
         logits = order[-1] if order else None
+    live = _walk_back(out.grad_fn, produced, True, through_layers=True) if out.grad_fn is not None else set(order)
     layers = []
     for m in order:
         if m is logits:
+            continue
+        if m not in live:  # a head of its own beside the logits (features, an embedding): its width is its output's
+            log.info("not pruning %s: its output does not reach the logits", names[m])
             continue
         stat = follows.get(m, m)
         stat_shape = norm_shapes.get(stat)

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..artifacts import sha256_file
 from ..errors import TvsError
+from .probe import logits_only
 from .sources import SOURCES
 from .sources.code import user_file  # noqa: F401 (re-exported)
 
@@ -86,7 +87,7 @@ def parse_kwargs(items: list[str] | str | None) -> dict[str, Any]:
 
 def build_module(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Build an untrained ``nn.Module`` from a spec string (see :mod:`.sources`)."""
-    return SOURCES.find(spec).build(spec, dict(kwargs or {}))
+    return logits_only(SOURCES.find(spec).build(spec, dict(kwargs or {})))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -254,7 +255,7 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
     artifact = source.load(ms.spec, ModelSpec(spec=base) if isinstance(base, str) else base)
     if artifact is not None:
         return artifact
-    module = source.build(ms.spec, dict(ms.kwargs))
+    module = logits_only(source.build(ms.spec, dict(ms.kwargs)))
     loaded = LoadedModel(module=module, spec=ms)
     source.describe(module, loaded)
     if ms.weights:

@@ -199,8 +199,8 @@ def _original_rows(original: nn.Module, names: list[str], batches: list, budget:
         def grab(m, a, n):
             if len(rows[n]) == k:  # its first call in this pass
                 rows[n].append(input_rows(a[0], isinstance(m, nn.Linear), REFIT_POSITIONS).clone())
-            if n == part[-1]:
-                raise StopPass
+            if all(len(r) == k + 1 for r in rows.values()):  # the part's last layer to run (not its last name:
+                raise StopPass                                 # a head may run before a layer listed ahead of it)
 
         hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: grab(m, a, n)) for n in part]
         try:

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..errors import TvsError
 from ..models.costs import is_grouped_conv  # noqa: F401 (re-exported)
+from ..models.probe import raw_outputs
 
 COSTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -128,7 +129,7 @@ def _dep_graph(model: nn.Module, example: torch.Tensor):
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), reshapes_guarded():
+        with torch.enable_grad(), reshapes_guarded(), raw_outputs(model):
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as e:  # unsupported op in tracing
         raise TvsError(f"cannot trace the model's channel dependencies: {type(e).__name__}: {e}") from None
