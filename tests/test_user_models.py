@@ -305,6 +305,37 @@ def test_a_plain_tuple_output_is_refused_in_one_line(pattern_images):
         tvsprune.calibrate(model, str(pattern_images[16]))
 
 
+@pytest.mark.parametrize("how", ["weight_norm", "weight_norm_old", "spectral_norm", "spectral_norm_old"])
+def test_weight_and_spectral_norm_are_baked_into_the_weights_they_compute(how, pattern_images, tmp_path):
+    """Loaded from a checkpoint of the reparametrized network, the model computes what that network
+    computes in eval mode, from plain weights: prune slices them (torch-pruning could not: a trial
+    raised, a copy failed) and the ONNX export holds no norm (spectral norm's vdot did not export)."""
+    from tvsprune.models.spec import load_model, reparametrized
+
+    torch.manual_seed(0)
+    reference = user_patterns.ReparametrizedNet(how=how)
+    reference(torch.randn(8, 3, 16, 16))  # spectral norm's power iteration moves its vectors off their start
+    reference.eval()
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "w.pt")
+    model = load_model(f"{REPO / 'tests' / 'user_patterns.py'}:ReparametrizedNet", str(tmp_path / "w.pt"),
+                       kwargs={"how": how})
+    x = torch.randn(4, 3, 16, 16)
+    assert not reparametrized(model.module) and reparametrized(reference)
+    assert isinstance(model.module.conv1.weight, nn.Parameter)
+    with torch.no_grad():
+        assert torch.allclose(model.module(x), reference(x), atol=1e-6)
+    images = str(pattern_images[16])
+    moments = tvsprune.calibrate(model, images)
+    pruned = tvsprune.prune(model, moments, method="l1", target_params=0.3, out=tmp_path / "p")
+    again = load_model(str(tmp_path / "p"))  # rebuilt: the base built, baked, then cut
+    with torch.no_grad():
+        assert torch.allclose(again.module(x), pruned.module(x))
+    side = tvsprune.export_onnx(again, tmp_path / "p.onnx", input_shape=[3, 16, 16])
+    assert side["parity"]["within_tolerance"], side["parity"]
+    with pytest.raises(tvsprune.TvsError, match="conv1.weight is computed at each call"):
+        tvsprune.calibrate(reference, images)  # a module passed in stays the user's: refused, not changed
+
+
 # ---- checkpoints keep their module versions -----------------------------------------------------------
 
 class Versioned(nn.Module):

@@ -304,6 +304,24 @@ class FeatureHeadNet(nn.Module):
         return self.Out(features, logits) if self.how == "named" else (features, logits)
 
 
+class ReparametrizedNet(nn.Module):
+    """Convolutions under weight norm or spectral norm, new style (``nn.utils.parametrizations``)
+    or old (a forward pre-hook), as GAN discriminators and older code write them. Not in
+    PATTERNS: tvsprune bakes the weights where it builds a model from a spec."""
+
+    def __init__(self, num_classes: int = 3, how: str = "weight_norm") -> None:
+        super().__init__()
+        wrap = {"weight_norm": nn.utils.parametrizations.weight_norm, "weight_norm_old": nn.utils.weight_norm,
+                "spectral_norm": nn.utils.parametrizations.spectral_norm,
+                "spectral_norm_old": nn.utils.spectral_norm}[how]
+        self.conv1 = wrap(nn.Conv2d(3, 16, 3, padding=1))
+        self.conv2 = wrap(nn.Conv2d(16, 32, 3, padding=1, stride=2))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
 PATTERNS = {
     "tutorial": (TutorialNet, {}),
     "softmax-temperature": (SoftmaxTemperatureNet, {}),

@@ -31,7 +31,7 @@ from .errors import TvsError
 from .exporters import defaults as export_defaults
 from .exporters.options import ExportOptions
 from .models import LoadedModel, load_model
-from .models.spec import ModelSpec
+from .models.spec import ModelSpec, reparametrized
 from .pruning.options import PruneOptions
 from .pruning.plan import Plan
 from .registry import unknown
@@ -69,6 +69,11 @@ def as_loaded(model: Any, weights: str | None = None, normalize: dict[str, list[
                            input_shape=tuple(input_shape or model.input_shape or ()) or None,
                            plan=model.plan.to_dict())
     if isinstance(model, nn.Module):
+        if found := reparametrized(model):
+            raise TvsError(f"model: {found[0][0] or '(the model)'}.{found[0][2]} is computed at each call (weight or "
+                           "spectral norm): bake it first (torch.nn.utils.parametrize.remove_parametrizations(m, "
+                           "'weight'), or remove_weight_norm / remove_spectral_norm); tvsprune bakes it where it "
+                           "builds the model from a spec, and leaves the module you pass as it is")
         return LoadedModel(module=model.eval(), spec=ModelSpec(spec=f"<in-memory {type(model).__name__}>"),
                            weights_sha256=state_sha256(model), normalize=normalize,
                            input_shape=tuple(input_shape) if input_shape else None)

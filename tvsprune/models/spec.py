@@ -268,4 +268,50 @@ def load_model(spec: str | ModelSpec, weights: str | None = None,
         loaded.weights_sha256 = sha256_file(ms.weights)
         loaded.normalize = _normalize_from(extras, str(weights)) or loaded.normalize
     module.eval()
+    bake_reparametrizations(module)
     return loaded
+
+
+def reparametrized(module: nn.Module) -> list[tuple[str, nn.Module, str, Any]]:
+    """Weights computed from others at each call: ``(layer, module, tensor, hook)`` for every
+    ``torch.nn.utils.parametrizations`` entry (hook None) and every old-style ``weight_norm`` /
+    ``spectral_norm`` forward pre-hook."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for name, m in module.named_modules():
+        if parametrize.is_parametrized(m):
+            found += [(name, m, t, None) for t in m.parametrizations.keys()]
+        found += [(name, m, h.name, h) for h in m._forward_pre_hooks.values()
+                  if isinstance(h, (WeightNorm, SpectralNorm))]
+    return found
+
+
+def bake_reparametrizations(module: nn.Module) -> None:
+    """Replace weight norm, spectral norm and other parametrizations by the weights they compute
+    (in eval mode: spectral norm's power iteration does not run), as inference uses them: channels
+    are then sliced from one tensor, and the ONNX graph holds no norm of the weights. Not under
+    no_grad: a weight computed without a graph would come back as a buffer, not a parameter."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = reparametrized(module)
+    for _, m, tensor, hook in found:
+        if hook is None:
+            parametrize.remove_parametrizations(m, tensor, leave_parametrized=True)
+        elif isinstance(hook, WeightNorm):
+            torch.nn.utils.remove_weight_norm(m, tensor)
+        else:
+            torch.nn.utils.remove_spectral_norm(m, tensor)
+            # torch leaves its load hook (wrapped, so its own isinstance misses it): the baked
+            # weight would then not load
+            from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook as Stale
+
+            for k, h in list(m._load_state_dict_pre_hooks.items()):
+                if isinstance(getattr(h, "hook", h), Stale) and getattr(h, "hook", h).fn.name == tensor:
+                    del m._load_state_dict_pre_hooks[k]
+    if found:
+        log.info("weights computed at each call (weight or spectral norm) baked into %s",
+                 ", ".join(sorted({n or "(the model)" for n, *_ in found})))

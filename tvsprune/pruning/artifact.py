@@ -26,7 +26,8 @@ from ..errors import TvsError
 from ..models.sources import SOURCES, ModelSource
 from ..models.sources.code import user_file
 from ..models import trust
-from ..models.spec import LoadedModel, ModelSpec, build_module, load_state_dict_strict
+from ..models.spec import (LoadedModel, ModelSpec, bake_reparametrizations, build_module,
+                           load_state_dict_strict)
 from .plan import Plan
 
 FORMAT = "tvsprune.pruned/1"
@@ -171,6 +172,7 @@ def load_pruned(path: str | Path, base: ModelSpec | None = None) -> LoadedModel:
     meta = read_pruned_meta(file)
     spec = _trusted_base(meta, file, base)
     module = build_module(spec.spec, spec.kwargs).eval()
+    bake_reparametrizations(module)  # the artifact holds the baked weights
     plan = Plan.from_dict(meta["plan"], str(file))
     example = torch.zeros(1, *meta["input_shape"])
     apply_plan(module, plan, example, meta["plan"].get("logits_layer"))
