@@ -336,6 +336,34 @@ def test_weight_and_spectral_norm_are_baked_into_the_weights_they_compute(how, p
         tvsprune.calibrate(reference, images)  # a module passed in stays the user's: refused, not changed
 
 
+def test_a_budget_that_unprunable_layers_leave_unmet_is_a_warning_naming_them(pattern_images, tmp_path, caplog):
+    """A convolution through F.conv2d and a parameter of its own is not a layer torch-pruning can
+    cut, so the layer feeding it cannot change width: 30 % asked, nothing removed, said in a warning
+    (prune.json and the log), not in a note the Python API never showed."""
+    import torch.nn.functional as F
+
+    class FunctionalConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.w = nn.Parameter(torch.randn(8, 16, 3, 3) * 0.1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(F.conv2d(F.relu(self.c1(x)), self.w, padding=1).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = FunctionalConv()
+    images = str(pattern_images[16])
+    with caplog.at_level(logging.WARNING, logger="tvsprune"):
+        pruned = tvsprune.prune(model, tvsprune.calibrate(model, images), method="l1", target_params=0.3,
+                                out=tmp_path / "p")
+    assert pruned.plan.meta["params"]["removed_frac"] == 0.0
+    warned = [w for w in pruned.report["warnings"] if w.startswith("budget not met")]
+    assert len(warned) == 1 and "1 layer group that cannot be pruned" in warned[0] and "(asked 0.300)" in warned[0]
+    assert any(r.getMessage() == warned[0] for r in caplog.records)
+
+
 # ---- checkpoints keep their module versions -----------------------------------------------------------
 
 class Versioned(nn.Module):

@@ -50,8 +50,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"{lat['target']:.3f} asked" + ("" if lat["hit"] else ": MISSED"))
         if lat.get("replaced"):
             print("blocks replaced: " + ", ".join(f"{n} ({f})" for n, f in lat["replaced"].items()))
-    if (report.get("budget") or {}).get("unmet"):
-        print(f"note: {report['budget']['unmet']}")
     print(f"wrote {args.out}/plan.json, pruned.safetensors, prune.json")
     return 0
 

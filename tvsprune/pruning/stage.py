@@ -20,6 +20,7 @@ from ..models import LoadedModel, load_model
 from ..registry import unknown
 from ..version import __version__
 from .artifact import SOURCE_FILE, WEIGHTS_FILE, keeps_source, refuse_repruning, save_pruned
+from .budget import plan_warnings
 from .context import Context, calib_options_from, repair_batches  # noqa: F401 (repair_batches re-exported)
 from .criteria import criteria_needing
 from .iterative import _accuracy, iterative
@@ -268,10 +269,7 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
     if metric == "latency":
         report["latency"] = latency_record
         report["budget"]["in_words"] += f" on {opts.latency_backend} at batch {opts.latency_batch}"
-    elif opts.block == 1 and (odd := _unaligned(report["layers"])):
-        msg = (f"kept widths off the 8-channel grid ({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}): CPU and "
-               "GPU kernels run such widths slowly, and fewer MACs need not mean less time (ResNet-20 with 44 % fewer "
-               "MACs ran 8 % slower on ONNX Runtime CPU); prune to a measured --target-latency, or give --round-to 8")
+    for msg in plan_warnings(report, aligned=metric == "latency" or opts.block != 1):
         report.setdefault("warnings", []).append(msg)
         log.warning(msg)
     if val_batches is not None:
@@ -294,13 +292,6 @@ def prune_model(model: str | LoadedModel, moments_path: str | Path | None, out_d
         report["classes"] = list(moments.classes)
     _write(Path(out_dir), pruned, plan, loaded, input_shape, meta, report)
     return report, pruned, plan
-
-
-def _unaligned(layers: list[dict[str, Any]]) -> list[str]:
-    """'name: before -> after' for each pruned layer whose width was a multiple of 8 and no longer is."""
-    return [f"{r['layer']}: {r['channels_before']} -> {r['channels_after']}" for r in layers
-            if r["channels_after"] != r["channels_before"] and r["channels_before"] % 8 == 0
-            and r["channels_after"] % 8]
 
 
 def _report(loaded: LoadedModel, ctx: Context, opts: PruneOptions, plan: Plan, meta: dict[str, Any],
