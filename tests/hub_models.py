@@ -163,6 +163,7 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
             base = tvsprune.export_onnx(model, out / f"{name}-base.onnx", input_shape=[3, size, size],
                                         parity_inputs=images)
             row["base_parity_scaled"] = base["parity"]["max_scaled_diff"]  # the unpruned network's own
+            row["base_exporter"] = base["exporter"]
         moments = tvsprune.calibrate(model, data)
         for method in methods:
             pruned = tvsprune.prune(model, moments, method=method, target_params=target, calib_data=data,
@@ -174,7 +175,7 @@ def run_case(hub: str, name: str, folder: Path, out: Path, methods=("tvs", "l1")
                            "macs_removed": round(plan["macs"]["removed_frac"], 3),
                            "unpruned_groups": len(plan.get("rigid_groups", {})),
                            "parity_scaled": side["parity"]["max_scaled_diff"],
-                           "parity_ok": side["parity"]["within_tolerance"]}
+                           "parity_ok": side["parity"]["within_tolerance"], "exporter": side["exporter"]}
         row["status"] = "ok"
     except TvsError as e:
         row["status"], row["reason"] = "refused", str(e)

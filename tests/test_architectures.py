@@ -46,6 +46,7 @@ def test_hub_model_goes_through_calibrate_prune_export(case, allocation, images,
     assert row["status"] == "ok", row.get("traceback") or row.get("reason")
     assert row["tvs"]["params_removed"] >= 0.25
     assert row["tvs"]["parity_ok"], row["tvs"]
+    assert row["tvs"]["exporter"] == row["base_exporter"] == "dynamo", row  # no fallback to TorchScript
 
 
 def test_attention_models_are_refused_with_one_line(images, tmp_path):

@@ -42,6 +42,16 @@ def test_onnx_export_checked_cleaned_and_dynamic(tmp_path):
         assert sess.run(None, {"input": np.zeros((bs, 3, 16, 16), np.float32)})[0].shape == (bs, 3)
 
 
+def test_a_model_built_from_a_spec_exports_with_torch_export(tmp_path):
+    """Built from a spec, the model's forward reads a 'logits' entry (models.probe.logits_only); its
+    signature stays the model's, which torch.export binds the dynamic batch to (with (*args,
+    **kwargs) every spec-built model fell back to TorchScript, a warning nobody asserted)."""
+    from tvsprune.models import load_model
+
+    rep = export_onnx(load_model(f"{TINY}:TinyCNN"), tmp_path / "m.onnx", input_shape=[3, 16, 16])
+    assert rep["exporter"] == "dynamo" and rep["fallback_reason"] is None, rep["fallback_reason"]
+
+
 def test_torchscript_exporter_switch(tmp_path):
     rep = export_onnx(_tiny_loaded(), tmp_path / "ts.onnx", exporter="torchscript")
     assert rep["exporter"] == "torchscript" and rep["parity"]["within_tolerance"]

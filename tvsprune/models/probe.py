@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -115,6 +116,7 @@ def logits_only(module: nn.Module) -> nn.Module:
     if getattr(cls, "_tvs_logits_only", False) or isinstance(module, torch.jit.ScriptModule):
         return module
 
+    @functools.wraps(cls.forward)  # its signature is the model's: torch.export binds dynamic shapes by it
     def forward(self, *args, **kwargs):
         out = cls.forward(self, *args, **kwargs)
         return out if self.__dict__.get("_tvs_raw") else logits_of(out)
