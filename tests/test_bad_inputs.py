@@ -708,6 +708,22 @@ def test_npz_layout_is_read_from_the_shape(layout):
     torch.testing.assert_close(got, want)
 
 
+def test_npz_arrays_are_found_under_the_names_datasets_use(tmp_path):
+    """x/y, images/labels, and MedMNIST's split arrays (labels shaped (N, 1)), by --split."""
+    from tvsprune.data.sources import open_source
+
+    rng = np.random.default_rng(0)
+    train, test = (rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8) for n in (6, 4))
+    np.savez(tmp_path / "a.npz", images=test, labels=np.arange(4) % 2)
+    np.savez(tmp_path / "med.npz", train_images=train, train_labels=(np.arange(6) % 3)[:, None],
+             test_images=test, test_labels=(np.arange(4) % 2)[:, None])
+    assert list(open_source(tmp_path / "a.npz").labels) == [0, 1, 0, 1]
+    got = open_source(tmp_path / "med.npz", split="train")
+    assert len(got) == 6 and list(got.labels) == [0, 1, 2, 0, 1, 2]
+    got = open_source(tmp_path / "med.npz")  # the default split: test
+    assert len(got) == 4 and torch.equal(got.load(3), torch.from_numpy(test[3]).permute(2, 0, 1).float() / 255)
+
+
 def test_matrix_size_is_the_readmes():
     from helpers import REPO
 

@@ -110,8 +110,11 @@ def defaults_from(p: argparse.ArgumentParser, *models: Any) -> None:
 def add_data_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--data") -> None:
     g = p.add_argument_group("data")
     g.add_argument(flag, dest="data", required=required,
-                   help="image folder (root/<class>/*.jpg), .npz with x and y, or CIFAR python batches")
-    g.add_argument("--split", choices=["train", "test"], help="split for CIFAR batch folders (default %(default)s)")
+                   help="image folder (root/<class>/*.jpg), .npz with x and y (or images and labels), or CIFAR "
+                        "python batches")
+    g.add_argument("--split", choices=["train", "test"],
+                   help="split for CIFAR batch folders and .npz files of both (train_images, test_images, ...; "
+                        "default %(default)s)")
     g.add_argument("--samples-per-class", type=_count,
                    help="seeded stratified subset of N images per class (default: every image)")
     g.add_argument("--seed", type=_nonneg, help="seed for sampling (default %(default)s)")

@@ -25,7 +25,7 @@ class ReadOptions(Options):
     crop: Side | None = None
     mean: list[float] | None = None  # None: the checkpoint's, if it records one
     std: list[float] | None = None
-    split: Literal["train", "test"] = "test"  # for CIFAR batch folders
+    split: Literal["train", "test"] = "test"  # for CIFAR batch folders, and .npz files of both (train_images, ...)
     samples_per_class: PositiveInt | None = None  # None: every image
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 128

@@ -314,12 +314,23 @@ def cifar_batches_source(path: Path, preprocess: Preprocess, split: str = "test"
     return ArraySource(str(path), np.concatenate(xs), np.concatenate(ys), classes, preprocess)
 
 
-def npz_source(path: Path, preprocess: Preprocess) -> ArraySource:
+NPZ_NAMES = (("x", "images", "inputs", "data"), ("y", "labels", "targets"))  # images, then labels
+
+
+def _npz_name(files: list[str], names: tuple[str, ...], split: str) -> str | None:
+    """The array among ``files`` for one role: a name of ``names`` (or in capitals), or the
+    split's (``test_images``, as MedMNIST's files hold ``train_``, ``val_`` and ``test_`` arrays)."""
+    return next((k for n in names for k in (n, n.upper(), f"{split}_{n}") if k in files), None)
+
+
+def npz_source(path: Path, preprocess: Preprocess, split: str = "test") -> ArraySource:
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "x" not in z or "y" not in z:
-                raise TvsError(f"{path}: an .npz source needs arrays 'x' and 'y' (found {', '.join(z.files)})")
-            x, y = z["x"], z["y"]
+            xk, yk = (_npz_name(z.files, names, split) for names in NPZ_NAMES)
+            if xk is None or yk is None:
+                raise TvsError(f"{path}: an .npz source needs arrays 'x' and 'y' (or 'images' and 'labels', or "
+                               f"'{split}_images' and '{split}_labels'; found {', '.join(z.files)})")
+            x, y = z[xk], z[yk]
             classes = [str(c) for c in z["classes"]] if "classes" in z else None
     except TvsError:
         raise
@@ -335,7 +346,7 @@ def open_source(path: str | Path, preprocess: Preprocess | None = None, split: s
     if not path.exists():
         raise TvsError(f"data not found: {path}")
     if path.is_file() and path.suffix == ".npz":
-        return npz_source(path, preprocess)
+        return npz_source(path, preprocess, split)
     if path.is_file() or (path / "batches.meta").exists() or (path / "meta").exists() \
             or any(path.glob("data_batch_*")):
         return cifar_batches_source(path, preprocess, split)
