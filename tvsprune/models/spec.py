@@ -295,6 +295,7 @@ def bake_reparametrizations(module: nn.Module) -> None:
     are then sliced from one tensor, and the ONNX graph holds no norm of the weights. Not under
     no_grad: a weight computed without a graph would come back as a buffer, not a parameter."""
     from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
     from torch.nn.utils.weight_norm import WeightNorm
 
     found = reparametrized(module)
@@ -307,10 +308,9 @@ def bake_reparametrizations(module: nn.Module) -> None:
             torch.nn.utils.remove_spectral_norm(m, tensor)
             # torch leaves its load hook (wrapped, so its own isinstance misses it): the baked
             # weight would then not load
-            from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook as Stale
-
             for k, h in list(m._load_state_dict_pre_hooks.items()):
-                if isinstance(getattr(h, "hook", h), Stale) and getattr(h, "hook", h).fn.name == tensor:
+                h = getattr(h, "hook", h)
+                if isinstance(h, SpectralNormLoadStateDictPreHook) and h.fn.name == tensor:
                     del m._load_state_dict_pre_hooks[k]
     if found:
         log.info("weights computed at each call (weight or spectral norm) baked into %s",
