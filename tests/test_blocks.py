@@ -14,10 +14,9 @@ import test_latency  # noqa: F401 (registers the fake-target backend)
 from helpers import REPO, run_cli
 from tiny_resnet import ResBlock, TinyRes
 from tvsprune.errors import TvsError
-from tvsprune.pruning.block_walk import (_pick, _savings, cheaper_sets, lighter, near_misses, near_sets,
-                                         step_back)
+from tvsprune.pruning.block_walk import _pick, cheaper_sets, lighter, near_misses, near_sets, step_back
 from tvsprune.pruning.blocks import (ConvReLU, _pre_relu, apply_forms, find_blocks, forms_for, rebuild, replace_one,
-                                    successors)
+                                    savings as _savings, successors)
 
 
 class LinearBlock(nn.Module):
@@ -263,6 +262,23 @@ def test_the_savings_of_blocks_alike_are_pooled_and_others_kept_apart(monkeypatc
     assert saved[("4", "1x1")] == pytest.approx(0.3)  # 8 channels: not alike
 
 
+def test_of_five_blocks_alike_three_are_timed_for_all(monkeypatch):
+    from tvsprune.compare import on_backend
+
+    base = nn.Sequential(nn.Conv2d(3, 4, 1), *[ResBlock(4) for _ in range(5)]).eval()
+    times = {"1": 9.0, "2": 1.0, "3": 8.0, "4": 1.0, "5": 7.0}
+    timed = []
+
+    def fake(backend, precision, nets, shape, batch, *timing):
+        timed.extend(k for k in nets if k != "base")
+        return {k: [10.0] * 5 if k == "base" else [times[k.split("|")[0]]] * 5 for k in nets}
+
+    monkeypatch.setattr(on_backend, "time_networks", fake)
+    saved = _savings(base, list("12345"), "ort-cpu", "fp32", [3, 8, 8], 2)
+    assert sorted({k.split("|")[0] for k in timed}) == ["1", "3", "5"]  # the first, the middle, the last
+    assert len(saved) == 15 and saved[("2", "1x1")] == saved[("4", "identity")] == pytest.approx(0.2)
+
+
 def test_the_last_step_is_as_long_as_it_needs_to_be():
     small, large, exact = ({"a": "3x3"}), ({"a": "identity"}), ({"b": "3x3"})
     # (KL added, time saved, forms): per unit of time, the large step is the cheapest (0.5 against 1 and 0.6)
@@ -437,7 +453,7 @@ def test_the_last_step_measures_a_near_set_before_replacing_another_block(monkey
     walk = object.__new__(_Walk)
     walk.blocks, walk.allowed, walk.saved, walk.target = list("abcd"), {n: ("1x1", "identity") for n in "abcd"}, \
         saved, 0.67
-    walk.forms, walk.current, walk.met = forms, (None, {}, 0.06), None
+    walk.forms, walk.current, walk.met, walk.last_kl = forms, (None, {}, 0.06), None, {}
     step_kl = {("a", "identity"): 0.03, ("b", "identity"): 0.03, ("c", "identity"): 0.03, ("d", "1x1"): 0.04,
                ("d", "identity"): 0.05}
     monkeypatch.setattr(_Walk, "trial_kl", lambda self, n, f: self.current[2] + step_kl[(n, f)])
@@ -451,3 +467,130 @@ def test_the_last_step_measures_a_near_set_before_replacing_another_block(monkey
     pairs = [{**forms, **{n: "identity" for n in ns}} for ns in ("ab", "ac")]
     assert tried == (pairs[:1] if kept else pairs)
     assert taken == ([] if kept else [{**forms, "d": "1x1"}])
+
+
+def _fake_walk(monkeypatch, saved, added, target):
+    """A walk over blocks with known savings whose trials add ``added(name, form, forms)`` of KL,
+    taking each chosen step without fitting; the (block, form) trials it scored, in order."""
+    from tvsprune.pruning.block_walk import _Walk
+
+    walk = object.__new__(_Walk)
+    walk.blocks = sorted({n for n, _ in saved})
+    walk.allowed = {n: tuple(f for m, f in saved if m == n) for n in walk.blocks}
+    walk.saved, walk.target, walk.forms, walk.current, walk.met, walk.last_kl = saved, target, {}, (None, {}, 0.0), \
+        None, {}
+    scored = []
+
+    def trial(self, n, f):
+        scored.append((n, f))
+        return self.current[2] + added(n, f, self.forms)
+
+    def take(self, forms, **note):
+        self.current = (None, {}, self.current[2] + sum(added(n, f, self.forms) for n, f in forms.items()
+                                                         if self.forms.get(n) != f))
+        self.forms = forms
+
+    monkeypatch.setattr(_Walk, "trial_kl", trial)
+    monkeypatch.setattr(_Walk, "take", take)
+    monkeypatch.setattr(_Walk, "trial_whole", lambda self, f: 1.0)
+    monkeypatch.setattr(_Walk, "tried", lambda self, f, step, over: None)
+    return walk, scored
+
+
+def test_steps_score_lazily_and_take_what_scoring_all_takes(monkeypatch):
+    """Twelve blocks, each removal saving 0.05; block i adds 0.01 * (i + 1) of KL, plus 0.001 per
+    block already removed (a step's KL does not fall as others go). To 0.8 takes four removals:
+    the first step scores all twelve, the two middle steps only the best by its last score
+    (re-scored, still better than the next one's last score); the last one too, and as that
+    reaches 0.8, the eight others (once each); the blocks taken are those that scoring every step
+    at every step takes."""
+    saved = {(f"b{i:02d}", "identity"): 0.05 for i in range(12)}
+    added = lambda n, f, forms: 0.01 * (int(n[1:]) + 1) + 0.001 * len(forms)  # noqa: E731
+    walk, scored = _fake_walk(monkeypatch, saved, added, 0.8)
+    while walk.predicted(walk.forms) > walk.target and walk.advance(finish=True):
+        pass
+    assert walk.forms == {f"b{i:02d}": "identity" for i in range(4)}
+    assert len(scored) == 12 + 1 + 1 + 1 + 8 and len(set(scored[14:])) == 9
+    assert scored[12:14] == [("b01", "identity"), ("b02", "identity")]
+
+
+def test_lazy_scoring_re_scores_a_step_whose_last_score_is_stale_and_finds_it_worse(monkeypatch):
+    """Block a scored best at first (0.001), then costs 0.05 once b is gone: the lazy step
+    re-scores a, finds it worse than c's last score, and re-scores c, which it takes (not d,
+    whose last score is worse than c's)."""
+    saved = {(n, "identity"): 0.05 for n in "abcd"}
+    kl = {"a": 0.001, "b": 0.0005, "c": 0.01, "d": 0.02}
+    added = lambda n, f, forms: 0.05 if n == "a" and "b" in forms else kl[n]  # noqa: E731
+    walk, scored = _fake_walk(monkeypatch, saved, added, 0.7)
+    assert walk.advance(finish=True) and walk.forms == {"b": "identity"}
+    assert walk.advance(finish=True) and walk.forms == {"b": "identity", "c": "identity"}
+    assert scored[4:] == [("a", "identity"), ("c", "identity")]
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "tiny"])
+def test_a_fit_reading_inputs_along_a_sequential_equals_one_reading_them_from_the_images(arch, monkeypatch):
+    """ChainInputs carries a Sequential child's input from child to child instead of running the
+    network from the images for each fit (the fitted network's inputs, and the unpruned network's
+    outputs it is fitted to): the fitted weights are the same, bit for bit (ResNet-20:
+    its nine blocks in one Sequential, a shortcut Sequential inside; TinyRes: blocks in and out of one)."""
+    from tvsprune.models import build_module
+    from tvsprune.pruning import blocks as blocks_mod
+    from tvsprune.pruning import refit
+    from tvsprune.pruning.refit import ChainInputs, Targets, module_io, refittable
+
+    torch.manual_seed(0)
+    base = build_module("resnet20") if arch == "resnet20" else TinyRes()
+    for m in base.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.data.uniform_(0.5, 1.5)
+    base.eval()
+    x = torch.randn(130, 3, 32, 32)  # two chunks
+    example = x[:1]
+    found = find_blocks(base, example)
+    forms = {found[0]: "1x1", found[-1]: "identity"} if arch == "resnet20" else {found[0]: "3x3"}
+    convs = refittable(base, example)
+    units = blocks_mod.running_units(base, found, convs, example)
+    inner = {b: [c for c in convs if blocks_mod._overlaps(c, b)] for b in found}
+    after = successors(base, found)
+    if arch == "resnet20":
+        inputs = ChainInputs(base, [x[:2]])
+        assert inputs.chains == ["layers", "layers.3.shortcut", "layers.6.shortcut"]
+        assert torch.equal(list(inputs("layers.6.shortcut.0"))[0], module_io(base, "layers.6.shortcut.0", x[:2])[0])
+        assert inputs.at == ("layers", 6)  # read through block 6, carried from block 0
+        assert torch.equal(list(inputs("layers.8"))[0], module_io(base, "layers.8", x[:2])[0])
+        assert inputs.at == ("layers", 8)
+    chained = apply_forms(Targets(base), forms, units, x, 1e-4, lambda m: None, after, inner)
+    monkeypatch.setattr(refit, "CHAIN_BYTES", -1)  # every read from the images, as before ChainInputs
+    plain = apply_forms(Targets(base), forms, units, x, 1e-4, lambda m: None, after, inner)
+    assert chained[2] == plain[2] and chained[1] == plain[1] and len(plain[2]) >= 3
+    a, b = chained[0].state_dict(), plain[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_patches_at_sampled_positions_are_the_unfolded_columns():
+    """fit_conv's rows: F.unfold's columns at the sampled positions, the same values, for kernels,
+    strides, paddings and dilations of every kind."""
+    import itertools
+
+    from tvsprune.pruning.refit import patches
+
+    gen, n = torch.Generator().manual_seed(0), 0
+    for k, s, p, d in itertools.product([1, 3, (3, 1)], [1, 2], [0, 1, (1, 0)], [1, 2]):
+        x = torch.randn(3, 5, 11, 9, generator=gen)
+        cols = F.unfold(x, k, dilation=d, padding=p, stride=s)
+        sel = torch.randint(0, cols.shape[2], (3, 7), generator=gen)
+        want = torch.gather(cols, 2, sel[:, None].expand(-1, cols.shape[1], -1)).permute(0, 2, 1)
+        assert torch.equal(patches(x, sel, k, s, p, d), want.reshape(-1, cols.shape[1]))
+        n += 1
+    assert n == 36
+
+
+def test_a_last_step_that_does_not_reach_the_target_is_found_lazily(monkeypatch):
+    """Near the target the cheapest step per time saved may be a small one (a replaced block one
+    form cheaper) that does not reach it: taken after scoring it alone, not all the others."""
+    saved = {**{(n, "1x1"): 0.01 for n in "abcd"}, **{(n, "identity"): 0.3 for n in "abcd"}}
+    added = lambda n, f, forms: 0.0001 if f == "1x1" else 0.1  # noqa: E731
+    walk, scored = _fake_walk(monkeypatch, saved, added, 0.75)
+    assert walk.advance(finish=True) and len(scored) == 8  # the first step: all
+    assert walk.advance(finish=True) and len(scored) == 9  # a second 1x1, though a removal would reach 0.75
+    assert sorted(walk.forms.values()) == ["1x1", "1x1"]

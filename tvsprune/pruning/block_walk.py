@@ -3,7 +3,8 @@
 Each form of each block (pruning/blocks.py) is priced by the fraction of the base's time it
 saves alone on the latency backend, measured (pooled over blocks alike); a network's predicted
 latency is one minus the sum of its changes' savings. Each step takes the change that raises
-the held-out KL least per unit of time saved; the last one, the change that reaches the target
+the held-out KL least per unit of time saved (scored lazily: best at their last trial first,
+until none left can beat the best; all of them where that step reaches the target); the last one, the change that reaches the target
 for the least KL (where two or three replaced blocks each made cheaper reach it, those too); but where networks
 predicted at most 3 % over the target cost less KL than that step (one change, or two or three replaced blocks made
 cheaper together), two of them are built and measured first, least KL first, and the first that measures at most
@@ -22,23 +23,19 @@ import itertools
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ..console import step
 from ..errors import TvsError
-from .blocks import (FORMS, _overlaps, _set, apply_forms, find_blocks, fit_from, forms_for, running_units, successors,
-                     unfitted)
+from .blocks import (FORMS, _overlaps, apply_forms, find_blocks, fit_from, forms_for, running_units, savings,
+                     successors)
 from .latency import TOLERANCE as BACK_TOLERANCE
 from .refit import FIT_IMAGES, TRIAL_IMAGES, Targets, module_io, refittable
 
 log = logging.getLogger(__name__)
 MAX_EXTRA_STEPS = 3  # steps taken past the predicted target while the measurement misses it, and steps back
 MAX_SETS = 8  # the last step also tries at most this many sets of replaced blocks made cheaper together
-# each form's saving: 15 rounds of at least 0.2 s per network. On ResNet-20 (ort-cpu, batch 32, 2 cores) three calls
-# predicted one network at 0.657-0.702 with the latency table's 5 rounds of 0.05 s, 0.663-0.677 with these (67 s)
-SAVINGS_ROUNDS, SAVINGS_ROUND_S = 15, 0.2
 TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the walk stops going on
 # the last step's near misses: networks predicted at most NEAR over the target, for less KL than the step that
 # reaches it, are built and measured first (NEAR_TRIES at most), the first at most NEAR_MET over kept (on this
@@ -46,31 +43,6 @@ TOLERANCE = 0.1  # a measured network at most 10 % over the target is where the 
 NEAR, NEAR_MET, NEAR_TRIES = 0.03, 0.02, 2
 # BACK_TOLERANCE, the channel path's re-plan tolerance (5 %): more than it under the target, a step back, kept if
 # it measures at most that over
-
-
-def _savings(base: nn.Module, blocks: list[str], backend: str, precision: str, input_shape: list[int],
-             batch: int, allowed: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], float]:
-    """Each (block, form) alone (the forms ``allowed`` for it, every one by default): the fraction
-    of the base's time it saves, measured (weights do not matter). Blocks alike (class, input
-    shape, parameter shapes) do the same work: their rounds are pooled, which steadies a
-    measurement of a few per cent on a noisy machine."""
-    from ..compare.on_backend import time_networks
-
-    nets: dict[str, nn.Module] = {"base": base}
-    alike: dict[str, tuple] = {}
-    for name in blocks:
-        block, x = base.get_submodule(name), module_io(base, name, torch.zeros(1, *input_shape))[0]
-        alike[name] = (type(block).__name__, tuple(x.shape),
-                       tuple((k, tuple(v.shape)) for k, v in block.state_dict().items()))
-        for f in (allowed or {}).get(name, FORMS):
-            m = copy.deepcopy(base)
-            _set(m, name, unfitted(x.shape[1], f))
-            nets[f"{name}|{f}"] = m.eval()
-    ms = time_networks(backend, precision, nets, input_shape, batch, SAVINGS_ROUNDS, SAVINGS_ROUND_S)
-    base_ms = np.asarray(ms.pop("base"))
-    saved = {tuple(k.split("|")): 1 - np.asarray(v) / base_ms for k, v in ms.items()}
-    return {(n, f): float(np.median(np.concatenate([saved[(o, f)] for o in blocks if alike[o] == alike[n]])))
-            for n, f in saved}
 
 
 def _blocks(n: int) -> str:
@@ -181,7 +153,7 @@ class _Walk:
                         for b in self.blocks}
         step(f"measuring {sum(map(len, self.allowed.values()))} block replacements on {opts.latency_backend} at "
              f"batch {opts.latency_batch}")
-        self.saved = _savings(self.base, self.blocks, opts.latency_backend, opts.latency_precision, input_shape,
+        self.saved = savings(self.base, self.blocks, opts.latency_backend, opts.latency_precision, input_shape,
                               opts.latency_batch, self.allowed)
         self.after = successors(self.base, self.blocks)
         self.before = {b: a for a, b in self.after.items()}
@@ -199,6 +171,7 @@ class _Walk:
         self.current: tuple[nn.Module, dict[str, Any], float] = (self.base, {}, 0.0)
         self.refitted: list[str] = []
         self.path: list[dict[str, Any]] = []
+        self.last_kl: dict[tuple[str, str], float] = {}  # each step's KL added at its last trial (scored)
         self.met: dict[str, float] | None = None  # the near miss's measurement, where it was kept
 
     def faithful(self, model: nn.Module) -> float:
@@ -246,24 +219,24 @@ class _Walk:
                                          self.fix, self.after, self.inner)[0])
 
     def advance(self, finish: bool = False) -> bool:
-        """One greedy step (:func:`_pick`); ``finish``: the step may reach the target."""
-        forms, cands = self.forms, []
+        """One greedy step (:func:`_pick`); ``finish``: the step may reach the target. The
+        candidates are scored lazily (:meth:`scored`); where the step so found reaches the
+        target, all are scored (the one that reaches it for the least KL, and the near misses)."""
+        forms, now = self.forms, self.predicted(self.forms)
         step(f"scoring one more replaced block for the network with {_blocks(len(forms))} replaced")
-        for name in self.blocks:
-            if any(_overlaps(name, o) for o in forms if o != name):
-                continue
-            for f in FORMS[FORMS.index(forms[name]) + 1 if name in forms else 0:]:
-                if f not in self.allowed[name]:
-                    continue
-                trial = {**forms, name: f}
-                if self.predicted(trial) < self.predicted(forms):
-                    cands.append((self.trial_kl(name, f) - self.current[2],
-                                  self.predicted(forms) - self.predicted(trial), trial))
-        gap = self.predicted(forms) - self.target if finish else None
+        steps = [(name, f) for name in self.blocks if not any(_overlaps(name, o) for o in forms if o != name)
+                 for f in FORMS[FORMS.index(forms[name]) + 1 if name in forms else 0:]
+                 if f in self.allowed[name] and self.predicted({**forms, name: f}) < now]
+        gap = now - self.target if finish else None
         last = gap is not None and gap > 0
-        if last:  # the last step: several replaced blocks made cheaper at once, fitted whole
-            cands += self.whole(cheaper_sets(forms, self.allowed, self.predicted, gap))
+        # the last step: several replaced blocks made cheaper at once, fitted whole
+        sets = self.whole(cheaper_sets(forms, self.allowed, self.predicted, gap)) if last else []
+        done: dict[tuple[str, str], tuple[float, float, dict[str, str]]] = {}
+        cands = self.scored(steps, done, lazy=True) + sets
         chosen = _pick(cands, gap)
+        if last and now - self.predicted(chosen) >= gap and len(done) < len(steps):
+            cands = self.scored(steps, done, lazy=False) + sets  # it reaches the target: of all, the least KL
+            chosen = _pick(cands, gap)
         if chosen is None:
             return False
         if last and self.predicted(chosen) <= self.target and self.near(
@@ -271,6 +244,28 @@ class _Walk:
             return False
         self.take(chosen)
         return True
+
+    def scored(self, steps: list[tuple[str, str]], done: dict, lazy: bool) -> list[tuple[float, float, dict[str, str]]]:
+        """(KL added, time saved, forms) of each (block, form) step, each a trial. ``lazy``: in
+        the order of the KL per time saved each scored at its last trial (never scored first),
+        only until the best scored here is no worse than the next one's last score (the lazy
+        greedy of Minoux: a step's KL does not fall as other blocks are replaced). A deep
+        network's trials each re-fit what runs after the block, so scoring every step at every
+        step grows as the cube of its depth."""
+        now, best = self.predicted(self.forms), float("inf")
+        saved = {s: now - self.predicted({**self.forms, s[0]: s[1]}) for s in steps}
+        rate = lambda s: self.last_kl[s] / saved[s] if s in self.last_kl else -float("inf")  # noqa: E731
+        for s in sorted(steps, key=rate) if lazy and self.last_kl else steps:
+            if lazy and s not in done and s in self.last_kl and best <= rate(s):
+                break
+            if s not in done:
+                self.last_kl[s] = self.trial_kl(*s) - self.current[2]
+                done[s] = (self.last_kl[s], saved[s], {**self.forms, s[0]: s[1]})
+            best = min(best, rate(s))
+        if lazy and len(done) < len(steps):
+            log.info("blocks: %d of %d steps scored (the others scored worse per time saved at their last trial)",
+                     len(done), len(steps))
+        return list(done.values())
 
     def whole(self, sets: list[dict[str, str]]) -> list[tuple[float, float, dict[str, str]]]:
         """Networks that change several blocks at once as the last step's candidates: (KL added,
