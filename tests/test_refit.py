@@ -95,7 +95,8 @@ def test_a_walks_kept_targets_give_the_same_fits_and_run_the_base_once_per_chunk
     """The blocks walk fits every candidate to the same base on the same images: its Targets keep
     the base's outputs. Fits through them are identical to fits through the base, and a second
     candidate, or a trial on the first chunks, runs the base no more; with no budget it runs it
-    every time."""
+    every time: once per chunk from the images, carried along the Sequential from there
+    (ChainInputs), or for every fit without it."""
     from tvsprune.pruning import refit
 
     torch.manual_seed(0)
@@ -114,15 +115,18 @@ def test_a_walks_kept_targets_give_the_same_fits_and_run_the_base_once_per_chunk
 
     kept = refit.Targets(base)
     plain, runs = fit(base, {"1": "identity"}, x)
-    assert runs == 3 * 3  # 2.a, 2.b and 3, each on three chunks
+    assert runs == 3  # from the images to 2.a on each of three chunks; 2.b and 3 read along the chain
     first, runs = fit(kept, {"1": "identity"}, x)
-    assert runs == 9 and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+    assert runs == 3 and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                                   first.state_dict().values()))
     again, runs = fit(kept, {"1": "identity"}, x)
     assert runs == 0 and all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                                   again.state_dict().values()))
     assert fit(kept, {"1": "identity"}, x[:200])[1] == 0  # a trial's images: the same first chunks
-    assert fit(refit.Targets(base, budget=0), {"1": "identity"}, x)[1] == 9
+    assert fit(refit.Targets(base, budget=0), {"1": "identity"}, x)[1] == 3
+    monkeypatch.setattr(refit, "CHAIN_BYTES", -1)  # no chain: every fit runs the base from the images
+    # the chain's first try on each chunk, then 2.a, 2.b and 3 each from the images
+    assert fit(refit.Targets(base, budget=0), {"1": "identity"}, x)[1] == 3 + 3 * 3
 
 
 def test_a_last_small_chunk_joins_the_normal_equations_of_the_chunks_before_it():

@@ -4,8 +4,8 @@ Each form of each block (pruning/blocks.py) is priced by the fraction of the bas
 saves alone on the latency backend, measured (pooled over blocks alike); a network's predicted
 latency is one minus the sum of its changes' savings. Each step takes the change that raises
 the held-out KL least per unit of time saved (scored lazily: best at their last trial first,
-until none left can beat the best; all of them where that step reaches the target); the last one, the change that reaches the target
-for the least KL (where two or three replaced blocks each made cheaper reach it, those too); but where networks
+until none left can beat the best; all of them where that step reaches the target); the last
+one, the change that reaches the target for the least KL (where two or three replaced blocks each made cheaper reach it, those too); but where networks
 predicted at most 3 % over the target cost less KL than that step (one change, or two or three replaced blocks made
 cheaper together), two of them are built and measured first, least KL first, and the first that measures at most
 2 % over is kept (a near miss: the savings are each measured alone, on a noisy machine). The chosen network is
