@@ -213,13 +213,14 @@ class ChainInputs:
     def __init__(self, model: nn.Module, chunks: list[torch.Tensor]) -> None:
         self.model, self.chunks, self.held, self.at = model, chunks, None, (None, -1)
         self.chains = _chains(model, chunks[0][:1]) if chunks else []
+        self.names = {seq: [n for n, _ in model.get_submodule(seq).named_children()] for seq in self.chains}
 
     def _where(self, name: str) -> tuple[str, int, str] | None:
         for seq in self.chains:  # outer first: a shortcut Sequential inside a block is read through its block
+            names = self.names[seq]
             prefix = f"{seq}." if seq else ""
             if name.startswith(prefix) and name != seq:
                 child, _, rel = name[len(prefix):].partition(".")
-                names = [n for n, _ in self.model.get_submodule(seq).named_children()]
                 if child in names:
                     return seq, names.index(child), rel
         return None
@@ -233,7 +234,7 @@ class ChainInputs:
             seq_name, idx, rel = where
             seq = self.model.get_submodule(seq_name)
             if self.held is None or self.at[0] != seq_name or idx < self.at[1]:
-                first = f"{seq_name}.{[n for n, _ in seq.named_children()][idx]}".lstrip(".")
+                first = f"{seq_name}.{self.names[seq_name][idx]}".lstrip(".")
                 self.held = [module_io(self.model, first, x, output=False)[0] for x in self.chunks]
                 self.at = (seq_name, idx)
             with torch.no_grad():
